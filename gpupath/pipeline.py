@@ -1,0 +1,297 @@
+"""One slide end to end, and a list of slides one after another.
+
+slide file -> sha256 -> open_slide -> tissue mask -> TileGrid -> [read batch -> resize ->
+stain normalise -> detect] (next batch decoded in a background thread while the current one is
+computed) -> level-0 boxes -> overlap de-duplication -> Parquet (the only place results leave
+the array module they were computed in).
+
+A slide that fails (missing, not a slide, undecodable, no mpp, no tissue) yields a failed
+:class:`SlideResult` with a one-line reason; the other slides of the run go on, and nothing of
+the failed slide is written except its row in ``slides.parquet``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import platform
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from gpupath import stain
+from gpupath._resize import resize_batch
+from gpupath._version import __version__
+from gpupath._xp import gpu_available
+from gpupath.detect.boxes import Detections, dedup_overlaps, to_global
+from gpupath.detect.classic import RUIFROK_HE_OD, ClassicParams, detect_nuclei
+from gpupath.errors import ConfigError, GpupathError, NoTissueError
+from gpupath.ingest import sha256_file
+from gpupath.results import detections_table, tiles_table, write_json_atomic, write_slide_parts, write_slides_table
+from gpupath.slide import BackendName, Slide, open_slide
+from gpupath.tiling import TileGrid, TileSpec, tile_grid
+from gpupath.tissue import compute_tissue
+
+__all__ = ["RunParams", "SlideResult", "process_slide", "run_slides", "resolve_device"]
+
+log = logging.getLogger("gpupath.pipeline")
+
+LABEL_NAMES = ["nucleus"]
+STAIN_SAMPLE_TILES = 32
+
+
+@dataclass(frozen=True, slots=True)
+class RunParams:
+    """Everything that changes a run's results (stored in provenance)."""
+
+    tile: TileSpec = TileSpec()
+    stain: Literal["none", "macenko"] = "macenko"
+    device: Literal["cpu", "cuda"] = "cpu"
+    backend: BackendName = "auto"
+    mpp_override: float | None = None      # level-0 µm/px to use instead of the slide's metadata
+    batch_size: int = 32
+    prefetch_batches: int = 2
+    detector: ClassicParams = ClassicParams()
+
+    def __post_init__(self) -> None:
+        if self.stain not in ("none", "macenko"):
+            raise ConfigError(f"stain must be none or macenko, got {self.stain!r}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.prefetch_batches < 0:
+            raise ConfigError(f"prefetch_batches must be >= 0, got {self.prefetch_batches}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class SlideResult:
+    """Outcome of one slide; becomes one row of slides.parquet."""
+
+    path: str
+    status: str = "failed"
+    error: str = ""
+    warning: str = ""
+    slide_id: str = ""
+    sha256: str = ""
+    vendor: str = ""
+    backend: str = ""
+    width_px: int | None = None
+    height_px: int | None = None
+    level_count: int | None = None
+    mpp: float | None = None
+    tile_mpp: float | None = None
+    tissue_mm2: float | None = None
+    n_tiles: int = 0
+    n_detections: int = 0
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def resolve_device(device: str) -> Literal["cpu", "cuda"]:
+    """``auto`` -> ``cuda`` when CuPy sees a GPU, else ``cpu``; ``cuda`` without a GPU is an error."""
+    if device == "auto":
+        return "cuda" if gpu_available() else "cpu"
+    if device == "cuda" and not gpu_available():
+        raise ConfigError("device cuda asked for, but CuPy or a CUDA device is missing; use --device cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be cpu, cuda or auto, got {device!r}")
+    return device  # type: ignore[return-value]
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def add(self, stage: str, since: float) -> float:
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - since
+        return now
+
+
+def _read_batch(slide: Slide, grid: TileGrid, index: np.ndarray, device: str) -> Any:
+    locations = list(zip(grid.x[index].tolist(), grid.y[index].tolist()))
+    raw = slide.read_tiles(locations, grid.level, grid.read_px, device=device)  # type: ignore[arg-type]
+    return resize_batch(raw, grid.tile_px)
+
+
+def _prefetched(slide: Slide, grid: TileGrid, params: RunParams) -> Iterator[tuple[np.ndarray, Any, float]]:
+    """Yield (index, tiles, read seconds) with up to ``prefetch_batches`` batches decoded ahead."""
+    batches = list(grid.batches(params.batch_size))
+
+    def job(index: np.ndarray) -> tuple[np.ndarray, Any, float]:
+        t0 = time.perf_counter()
+        tiles = _read_batch(slide, grid, index, params.device)
+        return index, tiles, time.perf_counter() - t0
+
+    if params.prefetch_batches == 0:
+        for index in batches:
+            yield job(index)
+        return
+    with cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpupath-read") as pool:
+        pending: list[cf.Future] = []
+        it = iter(batches)
+        for index in it:
+            pending.append(pool.submit(job, index))
+            if len(pending) > params.prefetch_batches:
+                break
+        while pending:
+            yield pending.pop(0).result()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(pool.submit(job, nxt))
+
+
+def _fit_slide_stain(slide: Slide, grid: TileGrid, params: RunParams) -> tuple[stain.StainFit | None, str]:
+    """Macenko fit on the most tissue-rich tiles (up to STAIN_SAMPLE_TILES, spread by a fixed stride)."""
+    order = np.argsort(-grid.tissue_fraction, kind="stable")
+    sample = np.sort(order[: STAIN_SAMPLE_TILES])
+    try:
+        return stain.fit_macenko(_read_batch(slide, grid, sample, params.device)), ""
+    except ValueError as exc:
+        return None, f"stain fit failed ({exc}); tiles not normalised, Ruifrok H&E basis used"
+
+
+def process_slide(path: str | Path, out_dir: Path, params: RunParams, *,
+                  on_tiles: Callable[[int, int], None] | None = None) -> SlideResult:
+    """Run one slide and write its partitions. Never raises for a bad slide: see ``status``/``error``.
+
+    ``on_tiles(done, total)`` is called after each batch (progress display).
+    """
+    start = time.perf_counter()
+    result = SlideResult(path=str(path))
+    timer = _Timer()
+    try:
+        t = time.perf_counter()
+        with open_slide(path, backend=params.backend, mpp=params.mpp_override) as slide:
+            result.backend, result.vendor = slide.backend, slide.vendor
+            result.width_px, result.height_px = slide.dimensions
+            result.level_count = slide.level_count
+            mpp = slide.require_mpp()
+            result.mpp = mpp
+            t = timer.add("open", t)
+            result.sha256 = result.slide_id = sha256_file(path)
+            t = timer.add("sha256", t)
+            tissue = compute_tissue(slide, mpp=mpp, device=params.device)
+            result.tissue_mm2 = tissue.area_mm2
+            grid = tile_grid(slide.dimensions, mpp, slide.level_downsamples, tissue, params.tile)
+            result.tile_mpp = grid.tile_mpp
+            t = timer.add("tissue", t)
+            if len(grid) == 0:
+                raise NoTissueError(
+                    f"{path}: no tissue found (tissue is {tissue.fraction:.1%} of the overview; "
+                    f"no {grid.tile_px}-px tile at {grid.tile_mpp:.3g} µm/px holds >= {params.tile.min_tissue:.0%})"
+                )
+            fit, result.warning = _fit_slide_stain(slide, grid, params)
+            basis = RUIFROK_HE_OD if fit is None else fit.stain_matrix_od
+            if params.stain == "macenko" and fit is not None:
+                basis = stain.REFERENCE.stain_matrix_od
+            t = timer.add("stain_fit", t)
+            parts: list[Detections] = []
+            per_tile = np.zeros(len(grid), np.int64)
+            done = 0
+            for index, tiles, read_s in _prefetched(slide, grid, params):
+                timer.seconds["read"] = timer.seconds.get("read", 0.0) + read_s
+                t = time.perf_counter()
+                if params.stain == "macenko" and fit is not None:
+                    tiles = stain.apply_macenko(tiles, fit)
+                t = timer.add("normalize", t)
+                found = detect_nuclei(tiles, mpp=grid.tile_mpp, params=params.detector, stain_matrix_od=basis)
+                parts.append(to_global(
+                    found.tile_index, found.cx_px, found.cy_px, found.radius_px, found.score,
+                    np.zeros(len(found.score), np.int16), grid.x[index], grid.y[index],
+                    l0_per_px=grid.size_l0_px / grid.tile_px,
+                ))
+                timer.add("detect", t)
+                done += len(index)
+                if on_tiles is not None:
+                    on_tiles(done, len(grid))
+            t = time.perf_counter()
+            det = dedup_overlaps(
+                Detections.concat(parts), stride_l0_px=grid.stride_l0_px, overlap_l0_px=grid.overlap_l0_px,
+                n_cols=grid.n_cols, n_rows=grid.n_rows,
+                min_distance_l0_px=params.detector.radius_um[0] / mpp,
+            )
+            tile_pos = {(int(x), int(y)): i for i, (x, y) in enumerate(zip(grid.x, grid.y))}
+            for tx, ty in zip(det.tile_x.tolist(), det.tile_y.tolist()):
+                per_tile[tile_pos[(tx, ty)]] += 1
+            t = timer.add("dedup", t)
+            provenance = {
+                "slide_sha256": result.sha256, "slide_path": str(path), "slide_mpp": mpp,
+                "tile_mpp": grid.tile_mpp, "model": "classic-log-v1", "params": params.to_dict(),
+            }
+            write_slide_parts(
+                out_dir, result.slide_id,
+                detections_table(det, stride_l0_px=grid.stride_l0_px, label_names=LABEL_NAMES, provenance=provenance),
+                tiles_table(x=grid.x, y=grid.y, size_l0_px=grid.size_l0_px, col=grid.col, row=grid.row,
+                            level=grid.level, tissue_fraction=grid.tissue_fraction, n_detections=per_tile,
+                            provenance=provenance),
+            )
+            timer.add("write", t)
+            result.n_tiles, result.n_detections = len(grid), len(det)
+            result.status = "ok"
+    except GpupathError as exc:
+        result.error = str(exc)
+    except Exception as exc:  # noqa: BLE001  a bug or an unforeseen file: fail this slide, keep the batch going
+        log.debug("unexpected error on %s", path, exc_info=True)
+        result.error = f"{path}: {type(exc).__name__}: {exc}"
+    result.seconds = time.perf_counter() - start
+    result.timings = timer.seconds
+    return result
+
+
+def _environment(params: RunParams) -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "gpupath": __version__, "python": platform.python_version(), "machine": platform.machine(),
+        "processor": platform.processor(), "device": params.device,
+    }
+    for mod in ("numpy", "scipy", "pyarrow", "tifffile", "openslide", "cucim", "cupy"):
+        try:
+            env[mod] = getattr(__import__(mod), "__version__", "?")
+        except Exception:  # noqa: BLE001  optional package absent or broken: record that
+            env[mod] = None
+    return env
+
+
+def run_slides(paths: Sequence[str | Path], out_dir: str | Path, params: RunParams, *,
+               on_slide: Callable[[SlideResult], None] | None = None,
+               on_tiles: Callable[[str, int, int], None] | None = None) -> list[SlideResult]:
+    """Process slides one after another into ``out_dir``; write slides.parquet and run.json.
+
+    ``run.json`` is rewritten (atomically) after each slide, so a watcher sees progress and a
+    crash leaves the record of what finished.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    results: list[SlideResult] = []
+    env = _environment(params)
+
+    def record(final: bool) -> None:
+        rows = [{k: v for k, v in asdict(r).items() if k != "timings"} for r in results]
+        write_json_atomic({
+            "gpupath_version": __version__, "started": started, "finished": time.time() if final else None,
+            "params": params.to_dict(), "environment": env,
+            "slides_total": len(paths), "slides_done": sum(r.status == "ok" for r in results),
+            "slides_failed": sum(r.status != "ok" for r in results),
+            "slides": [asdict(r) for r in results],
+        }, out / "run.json")
+        if final:
+            write_slides_table(rows, out / "slides.parquet", provenance={"params": params.to_dict()})
+
+    for p in paths:
+        res = process_slide(p, out, params, on_tiles=None if on_tiles is None else
+                            (lambda done, total, _p=str(p): on_tiles(_p, done, total)))
+        results.append(res)
+        if res.status != "ok":
+            log.error("FAILED %s", res.error)
+        if on_slide is not None:
+            on_slide(res)
+        record(final=False)
+    record(final=True)
+    return results

@@ -1,0 +1,172 @@
+"""Arrow schemas and atomic writers for a run's outputs.
+
+Layout of a run folder (level-0 px everywhere; see DESIGN.md)::
+
+    run.json                                   parameters, versions, device, timings, per-slide status
+    slides.parquet                             one row per slide
+    detections/slide_id=<id>/part-0.parquet    boxes, sorted by a spatial key (Morton code of the tile)
+    tiles/slide_id=<id>/part-0.parquet         the tiles processed
+
+Every file is written under a temporary name in its final folder and renamed when complete, so
+a reader (or a resumed run) never sees half a file. Schemas carry a version and provenance in
+their metadata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from gpupath._version import __version__
+from gpupath.detect.boxes import Detections
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "DETECTIONS_SCHEMA",
+    "TILES_SCHEMA",
+    "SLIDES_SCHEMA",
+    "atomic_path",
+    "write_json_atomic",
+    "detections_table",
+    "tiles_table",
+    "write_slide_parts",
+    "write_slides_table",
+    "morton_code",
+]
+
+SCHEMA_VERSION = "1"
+
+DETECTIONS_SCHEMA = pa.schema([
+    pa.field("x0_px", pa.float32(), nullable=False),   # level-0, left (inclusive)
+    pa.field("y0_px", pa.float32(), nullable=False),   # level-0, top (inclusive)
+    pa.field("x1_px", pa.float32(), nullable=False),   # level-0, right (exclusive)
+    pa.field("y1_px", pa.float32(), nullable=False),   # level-0, bottom (exclusive)
+    pa.field("score", pa.float32(), nullable=False),
+    pa.field("label", pa.dictionary(pa.int16(), pa.string()), nullable=False),
+    pa.field("tile_x_px", pa.int64(), nullable=False),  # level-0 origin of the source tile
+    pa.field("tile_y_px", pa.int64(), nullable=False),
+    pa.field("tile_key", pa.uint64(), nullable=False),  # Morton code of the tile (spatial sort key)
+])
+
+TILES_SCHEMA = pa.schema([
+    pa.field("x_px", pa.int64(), nullable=False),       # level-0, left (inclusive)
+    pa.field("y_px", pa.int64(), nullable=False),       # level-0, top (inclusive)
+    pa.field("size_px", pa.int32(), nullable=False),    # level-0 edge
+    pa.field("col", pa.int32(), nullable=False),
+    pa.field("row", pa.int32(), nullable=False),
+    pa.field("level", pa.int16(), nullable=False),      # pyramid level read
+    pa.field("tissue_fraction", pa.float32(), nullable=False),
+    pa.field("n_detections", pa.int32(), nullable=False),
+    pa.field("tile_key", pa.uint64(), nullable=False),
+])
+
+SLIDES_SCHEMA = pa.schema([
+    pa.field("slide_id", pa.string()),       # sha256 of the file ("" when it could not be read)
+    pa.field("path", pa.string()),
+    pa.field("sha256", pa.string()),
+    pa.field("status", pa.string()),        # ok | failed
+    pa.field("error", pa.string()),
+    pa.field("warning", pa.string()),
+    pa.field("vendor", pa.string()),
+    pa.field("backend", pa.string()),
+    pa.field("width_px", pa.int64()),
+    pa.field("height_px", pa.int64()),
+    pa.field("level_count", pa.int32()),
+    pa.field("mpp", pa.float64()),           # level-0 µm/px
+    pa.field("tile_mpp", pa.float64()),      # µm/px of the tiles processed
+    pa.field("tissue_mm2", pa.float64()),
+    pa.field("n_tiles", pa.int64()),
+    pa.field("n_detections", pa.int64()),
+    pa.field("seconds", pa.float64()),
+])
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; rename it to ``final`` on success, delete it on error."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()  # only left when the body raised
+
+
+def write_json_atomic(obj: Any, final: Path) -> None:
+    with atomic_path(final) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def morton_code(col: np.ndarray, row: np.ndarray) -> np.ndarray:
+    """Interleave the bits of (col, row) < 2**32 into uint64 Z-order keys."""
+    def spread(v: np.ndarray) -> np.ndarray:
+        v = v.astype(np.uint64) & np.uint64(0xFFFFFFFF)
+        for shift, mask in ((16, 0x0000FFFF0000FFFF), (8, 0x00FF00FF00FF00FF), (4, 0x0F0F0F0F0F0F0F0F),
+                            (2, 0x3333333333333333), (1, 0x5555555555555555)):
+            v = (v | (v << np.uint64(shift))) & np.uint64(mask)
+        return v
+
+    return spread(np.asarray(col)) | (spread(np.asarray(row)) << np.uint64(1))
+
+
+def _metadata(provenance: Mapping[str, Any]) -> dict[bytes, bytes]:
+    meta = {"gpupath.schema_version": SCHEMA_VERSION, "gpupath.version": __version__}
+    meta.update({f"gpupath.{k}": v if isinstance(v, str) else json.dumps(v, default=str) for k, v in provenance.items()})
+    return {k.encode(): v.encode() for k, v in meta.items()}
+
+
+def detections_table(det: Detections, *, stride_l0_px: int, label_names: list[str],
+                     provenance: Mapping[str, Any]) -> pa.Table:
+    """Detections as an Arrow table sorted by tile Morton code, then y, then x."""
+    key = morton_code(det.tile_x // stride_l0_px, det.tile_y // stride_l0_px)
+    order = np.lexsort((det.x0, det.y0, key))
+    labels = pa.DictionaryArray.from_arrays(pa.array(det.label[order], pa.int16()), pa.array(label_names, pa.string()))
+    table = pa.table(
+        [det.x0[order], det.y0[order], det.x1[order], det.y1[order], det.score[order], labels,
+         det.tile_x[order], det.tile_y[order], key[order]],
+        schema=DETECTIONS_SCHEMA,
+    )
+    return table.replace_schema_metadata(_metadata(provenance))
+
+
+def tiles_table(*, x: np.ndarray, y: np.ndarray, size_l0_px: int, col: np.ndarray, row: np.ndarray, level: int,
+                tissue_fraction: np.ndarray, n_detections: np.ndarray, provenance: Mapping[str, Any]) -> pa.Table:
+    n = len(x)
+    table = pa.table(
+        [x.astype(np.int64), y.astype(np.int64), np.full(n, size_l0_px, np.int32), col.astype(np.int32),
+         row.astype(np.int32), np.full(n, level, np.int16), tissue_fraction.astype(np.float32),
+         n_detections.astype(np.int32), morton_code(col, row)],
+        schema=TILES_SCHEMA,
+    )
+    return table.replace_schema_metadata(_metadata(provenance))
+
+
+def write_slide_parts(out_dir: Path, slide_id: str, detections: pa.Table, tiles: pa.Table) -> dict[str, Path]:
+    """Write one slide's detection and tile partitions (each file atomically). Returns their paths."""
+    paths = {
+        "detections": out_dir / "detections" / f"slide_id={slide_id}" / "part-0.parquet",
+        "tiles": out_dir / "tiles" / f"slide_id={slide_id}" / "part-0.parquet",
+    }
+    for name, table in (("detections", detections), ("tiles", tiles)):
+        with atomic_path(paths[name]) as tmp:
+            pq.write_table(table, tmp, row_group_size=65536, write_statistics=True, compression="zstd")
+    return paths
+
+
+def write_slides_table(rows: list[Mapping[str, Any]], final: Path, *, provenance: Mapping[str, Any]) -> None:
+    """slides.parquet: one row per slide (ok or failed), written atomically."""
+    columns = {f.name: [row.get(f.name) for row in rows] for f in SLIDES_SCHEMA}
+    table = pa.table(columns, schema=SLIDES_SCHEMA).replace_schema_metadata(_metadata(provenance))
+    with atomic_path(final) as tmp:
+        pq.write_table(table, tmp)

@@ -1,0 +1,5 @@
+"""Slide reading: `open_slide` -> `Slide` over cuCIM, OpenSlide or tifffile (see `_slide`)."""
+
+from gpupath.slide._slide import MPP_PLAUSIBLE_MAX, BackendName, Slide, TileBatch, open_slide
+
+__all__ = ["open_slide", "Slide", "TileBatch", "BackendName", "MPP_PLAUSIBLE_MAX"]

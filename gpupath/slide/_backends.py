@@ -1,0 +1,217 @@
+"""Reader backends: cuCIM, OpenSlide and tifffile behind one narrow interface.
+
+Each reader decodes an RGB rectangle that lies inside one pyramid level, given in that level's
+pixel coordinates. Clipping, out-of-slide fill, the OpenSlide-compatible API and level choice
+live in :mod:`gpupath.slide._slide`, once for all readers.
+
+Device: the cuCIM reader can decode straight into GPU memory (``device="cuda"``); the
+others decode on the host.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from gpupath.errors import SlideReadError
+from gpupath.slide._meta import TiffLayout
+
+__all__ = ["Reader", "CucimReader", "OpenSlideReader", "TifffileReader"]
+
+
+class Reader(Protocol):
+    """What a backend provides. Coordinates are pixels of ``level``; the rectangle is inside it."""
+
+    name: str
+    level_dims: tuple[tuple[int, int], ...]
+    tile_dims: tuple[tuple[int, int], ...]
+    level0_downsamples: tuple[float, ...]
+
+    def read_rgb(self, level: int, x_lvl: int, y_lvl: int, w: int, h: int, *, device: str) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+def _level0(x_lvl: int, downsample: float) -> int:
+    """Level-0 coordinate whose division by ``downsample`` lands on ``x_lvl`` (exact for integer downsamples)."""
+    return int(round(x_lvl * downsample))
+
+
+class OpenSlideReader:
+    """OpenSlide: NDPI, MRXS, SCN, VMS, BIF, DICOM, Philips, generic TIFF, Aperio."""
+
+    name = "openslide"
+
+    def __init__(self, path: Path) -> None:
+        import openslide  # noqa: PLC0415  (import cost only when used)
+
+        try:
+            self.osr = openslide.OpenSlide(str(path))
+        except openslide.OpenSlideError as exc:
+            raise SlideReadError(f"{path}: OpenSlide cannot open it: {exc}") from exc
+        self.path = path
+        self.level_dims = tuple(self.osr.level_dimensions)
+        self.level0_downsamples = tuple(self.osr.level_downsamples)
+        props = self.osr.properties
+        self.tile_dims = tuple(
+            (
+                int(props.get(f"openslide.level[{i}].tile-width", 256)),
+                int(props.get(f"openslide.level[{i}].tile-height", 256)),
+            )
+            for i in range(self.osr.level_count)
+        )
+
+    def read_rgba(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Any:
+        """OpenSlide's own read_region (PIL RGBA), bit-exact semantics."""
+        import openslide  # noqa: PLC0415
+
+        try:
+            return self.osr.read_region(location, level, size)
+        except openslide.OpenSlideError as exc:
+            raise SlideReadError(f"{self.path}: OpenSlide cannot decode level {level} at {location}: {exc}") from exc
+
+    def read_rgb(self, level: int, x_lvl: int, y_lvl: int, w: int, h: int, *, device: str) -> np.ndarray:
+        ds = self.level0_downsamples[level]
+        rgba = np.asarray(self.read_rgba((_level0(x_lvl, ds), _level0(y_lvl, ds)), level, (w, h)))
+        rgb = rgba[..., :3]
+        alpha = rgba[..., 3:]
+        if alpha.min() < 255:  # composite transparent areas (sparse scans) onto white glass
+            rgb = (rgb.astype(np.uint16) * alpha + 255 * (255 - alpha.astype(np.uint16))) // 255
+            rgb = rgb.astype(np.uint8)
+        return np.ascontiguousarray(rgb)
+
+    def close(self) -> None:
+        self.osr.close()
+
+
+class CucimReader:
+    """cuCIM's cuslide reader: tiled JPEG TIFF pyramids, decoded on the CPU or into GPU memory."""
+
+    name = "cucim"
+
+    def __init__(self, path: Path, layout: TiffLayout) -> None:
+        from cucim import CuImage  # noqa: PLC0415
+
+        try:
+            self.img = CuImage(str(path))
+        except Exception as exc:  # cuCIM raises RuntimeError/ValueError variously
+            raise SlideReadError(f"{path}: cuCIM cannot open it: {exc}") from exc
+        res = self.img.resolutions
+        self.path = path
+        self.level_dims = tuple((int(w), int(h)) for w, h in res["level_dimensions"])
+        if self.level_dims != layout.level_dims:
+            raise SlideReadError(
+                f"{path}: cuCIM sees levels {self.level_dims}, the TIFF holds {layout.level_dims}"
+            )
+        self.tile_dims = tuple((int(w), int(h)) for w, h in res["level_tile_sizes"])
+        w0, h0 = self.level_dims[0]
+        self.level0_downsamples = tuple((w0 / w + h0 / h) / 2.0 for w, h in self.level_dims)
+
+    def read_rgb(self, level: int, x_lvl: int, y_lvl: int, w: int, h: int, *, device: str) -> Any:
+        ds = self.level0_downsamples[level]
+        loc = (_level0(x_lvl, ds), _level0(y_lvl, ds))
+        try:
+            region = self.img.read_region(loc, (w, h), level, device=device)
+        except Exception as exc:
+            raise SlideReadError(f"{self.path}: cuCIM cannot decode level {level} at {loc}: {exc}") from exc
+        if device == "cuda":
+            import cupy  # noqa: PLC0415
+
+            return cupy.asarray(region)  # zero-copy via __cuda_array_interface__
+        return np.asarray(region)
+
+    def read_batch(self, level: int, locations_l0: list[tuple[int, int]], w: int, h: int, *, device: str,
+                   num_workers: int) -> Any:
+        """Decode many same-size in-bounds regions with cuCIM's batched, multi-threaded reader."""
+        try:
+            batches = self.img.read_region(
+                locations_l0, (w, h), level, batch_size=len(locations_l0),
+                num_workers=num_workers, device=device,
+            )
+            (batch,) = list(batches)
+        except Exception as exc:
+            raise SlideReadError(f"{self.path}: cuCIM batched read failed on level {level}: {exc}") from exc
+        if device == "cuda":
+            import cupy  # noqa: PLC0415
+
+            return cupy.asarray(batch)
+        return np.asarray(batch)
+
+    def close(self) -> None:
+        self.img.close()
+
+
+class TifffileReader:
+    """tifffile + imagecodecs: any tiled or stripped TIFF/OME-TIFF, decoded tile by tile.
+
+    Only the tiles that overlap a request are read and decoded, so memory stays bounded by
+    the request size whatever the slide size.
+    """
+
+    name = "tifffile"
+
+    def __init__(self, path: Path, layout: TiffLayout) -> None:
+        import tifffile  # noqa: PLC0415
+
+        try:
+            self.tf = tifffile.TiffFile(path)
+        except (tifffile.TiffFileError, OSError) as exc:
+            raise SlideReadError(f"{path}: tifffile cannot open it: {exc}") from exc
+        self.path = path
+        self.pages = [self.tf.pages[i] for i in layout.level_pages]
+        for page in self.pages:
+            if page.samplesperpixel not in (3, 4) or page.bitspersample != 8:
+                raise SlideReadError(
+                    f"{path}: page {page.index} has {page.samplesperpixel} samples of "
+                    f"{page.bitspersample} bits; expected 8-bit RGB"
+                )
+        self.level_dims = layout.level_dims
+        self.tile_dims = layout.tile_dims
+        w0, h0 = self.level_dims[0]
+        self.level0_downsamples = tuple((w0 / w + h0 / h) / 2.0 for w, h in self.level_dims)
+        self._lock = threading.Lock()  # the file handle is shared: seek+read under the lock
+        try:  # decode one tile now, so an undecodable file fails at open, not mid-run
+            level = len(self.level_dims) - 1
+            self.read_rgb(level, 0, 0, min(self.level_dims[level][0], 16), min(self.level_dims[level][1], 16),
+                          device="cpu")
+        except SlideReadError:
+            self.tf.close()
+            raise
+
+    def _segment(self, page: Any, index: int) -> np.ndarray | None:
+        nbytes = int(page.databytecounts[index])
+        if nbytes == 0:
+            return None  # sparse TIFF: tile absent
+        with self._lock:
+            fh = self.tf.filehandle
+            fh.seek(int(page.dataoffsets[index]))
+            data = fh.read(nbytes)
+        try:
+            seg, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+        except Exception as exc:  # imagecodecs raises codec-specific errors
+            raise SlideReadError(f"{self.path}: cannot decode tile {index} of page {page.index}: {exc}") from exc
+        return seg.reshape(seg.shape[-3:])
+
+    def read_rgb(self, level: int, x_lvl: int, y_lvl: int, w: int, h: int, *, device: str) -> np.ndarray:
+        page = self.pages[level]
+        tw, th = self.tile_dims[level]
+        img_w, _ = self.level_dims[level]
+        out = np.full((h, w, 3), 255, np.uint8)
+        tiles_across = -(-img_w // tw) if page.is_tiled else 1
+        for ty in range(y_lvl // th, (y_lvl + h - 1) // th + 1):
+            for tx in range(x_lvl // tw, (x_lvl + w - 1) // tw + 1):
+                seg = self._segment(page, ty * tiles_across + tx)
+                if seg is None:
+                    continue
+                # intersection of the tile and the request, in level px
+                c0, c1 = max(x_lvl, tx * tw), min(x_lvl + w, (tx + 1) * tw)
+                r0, r1 = max(y_lvl, ty * th), min(y_lvl + h, (ty + 1) * th)
+                part = seg[r0 - ty * th : r1 - ty * th, c0 - tx * tw : c1 - tx * tw, :3]
+                out[r0 - y_lvl : r0 - y_lvl + part.shape[0], c0 - x_lvl : c0 - x_lvl + part.shape[1]] = part
+        return out
+
+    def close(self) -> None:
+        self.tf.close()

@@ -1,0 +1,174 @@
+"""Slide metadata read from TIFF tags with tifffile, in OpenSlide's vocabulary.
+
+The cuCIM and tifffile backends have no OpenSlide to ask, so this module derives what
+OpenSlide would report (vendor, ``openslide.*`` and ``aperio.*`` properties, pyramid pages,
+associated images) from the TIFF structure itself. It also decides whether cuCIM can be
+trusted with a file *before* cuCIM touches it: cuCIM's TIFF reader crashes the process on some
+compressions (e.g. Deflate), so eligibility is checked here, in Python, from the tags.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tifffile
+
+__all__ = ["TiffLayout", "read_tiff_layout", "cucim_refusal"]
+
+# cuCIM's cuslide plugin decodes tiled JPEG pyramids (Aperio SVS, generic tiled TIFF).
+# Anything else is left to OpenSlide or tifffile.
+_CUCIM_COMPRESSIONS = {7}  # JPEG (new-style, with JPEGTables)
+_OME_UNIT_UM = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+@dataclass(frozen=True, slots=True)
+class TiffLayout:
+    """What a TIFF slide holds, independent of the reader that decodes it.
+
+    ``level_pages`` are page indices of the pyramid, largest first; ``associated`` maps
+    OpenSlide's associated-image names to page indices.
+    """
+
+    vendor: str
+    level_pages: tuple[int, ...]
+    level_dims: tuple[tuple[int, int], ...]   # (width, height) px per level
+    tile_dims: tuple[tuple[int, int], ...]    # (tile width, tile height) px per level
+    compressions: tuple[int, ...]
+    properties: dict[str, str] = field(default_factory=dict)
+    associated: dict[str, int] = field(default_factory=dict)
+    mpp: float | None = None
+    is_ndpi: bool = False
+    is_ome: bool = False
+
+
+def _aperio_properties(description: str) -> dict[str, str]:
+    props: dict[str, str] = {}
+    for part in description.split("|")[1:]:
+        key, sep, value = part.partition("=")
+        if sep:
+            props[f"aperio.{key.strip()}"] = value.strip()
+    return props
+
+
+def _ome_mpp(xml: str) -> float | None:
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    for elem in root.iter():
+        if elem.tag.endswith("}Pixels") or elem.tag == "Pixels":
+            size = elem.get("PhysicalSizeX")
+            if size is None:
+                return None
+            unit = elem.get("PhysicalSizeXUnit", "µm")
+            return float(size) * _OME_UNIT_UM.get(unit, 1.0)
+    return None
+
+
+def _resolution_mpp(page: tifffile.TiffPage) -> tuple[float | None, dict[str, str]]:
+    """mpp from XResolution/ResolutionUnit as OpenSlide's generic-tiff reader computes it."""
+    tags = page.tags
+    props: dict[str, str] = {}
+    unit_tag = tags.get("ResolutionUnit")
+    xres = tags.get("XResolution")
+    if unit_tag is None or xres is None:
+        return None, props
+    unit = int(unit_tag.value)
+    num, den = xres.value
+    props["tiff.ResolutionUnit"] = {1: "none", 2: "inch", 3: "centimeter"}.get(unit, str(unit))
+    props["tiff.XResolution"] = repr(num / den) if den else "0"
+    if unit not in (2, 3) or num == 0:
+        return None, props
+    per_unit_um = 25400.0 if unit == 2 else 10000.0
+    return per_unit_um * den / num, props
+
+
+def read_tiff_layout(path: Path) -> TiffLayout | None:
+    """Describe a TIFF slide, or return None when the file is not a TIFF.
+
+    Raises
+    ------
+    tifffile.TiffFileError
+        Never: a file tifffile cannot parse is reported as None.
+    """
+    try:
+        tf = tifffile.TiffFile(path)
+    except (tifffile.TiffFileError, OSError, ValueError):
+        return None
+    with tf:
+        pages = list(tf.pages)
+        if not pages:
+            return None
+        first = pages[0]
+        desc = first.description or ""
+        props: dict[str, str] = {}
+        for name in ("ImageDescription", "Make", "Model", "Software", "DateTime"):
+            tag = first.tags.get(name)
+            if tag is not None and isinstance(tag.value, str):
+                props[f"tiff.{name}"] = tag.value
+        associated: dict[str, int] = {}
+        mpp: float | None = None
+        if tf.is_svs or desc.startswith("Aperio"):
+            vendor = "aperio"
+            level_pages = [p.index for p in pages if p.is_tiled]
+            for p in pages[1:]:
+                if p.is_tiled:
+                    continue
+                lines = (p.description or "").splitlines()
+                kind = lines[1].split()[0] if len(lines) > 1 and lines[1] else ""
+                name = kind if kind in ("label", "macro") else "thumbnail"
+                associated.setdefault(name, p.index)
+            props.update(_aperio_properties(desc))
+            if "aperio.MPP" in props:
+                mpp = float(props["aperio.MPP"])
+            if "aperio.AppMag" in props:
+                props["openslide.objective-power"] = props["aperio.AppMag"]
+        elif tf.is_ome:
+            vendor = "ome-tiff"
+            series = tf.series[0]
+            level_pages = [lvl.keyframe.index for lvl in series.levels]
+            mpp = _ome_mpp(tf.ome_metadata or "")
+        else:
+            vendor = "generic-tiff" if first.is_tiled else "tiff"
+            level_pages = [p.index for p in pages if p.is_tiled] or [0]
+            mpp, res_props = _resolution_mpp(first)
+            props.update(res_props)
+        pyramid = sorted((pages[i] for i in level_pages), key=lambda p: -p.imagewidth)
+        level_dims = tuple((int(p.imagewidth), int(p.imagelength)) for p in pyramid)
+        tile_dims = tuple(
+            (int(p.tilewidth or p.imagewidth), int(p.tilelength or p.rowsperstrip or p.imagelength))
+            for p in pyramid
+        )
+        return TiffLayout(
+            vendor=vendor,
+            level_pages=tuple(p.index for p in pyramid),
+            level_dims=level_dims,
+            tile_dims=tile_dims,
+            compressions=tuple(int(p.compression) for p in pyramid),
+            properties=props,
+            associated=associated,
+            mpp=mpp,
+            is_ndpi=bool(tf.is_ndpi),
+            is_ome=bool(tf.is_ome),
+        )
+
+
+def cucim_refusal(path: Path, layout: TiffLayout | None) -> str | None:
+    """Why cuCIM must not open ``path`` (None when it may).
+
+    cuCIM reads tiled JPEG TIFF pyramids; on other compressions its TIFF reader can crash
+    the whole process, so this check runs first and in Python.
+    """
+    if layout is None:
+        return "not a TIFF (cuCIM reads TIFF-based slides only)"
+    if layout.is_ndpi:
+        return "NDPI (cuCIM has no NDPI reader)"
+    bad = sorted(set(layout.compressions) - _CUCIM_COMPRESSIONS)
+    if bad:
+        return f"TIFF compression {bad} (cuCIM reads tiled JPEG only)"
+    if any(tw == w and th == h and w > 4096 for (tw, th), (w, h) in zip(layout.tile_dims, layout.level_dims)):
+        return "stripped (untiled) pyramid level"
+    return None
+

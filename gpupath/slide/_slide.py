@@ -1,0 +1,447 @@
+"""`open_slide` and `Slide`: one reader API over cuCIM, OpenSlide and tifffile.
+
+A :class:`Slide` answers OpenSlide's questions (``dimensions``, ``level_dimensions``,
+``read_region`` -> RGBA image, ``get_thumbnail``, ...) whatever backend decodes it, and adds
+what the pipeline needs: microns per pixel, level choice for a target resolution, and batched
+RGB reads into a :class:`TileBatch` on the host (NumPy) or the device (CuPy).
+
+Coordinates: ``location`` / ``x, y`` are level-0 pixels (x right, y down) unless a name ends in
+``_lvl``; sizes are in pixels of the level read, as in OpenSlide. A level-0 position maps to
+level ``L`` as ``floor(x / level_downsamples[L])``.
+
+Backend choice (``backend="auto"``), per file: cuCIM when the TIFF structure is one cuCIM reads
+(tiled JPEG, not NDPI) and a probe tile decodes; else OpenSlide; else tifffile (single-level
+OME-TIFF and other TIFFs OpenSlide refuses). Each fallback is logged with its reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+import numpy as np
+
+from gpupath.errors import MetadataError, SlideReadError
+from gpupath.slide._backends import CucimReader, OpenSlideReader, Reader, TifffileReader
+from gpupath.slide._meta import TiffLayout, cucim_refusal, read_tiff_layout
+
+__all__ = ["open_slide", "Slide", "TileBatch", "BackendName", "MPP_PLAUSIBLE_MAX"]
+
+log = logging.getLogger("gpupath.slide")
+
+BackendName = Literal["auto", "cucim", "openslide", "tifffile"]
+Device = Literal["cpu", "cuda"]
+MPP_PLAUSIBLE_MAX = 20.0  # µm/px; above this, level 0 is no microscope scan (e.g. a 72-dpi default tag)
+
+
+@dataclass(frozen=True, slots=True)
+class TileBatch:
+    """A batch of RGB tiles and where they came from.
+
+    ``pixels`` is (N, H, W, 3) uint8, NumPy on the host or CuPy on the device. ``x, y`` are the
+    level-0 origins (top-left, inclusive) of each tile; ``size_l0_px`` is the level-0 extent of
+    a tile edge (tiles are square), so tile ``i`` covers ``[x, x + size_l0_px)`` level-0 px.
+    """
+
+    pixels: Any
+    x: np.ndarray   # (N,) int64 level-0 px
+    y: np.ndarray   # (N,) int64 level-0 px
+    size_l0_px: int
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+
+def _is_ome_path(path: Path) -> bool:
+    return path.name.lower().endswith((".ome.tif", ".ome.tiff", ".ome.tf2", ".ome.tf8", ".ome.btf"))
+
+
+class Slide:
+    """An open whole-slide image. Use :func:`open_slide` to make one.
+
+    Speaks OpenSlide's API (so code written for ``openslide.OpenSlide`` runs unchanged) on every
+    backend, plus :meth:`read_rgb` / :meth:`read_tiles` for the pipeline.
+    """
+
+    def __init__(self, path: Path, reader: Reader, layout: TiffLayout | None, mpp_override: float | None) -> None:
+        self.path = path
+        self._reader = reader
+        self._layout = layout
+        self._mpp_override = mpp_override
+        self._properties: Mapping[str, str] | None = None
+
+    # ------------------------------------------------------------------ gpupath API
+    @property
+    def backend(self) -> str:
+        """Name of the reader that decodes pixels: ``cucim``, ``openslide`` or ``tifffile``."""
+        return self._reader.name
+
+    @property
+    def vendor(self) -> str:
+        """Format vendor as OpenSlide names it (``aperio``, ``hamamatsu``, ``generic-tiff``, ...)."""
+        return self.properties.get("openslide.vendor", "unknown")
+
+    @property
+    def mpp(self) -> float | None:
+        """Level-0 microns per pixel (x), from the ``mpp=`` override or the metadata; None if unknown."""
+        if self._mpp_override is not None:
+            return float(self._mpp_override)
+        value = self.properties.get("openslide.mpp-x")
+        return float(value) if value not in (None, "") else None
+
+    def require_mpp(self) -> float:
+        """Level-0 microns per pixel, or a :class:`MetadataError` that says how to supply it."""
+        mpp = self.mpp
+        if mpp is None:
+            raise MetadataError(f"{self.path}: no mpp in metadata or TIFF tags; pass --mpp")
+        if not (0.0 < mpp <= MPP_PLAUSIBLE_MAX):
+            raise MetadataError(
+                f"{self.path}: metadata says {mpp:.4g} µm/px, not a microscope scan "
+                f"(expected 0 < mpp <= {MPP_PLAUSIBLE_MAX}); pass --mpp"
+            )
+        return mpp
+
+    def level_mpp(self, level: int) -> float:
+        """Microns per pixel of ``level`` (x)."""
+        return self.require_mpp() * self.level_downsamples[level]
+
+    def read_rgb(self, location: tuple[int, int], level: int, size: tuple[int, int], *, device: Device = "cpu") -> Any:
+        """RGB pixels of a region; areas outside the level are white (glass).
+
+        Parameters
+        ----------
+        location : (x, y) level-0 px of the top-left corner (may be negative).
+        level : pyramid level to read.
+        size : (width, height) px at ``level``.
+        device : ``cpu`` returns NumPy; ``cuda`` returns CuPy (decoded on the GPU by cuCIM,
+            copied up once for host-decoding backends).
+
+        Returns
+        -------
+        (height, width, 3) uint8 array.
+        """
+        w, h = self._check_region(level, size)
+        ds = self.level_downsamples[level]
+        x_lvl, y_lvl = math.floor(location[0] / ds), math.floor(location[1] / ds)
+        lw, lh = self.level_dimensions[level]
+        c0, c1 = max(x_lvl, 0), min(x_lvl + w, lw)
+        r0, r1 = max(y_lvl, 0), min(y_lvl + h, lh)
+        inside = c1 > c0 and r1 > r0
+        if inside and (c0, r0, c1, r1) == (x_lvl, y_lvl, x_lvl + w, y_lvl + h):
+            return self._decode(level, x_lvl, y_lvl, w, h, device)
+        out = np.full((h, w, 3), 255, np.uint8)
+        if device == "cuda":
+            out = _cupy().asarray(out)
+        if inside:
+            out[r0 - y_lvl : r1 - y_lvl, c0 - x_lvl : c1 - x_lvl] = self._decode(level, c0, r0, c1 - c0, r1 - r0, device)
+        return out
+
+    def _decode(self, level: int, x_lvl: int, y_lvl: int, w: int, h: int, device: Device) -> Any:
+        if device == "cuda" and self.backend != "cucim":
+            # host decoder: one upload per region (cuCIM decodes on the device instead)
+            return _cupy().asarray(self._reader.read_rgb(level, x_lvl, y_lvl, w, h, device="cpu"))
+        return self._reader.read_rgb(level, x_lvl, y_lvl, w, h, device=device)
+
+    def read_tiles(self, locations: Sequence[tuple[int, int]], level: int, size_px: int, *,
+                   device: Device = "cpu", num_workers: int = 1) -> Any:
+        """Decode square regions of one level into one (N, size_px, size_px, 3) uint8 array.
+
+        ``locations`` are level-0 (x, y) top-left corners. With cuCIM, regions wholly inside the
+        level go through cuCIM's batched multi-threaded reader; others are read one by one.
+        """
+        if not locations:
+            empty = np.zeros((0, size_px, size_px, 3), np.uint8)
+            return _cupy().asarray(empty) if device == "cuda" else empty
+        xp = _cupy() if device == "cuda" else np
+        out = xp.empty((len(locations), size_px, size_px, 3), np.uint8)
+        ds = self.level_downsamples[level]
+        lw, lh = self.level_dimensions[level]
+        inner = [
+            i for i, (x, y) in enumerate(locations)
+            if x >= 0 and y >= 0 and math.floor(x / ds) + size_px <= lw and math.floor(y / ds) + size_px <= lh
+        ]
+        done: set[int] = set()
+        if isinstance(self._reader, CucimReader) and len(inner) > 1:
+            locs_l0 = [
+                (round(math.floor(locations[i][0] / ds) * ds), round(math.floor(locations[i][1] / ds) * ds))
+                for i in inner
+            ]
+            out[inner] = self._reader.read_batch(level, locs_l0, size_px, size_px, device=device,
+                                                 num_workers=num_workers)
+            done = set(inner)
+        for i, loc in enumerate(locations):
+            if i not in done:
+                out[i] = self.read_rgb(loc, level, (size_px, size_px), device=device)
+        return out
+
+    def best_level_for_mpp(self, target_mpp: float) -> int:
+        """Coarsest level whose mpp is at most ``target_mpp`` (+0.5 %), so tiles are downsampled, never upsampled."""
+        base = self.require_mpp()
+        best = 0
+        for level, ds in enumerate(self.level_downsamples):
+            if base * ds <= target_mpp * 1.005:
+                best = level
+        return best
+
+    def _check_region(self, level: int, size: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= level < self.level_count:
+            raise ValueError(f"{self.path}: level {level} out of range [0, {self.level_count})")
+        w, h = int(size[0]), int(size[1])
+        if w <= 0 or h <= 0:
+            raise ValueError(f"{self.path}: region size must be positive, got {size}")
+        return w, h
+
+    # ------------------------------------------------------------------ OpenSlide API
+    @property
+    def level_count(self) -> int:
+        return len(self._reader.level_dims)
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """(width, height) of level 0, px."""
+        return self._reader.level_dims[0]
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return tuple(self._reader.level_dims)
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return tuple(self._reader.level0_downsamples)
+
+    @property
+    def properties(self) -> Mapping[str, str]:
+        """Metadata with OpenSlide's keys (``openslide.vendor``, ``openslide.mpp-x``, ...)."""
+        if self._properties is None:
+            self._properties = MappingProxyType(self._build_properties())
+        return self._properties
+
+    def _build_properties(self) -> dict[str, str]:
+        if isinstance(self._reader, OpenSlideReader):
+            props = dict(self._reader.osr.properties)
+        else:
+            layout = self._layout
+            assert layout is not None  # cuCIM/tifffile readers are only built from a TIFF layout
+            props = dict(layout.properties)
+            props["openslide.vendor"] = layout.vendor
+            if layout.mpp is not None:
+                props["openslide.mpp-x"] = props["openslide.mpp-y"] = repr(layout.mpp)
+            props["openslide.level-count"] = str(self.level_count)
+            for i, ((w, h), (tw, th), ds) in enumerate(
+                zip(self.level_dimensions, self._reader.tile_dims, self.level_downsamples)
+            ):
+                props[f"openslide.level[{i}].width"] = str(w)
+                props[f"openslide.level[{i}].height"] = str(h)
+                props[f"openslide.level[{i}].downsample"] = repr(ds)
+                props[f"openslide.level[{i}].tile-width"] = str(tw)
+                props[f"openslide.level[{i}].tile-height"] = str(th)
+        if self._mpp_override is not None:
+            props["openslide.mpp-x"] = props["openslide.mpp-y"] = repr(float(self._mpp_override))
+        props["gpupath.backend"] = self.backend
+        return props
+
+    @property
+    def associated_images(self) -> Mapping[str, Any]:
+        """Label, macro, thumbnail... as PIL RGBA images (read lazily)."""
+        if isinstance(self._reader, OpenSlideReader):
+            return self._reader.osr.associated_images
+        layout = self._layout
+        return _LazyAssociated(self.path, dict(layout.associated) if layout else {})
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Any:
+        """OpenSlide's read_region: a PIL RGBA image, transparent (0, 0, 0, 0) outside the level."""
+        from PIL import Image  # noqa: PLC0415
+
+        w, h = self._check_region(level, size)
+        if isinstance(self._reader, OpenSlideReader):
+            return self._reader.read_rgba((int(location[0]), int(location[1])), level, (w, h))
+        ds = self.level_downsamples[level]
+        x_lvl, y_lvl = math.floor(location[0] / ds), math.floor(location[1] / ds)
+        lw, lh = self.level_dimensions[level]
+        rgba = np.zeros((h, w, 4), np.uint8)
+        c0, c1 = max(x_lvl, 0), min(x_lvl + w, lw)
+        r0, r1 = max(y_lvl, 0), min(y_lvl + h, lh)
+        if c1 > c0 and r1 > r0:
+            rgba[r0 - y_lvl : r1 - y_lvl, c0 - x_lvl : c1 - x_lvl, :3] = self._reader.read_rgb(
+                level, c0, r0, c1 - c0, r1 - r0, device="cpu")
+            rgba[r0 - y_lvl : r1 - y_lvl, c0 - x_lvl : c1 - x_lvl, 3] = 255
+        return Image.fromarray(rgba, "RGBA")
+
+    def get_best_level_for_downsample(self, downsample: float) -> int:
+        """Largest level whose downsample is <= ``downsample`` (OpenSlide's rule)."""
+        downsamples = self.level_downsamples
+        if downsample < downsamples[0]:
+            return 0
+        for i in range(1, len(downsamples)):
+            if downsample < downsamples[i]:
+                return i - 1
+        return len(downsamples) - 1
+
+    def get_thumbnail(self, size: tuple[int, int]) -> Any:
+        """An RGB PIL image fitting in ``size`` (width, height), made as OpenSlide makes it."""
+        from PIL import Image  # noqa: PLC0415
+
+        downsample = max(dim / thumb for dim, thumb in zip(self.dimensions, size))
+        level = self.get_best_level_for_downsample(downsample)
+        tile = self.read_region((0, 0), level, self.level_dimensions[level])
+        background = "#" + self.properties.get("openslide.background-color", "ffffff")
+        thumb = Image.new("RGB", tile.size, background)
+        thumb.paste(tile, None, tile)
+        thumb.thumbnail(size, Image.Resampling.LANCZOS)
+        return thumb
+
+    def close(self) -> None:
+        self._reader.close()
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Slide({str(self.path)!r}, backend={self.backend!r}, dimensions={self.dimensions})"
+
+
+class _LazyAssociated(Mapping[str, Any]):
+    """Associated images of a TIFF slide, decoded with tifffile on first access."""
+
+    def __init__(self, path: Path, pages: dict[str, int]) -> None:
+        self._path, self._pages = path, pages
+
+    def __getitem__(self, name: str) -> Any:
+        import tifffile  # noqa: PLC0415
+        from PIL import Image  # noqa: PLC0415
+
+        with tifffile.TiffFile(self._path) as tf:
+            rgb = tf.pages[self._pages[name]].asarray()[..., :3]
+        return Image.fromarray(np.ascontiguousarray(rgb), "RGB").convert("RGBA")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._pages)
+
+    def __len__(self) -> int:
+        return len(self._pages)
+
+
+def _cupy() -> Any:
+    from gpupath._xp import cupy_or_none  # noqa: PLC0415
+
+    cp = cupy_or_none()
+    if cp is None:
+        raise RuntimeError("device='cuda' asked for, but CuPy or a CUDA device is missing")
+    return cp
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise SlideReadError(f"{path}: no such file")
+    if path.is_dir():
+        raise SlideReadError(f"{path}: is a folder, not a slide file")
+    if path.stat().st_size == 0:
+        raise SlideReadError(f"{path}: file is empty (0 bytes)")
+    if not os.access(path, os.R_OK):
+        raise SlideReadError(f"{path}: not readable (permission denied)")
+
+
+def _probe_tiff(path: Path, layout: TiffLayout) -> str | None:
+    """Why tifffile cannot decode a probe tile of ``path`` (None when it can).
+
+    cuCIM prints JPEG errors and returns garbage instead of raising, so a slide is handed to it
+    only after one of its tiles decodes cleanly with tifffile (which opens with such a probe).
+    """
+    try:
+        TifffileReader(path, layout).close()
+    except SlideReadError as exc:
+        return str(exc).removeprefix(f"{path}: ")
+    return None
+
+
+def _cucim_installed() -> bool:
+    try:
+        import cucim  # noqa: F401, PLC0415
+    except ImportError:
+        return False
+    return True
+
+
+def open_slide(path: str | os.PathLike[str], *, backend: BackendName = "auto", mpp: float | None = None) -> Slide:
+    """Open a whole-slide image with the best reader for the file.
+
+    Parameters
+    ----------
+    path : slide file (.svs, .ndpi, .tif/.tiff, .ome.tif, .scn, .mrxs, .dcm, ...).
+    backend : ``auto`` (cuCIM -> OpenSlide -> tifffile, chosen per file, each fallback logged
+        with its reason) or one backend by name.
+    mpp : level-0 microns per pixel to use instead of the file's metadata (for slides whose
+        metadata lacks it or is wrong).
+
+    Returns
+    -------
+    Slide
+
+    Raises
+    ------
+    SlideReadError
+        Missing, empty or unreadable file, or no backend can open it; the message names the
+        file and each backend's reason.
+    ValueError
+        Unknown ``backend`` or non-positive ``mpp``.
+    """
+    if backend not in ("auto", "cucim", "openslide", "tifffile"):
+        raise ValueError(f"backend must be auto, cucim, openslide or tifffile, got {backend!r}")
+    if mpp is not None and not (mpp > 0 and math.isfinite(mpp)):
+        raise ValueError(f"mpp must be a positive number of µm/px, got {mpp!r}")
+    path = Path(path)
+    _check_file(path)
+    layout = read_tiff_layout(path)
+    reasons: list[str] = []
+
+    def try_cucim() -> Reader | None:
+        if not _cucim_installed():
+            reasons.append("cuCIM: not installed (pip install 'gpupath[cucim]')")
+            return None
+        refusal = cucim_refusal(path, layout) or _probe_tiff(path, layout)
+        if refusal:
+            reasons.append(f"cuCIM: {refusal}")
+            return None
+        try:
+            return CucimReader(path, layout)
+        except SlideReadError as exc:
+            reasons.append(f"cuCIM: {str(exc).removeprefix(f'{path}: ')}")
+            return None
+
+    def try_openslide() -> Reader | None:
+        try:
+            return OpenSlideReader(path)
+        except SlideReadError as exc:
+            reasons.append(f"OpenSlide: {str(exc).removeprefix(f'{path}: ')}")
+            return None
+
+    def try_tifffile() -> Reader | None:
+        if layout is None:
+            reasons.append("tifffile: not a TIFF file")
+            return None
+        try:
+            return TifffileReader(path, layout)
+        except SlideReadError as exc:
+            reasons.append(f"tifffile: {str(exc).removeprefix(f'{path}: ')}")
+            return None
+
+    attempts = {"cucim": try_cucim, "openslide": try_openslide, "tifffile": try_tifffile}
+    order = ["cucim", "openslide", "tifffile"] if backend == "auto" else [backend]
+    if backend == "auto" and layout is not None and layout.is_ome and _is_ome_path(path):
+        order = ["cucim", "tifffile", "openslide"]  # OpenSlide ignores OME-XML (no mpp) or refuses
+    for name in order:
+        reader = attempts[name]()
+        if reader is not None:
+            if reasons:
+                log.info("%s: using %s (%s)", path, reader.name, "; ".join(reasons))
+            return Slide(path, reader, layout, mpp)
+    raise SlideReadError(f"{path}: not a readable slide ({'; '.join(reasons)})")

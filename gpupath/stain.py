@@ -1,0 +1,463 @@
+"""Macenko stain normalisation of H&E tiles, one code path for NumPy (host) and CuPy (device).
+
+What it does
+    Estimates the two stain vectors (hematoxylin, eosin) of an RGB image or batch in optical
+    density (OD) space and re-renders the image with the stain vectors and concentration range
+    of a target, so that tiles from differently stained slides look alike to a detector.
+
+In and out
+    ``rgb`` / ``tiles``: ``(H, W, 3)`` or ``(N, H, W, 3)`` ``uint8`` arrays, NumPy or CuPy.
+    Normalised images come back with the same shape, ``uint8``, on the input's device.
+    A fit is a :class:`StainFit`: small ``float64`` host arrays (OD units, dimensionless).
+
+Device
+    ``xp = array_module(rgb)`` selects NumPy or CuPy and the maths is written once. Per-pixel
+    work (OD, covariance sums, angles, percentiles, least squares, reconstruction) stays on the
+    input's device; only 3x3 / 3x2 matrices and a few scalars come to the host, each at a
+    ``to_host`` call with a comment. This is the reference that device kernels are checked against.
+
+Conventions (fixed here, relied on by callers)
+    * OD = -ln((I + 1) / io), ``I`` in grey levels 0..255, ``io`` the background transmitted
+      intensity (default 240). This is the formula of Macenko's reference code and torchstain;
+      the inverse used for re-rendering is I = io * exp(-OD) - 1, so an image normalised to its
+      own fit comes back unchanged (up to rounding and the projection onto the stain plane).
+    * Tissue pixels: OD >= ``beta`` in all three channels (the complement of torchstain's
+      "any channel < beta").
+    * Column 0 of the stain matrix is hematoxylin: of the two extreme vectors, the one with the
+      larger red OD component.
+    * Eigenvector signs: the principal one points into the positive OD octant (positive sum),
+      the second has its largest-magnitude component positive. The fit is therefore a function
+      of the pixel values alone.
+    * max_conc is the 99th percentile of each stain's concentration over *all* pixels of the
+      fitted image (as in the reference code), so tissue must cover well over 1 % of the pixels:
+      a fit needs at least ``max(min_tissue_px, ceil(min_tissue_frac * n_px))`` tissue pixels
+      (defaults 500 and 1 %).
+
+References
+    M. Macenko et al., "A method for normalizing histology slides for quantitative analysis",
+    ISBI 2009, pp. 1107-1110. Reference vectors and concentrations from that work's code.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from gpupath._xp import array_module, is_device_array, to_host
+
+__all__ = [
+    "StainFit",
+    "REFERENCE",
+    "MIN_TISSUE_PX",
+    "MIN_TISSUE_FRAC",
+    "od_from_rgb",
+    "fit_macenko",
+    "apply_macenko",
+    "normalize_batch",
+]
+
+_log = logging.getLogger(__name__)
+
+MIN_TISSUE_PX = 500  # tissue pixels a fit needs at least (absolute)
+MIN_TISSUE_FRAC = 0.01  # ... and at least this fraction of all pixels (the 99th percentile rule)
+_MIN_ANGLE_SPREAD_RAD = 1e-3  # extreme stain vectors closer than this cannot be told apart
+_MIN_MAX_CONC = 1e-6  # a robust maximum concentration at or below this cannot be rescaled
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class StainFit:
+    """Stain vectors and concentration range of one image, batch or slide.
+
+    Attributes
+    ----------
+    stain_matrix_od : (3, 2) float64 ndarray
+        Columns are the hematoxylin and eosin stain vectors in OD space (R, G, B rows), each of
+        (near) unit length, all components >= 0 for a proper H&E fit. Host array, read-only.
+    max_conc : (2,) float64 ndarray
+        Robust maximum (99th percentile) of the H and E concentrations, OD units per unit stain
+        vector; both > 0. Host array, read-only.
+    io : float
+        Background transmitted intensity in grey levels (0 < io <= 255) with which the OD was
+        computed, e.g. 240.
+
+    Notes
+    -----
+    Equality is identity (``eq=False``): compare fits with ``np.allclose`` on the fields.
+    """
+
+    stain_matrix_od: np.ndarray
+    max_conc: np.ndarray
+    io: float
+
+    def __post_init__(self) -> None:
+        matrix = np.array(self.stain_matrix_od, dtype=np.float64)  # a private copy
+        conc = np.array(self.max_conc, dtype=np.float64)
+        if matrix.shape != (3, 2) or not np.isfinite(matrix).all():
+            raise ValueError(f"StainFit.stain_matrix_od: expected finite (3, 2), got {matrix!r}")
+        if conc.shape != (2,) or not np.isfinite(conc).all() or not (conc > 0).all():
+            raise ValueError(f"StainFit.max_conc: expected 2 finite values > 0, got {conc!r}")
+        io = float(self.io)
+        if not 0 < io <= 255:
+            raise ValueError(f"StainFit.io: expected 0 < io <= 255 grey levels, got {io}")
+        matrix.setflags(write=False)
+        conc.setflags(write=False)
+        object.__setattr__(self, "stain_matrix_od", matrix)
+        object.__setattr__(self, "max_conc", conc)
+        object.__setattr__(self, "io", io)
+
+
+REFERENCE = StainFit(
+    stain_matrix_od=np.array([[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.5581]]),
+    max_conc=np.array([1.9705, 1.0308]),
+    io=240.0,
+)
+"""Macenko's standard H&E target (also torchstain's default reference)."""
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _as_array(rgb: ArrayLike) -> Any:
+    """Device arrays as they are, anything else as a NumPy array (no copy if already one)."""
+    return rgb if is_device_array(rgb) else np.asarray(rgb)
+
+
+def _check_rgb(rgb: Any, name: str, ndims: tuple[int, ...]) -> None:
+    if rgb.dtype != np.uint8:
+        raise TypeError(f"{name}: expected uint8 RGB, got dtype {rgb.dtype}")
+    if rgb.ndim not in ndims or rgb.shape[-1] != 3:
+        want = " or ".join({3: "(H, W, 3)", 4: "(N, H, W, 3)"}.get(n, f"{n}-d (..., 3)") for n in ndims)
+        raise ValueError(f"{name}: expected shape {want}, got {tuple(rgb.shape)}")
+
+
+def _check_fit_params(io: float, beta: float, alpha: float, min_tissue_px: int, min_tissue_frac: float) -> None:
+    if not 0 < io <= 255:
+        raise ValueError(f"io: expected 0 < io <= 255 grey levels, got {io}")
+    if not (math.isfinite(beta) and beta >= 0):
+        raise ValueError(f"beta: expected a finite OD threshold >= 0, got {beta}")
+    if not 0 <= alpha < 50:
+        raise ValueError(f"alpha: expected a percentile 0 <= alpha < 50, got {alpha}")
+    if min_tissue_px < 3:
+        raise ValueError(f"min_tissue_px: expected >= 3 (a plane needs 3 points), got {min_tissue_px}")
+    if not 0 <= min_tissue_frac <= 1:
+        raise ValueError(f"min_tissue_frac: expected 0 <= min_tissue_frac <= 1, got {min_tissue_frac}")
+
+
+# --------------------------------------------------------------------------- maths
+
+
+def _od(rgb: Any, io: float, dtype: Any) -> Any:
+    """OD = -ln((I + 1) / io) in ``dtype``, same shape and device as ``rgb``.
+
+    Written as ln(io / (I + 1)): the same value, without a -0.0 at I = io - 1.
+    """
+    xp = array_module(rgb)
+    return xp.log(dtype(io) / (rgb.astype(dtype) + 1))
+
+
+def _concentrations(od: Any, stain_matrix_od: np.ndarray) -> Any:
+    """Least-squares concentrations C of OD = M C for every pixel.
+
+    ``od`` is (P, 3) on either device; returns (P, 2) there. The normal equations
+    (M^T M) C = M^T od share one 2x2 matrix for all pixels, so its solution operator
+    (M^T M)^-1 M^T (2x3) is formed once on the host and applied to all pixels at once in xp.
+    """
+    xp = array_module(od)
+    m = np.asarray(stain_matrix_od, dtype=np.float64)
+    pinv = np.linalg.solve(m.T @ m, m.T)  # (2, 3) host: the same 2x2 system for every pixel
+    return od @ xp.asarray(pinv.T, dtype=od.dtype)
+
+
+def _fit_or_reason(
+    rgb: Any, io: float, beta: float, alpha: float, min_tissue_px: int, min_tissue_frac: float
+) -> StainFit | str:
+    """Fit of a validated image or batch, or a sentence saying why there is none."""
+    xp = array_module(rgb)
+    od = _od(rgb, io, xp.float64).reshape(-1, 3)
+    n_px = od.shape[0]
+    tissue = od[(od >= beta).all(axis=1)]
+    n_tissue = int(tissue.shape[0])
+    need = max(min_tissue_px, math.ceil(min_tissue_frac * n_px))
+    if n_tissue < need:
+        return (
+            f"too few tissue pixels: {n_tissue} of {n_px} have OD >= beta={beta} in all channels, "
+            f"need at least {need} (min_tissue_px={min_tissue_px}, min_tissue_frac={min_tissue_frac})"
+        )
+
+    centred = tissue - tissue.mean(axis=0)
+    # host: the 3x3 covariance and its eigen-decomposition (tiny; eigh on host is exact enough)
+    cov = to_host(centred.T @ centred) / (n_tissue - 1)
+    _, vecs = np.linalg.eigh(cov)  # eigenvalues ascending
+    e1, e2 = vecs[:, 2], vecs[:, 1]  # principal, second
+    if e1.sum() < 0:  # tissue OD is positive: make it project onto +e1
+        e1 = -e1
+    if e2[np.argmax(np.abs(e2))] < 0:  # any fixed rule: flipping e2 mirrors phi, same two vectors
+        e2 = -e2
+
+    plane = np.stack([e1, e2], axis=1)  # (3, 2)
+    proj = tissue @ xp.asarray(plane)  # (P_tissue, 2)
+    # positive-octant OD projects onto +e1, so phi lies in (-pi/2, pi/2), far from the +-pi cut
+    phi = xp.arctan2(proj[:, 1], proj[:, 0])
+    # host: two scalar angles, then the 2-vector maths
+    phi_lo, phi_hi = (float(v) for v in to_host(xp.percentile(phi, xp.asarray([alpha, 100.0 - alpha]))))
+    if phi_hi - phi_lo < _MIN_ANGLE_SPREAD_RAD:
+        return (
+            f"stains not separable: the {alpha}th..{100 - alpha}th percentile angles of {n_tissue} "
+            f"tissue pixels span {phi_hi - phi_lo:.2e} rad < {_MIN_ANGLE_SPREAD_RAD:.0e} rad"
+        )
+    v_lo = plane @ np.array([math.cos(phi_lo), math.sin(phi_lo)])
+    v_hi = plane @ np.array([math.cos(phi_hi), math.sin(phi_hi)])
+    # hematoxylin first: the extreme vector with the larger red OD (ties: v_hi, as in the reference)
+    h, e = (v_lo, v_hi) if v_lo[0] > v_hi[0] else (v_hi, v_lo)
+    stain_matrix = np.stack([h, e], axis=1)
+
+    conc = _concentrations(od, stain_matrix)  # all pixels, as in the reference
+    max_conc = to_host(xp.percentile(conc, 99.0, axis=0))  # host: two scalars
+    if not (max_conc > _MIN_MAX_CONC).all():
+        return (
+            f"99th-percentile H, E concentrations {max_conc.round(4).tolist()} not > {_MIN_MAX_CONC:.0e}: "
+            f"tissue ({n_tissue} of {n_px} pixels) is too sparse for a robust maximum"
+        )
+    return StainFit(stain_matrix_od=stain_matrix, max_conc=max_conc, io=io)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def od_from_rgb(rgb: ArrayLike, *, io: float = 240.0) -> ArrayLike:
+    """Optical density of RGB pixels.
+
+    Parameters
+    ----------
+    rgb : (..., 3) uint8 array, NumPy or CuPy
+        Intensities in grey levels 0..255.
+    io : float, optional
+        Background transmitted intensity in grey levels, 0 < io <= 255.
+
+    Returns
+    -------
+    od : (..., 3) float32 array on the input's device
+        ``-ln((rgb + 1) / io)``, dimensionless; 0 at ``rgb = io - 1``, negative above.
+
+    Raises
+    ------
+    TypeError
+        ``rgb`` is not uint8.
+    ValueError
+        Last axis is not 3, or ``io`` out of range.
+
+    Examples
+    --------
+    >>> od_from_rgb(np.array([[0, 239, 255]], np.uint8), io=240.0).round(4)
+    array([[ 5.4806,  0.    , -0.0645]], dtype=float32)
+    """
+    arr = _as_array(rgb)
+    if arr.dtype != np.uint8:
+        raise TypeError(f"rgb: expected uint8 RGB, got dtype {arr.dtype}")
+    if arr.ndim < 1 or arr.shape[-1] != 3:
+        raise ValueError(f"rgb: expected shape (..., 3), got {tuple(arr.shape)}")
+    if not 0 < io <= 255:
+        raise ValueError(f"io: expected 0 < io <= 255 grey levels, got {io}")
+    return _od(arr, io, array_module(arr).float32)
+
+
+def fit_macenko(
+    rgb: ArrayLike,
+    *,
+    io: float = 240.0,
+    beta: float = 0.15,
+    alpha: float = 1.0,
+    min_tissue_px: int = MIN_TISSUE_PX,
+    min_tissue_frac: float = MIN_TISSUE_FRAC,
+) -> StainFit:
+    """Estimate H and E stain vectors and their concentration range (Macenko 2009).
+
+    Parameters
+    ----------
+    rgb : (H, W, 3) or (N, H, W, 3) uint8 array, NumPy or CuPy
+        One image, or a batch (e.g. a sample of one slide's tissue tiles) fitted as one pool of
+        pixels, giving one fit for the whole batch.
+    io : float, optional
+        Background transmitted intensity, grey levels.
+    beta : float, optional
+        OD threshold: pixels with OD < beta in any channel are background and not used for the
+        stain vectors.
+    alpha : float, optional
+        Percentile (0..50) of the stain-plane angles taken as the extreme (pure-stain) directions;
+        ``100 - alpha`` is the other.
+    min_tissue_px, min_tissue_frac : int, float, optional
+        A fit needs at least ``max(min_tissue_px, ceil(min_tissue_frac * n_pixels))`` tissue pixels.
+
+    Returns
+    -------
+    StainFit
+        ``io`` is the one given here.
+
+    Raises
+    ------
+    TypeError
+        ``rgb`` is not uint8.
+    ValueError
+        Bad shape or parameter; too few tissue pixels (the message gives the count and the
+        minimum); stain vectors that cannot be separated; a robust maximum concentration <= 0.
+
+    Notes
+    -----
+    Tissue OD is mean-centred, its 3x3 covariance eigen-decomposed (float64, host) and the
+    tissue projected onto the plane of the two largest eigenvectors. The angles at the
+    ``alpha`` and ``100 - alpha`` percentiles (linear interpolation) give the two stain vectors,
+    hematoxylin first (larger red OD). Concentrations of all pixels follow by least squares and
+    ``max_conc`` is their 99th percentile. Per-pixel work runs in float64 on the input's device.
+    Apart from deterministic eigenvector signs (which do not change the result) this is the
+    computation of the paper's reference code and of torchstain's NumPy backend.
+
+    Examples
+    --------
+    >>> fit = fit_macenko(tiles)                      # doctest: +SKIP
+    >>> fit.stain_matrix_od.shape, fit.max_conc.shape # doctest: +SKIP
+    ((3, 2), (2,))
+    """
+    arr = _as_array(rgb)
+    _check_rgb(arr, "rgb", (3, 4))
+    _check_fit_params(io, beta, alpha, min_tissue_px, min_tissue_frac)
+    result = _fit_or_reason(arr, io, beta, alpha, min_tissue_px, min_tissue_frac)
+    if isinstance(result, str):
+        raise ValueError(f"fit_macenko: image of shape {tuple(arr.shape)}: {result}")
+    return result
+
+
+def apply_macenko(rgb: ArrayLike, source: StainFit, *, target: StainFit = REFERENCE) -> ArrayLike:
+    """Re-render an image from its fitted stains with the target's stains and concentration range.
+
+    Parameters
+    ----------
+    rgb : (H, W, 3) or (N, H, W, 3) uint8 array, NumPy or CuPy
+        Image(s) whose stains ``source`` describes.
+    source : StainFit
+        Fit of ``rgb`` (or of the slide it comes from). ``source.io`` is used for the OD.
+    target : StainFit, optional
+        Stains to render with; default Macenko's standard :data:`REFERENCE`. ``target.io`` is
+        used for the re-rendering.
+
+    Returns
+    -------
+    out : uint8 array, same shape and device as ``rgb``
+
+    Raises
+    ------
+    TypeError
+        ``rgb`` is not uint8, or a fit is not a :class:`StainFit`.
+    ValueError
+        Bad shape.
+
+    Notes
+    -----
+    C = least-squares concentrations of OD under ``source.stain_matrix_od``, scaled per stain by
+    ``target.max_conc / source.max_conc``; out = ``target.io * exp(-M_target C) - 1``, rounded
+    to nearest and clipped to [0, 255]. Per-pixel maths in float32. Differs from torchstain,
+    which re-renders with ``io * exp(-M C)`` and truncates: ours is the exact inverse of the OD
+    formula, theirs is on average 0.5 grey level higher (see tests/test_stain.py).
+    """
+    if not isinstance(source, StainFit) or not isinstance(target, StainFit):
+        raise TypeError(f"source, target: expected StainFit, got {type(source).__name__}, {type(target).__name__}")
+    arr = _as_array(rgb)
+    _check_rgb(arr, "rgb", (3, 4))
+    xp = array_module(arr)
+    f32 = xp.float32
+    conc = _concentrations(_od(arr, source.io, f32).reshape(-1, 3), source.stain_matrix_od)
+    conc *= xp.asarray(target.max_conc / source.max_conc, dtype=f32)
+    od_out = conc @ xp.asarray(target.stain_matrix_od.T, dtype=f32)  # (P, 3)
+    out = f32(target.io) * xp.exp(-od_out) - 1
+    return xp.clip(xp.rint(out), 0, 255).astype(xp.uint8).reshape(arr.shape)
+
+
+def normalize_batch(
+    tiles: ArrayLike,
+    *,
+    method: Literal["none", "macenko"],
+    mode: Literal["slide", "tile"] = "slide",
+    fit: StainFit | None = None,
+    target: StainFit = REFERENCE,
+    io: float = 240.0,
+    beta: float = 0.15,
+    alpha: float = 1.0,
+    min_tissue_px: int = MIN_TISSUE_PX,
+    min_tissue_frac: float = MIN_TISSUE_FRAC,
+) -> ArrayLike:
+    """Stain-normalise a batch of tiles.
+
+    Parameters
+    ----------
+    tiles : (N, H, W, 3) uint8 array, NumPy or CuPy
+    method : {"none", "macenko"}
+        ``"none"`` returns the input array itself (same object, no copy).
+    mode : {"slide", "tile"}, optional
+        ``"slide"``: one fit for all tiles, ``fit`` if given, else fitted on the whole batch.
+        ``"tile"``: each tile fitted on its own; a tile that cannot be fitted (too few tissue
+        pixels, inseparable stains) is returned unchanged and logged (see Notes).
+    fit : StainFit, optional
+        Slide fit to use in ``"slide"`` mode (e.g. from :func:`fit_macenko` on a tile sample).
+    target : StainFit, optional
+        Stains to render with; default :data:`REFERENCE`.
+    io, beta, alpha, min_tissue_px, min_tissue_frac : optional
+        Fit parameters, as in :func:`fit_macenko`.
+
+    Returns
+    -------
+    out : (N, H, W, 3) uint8 array on the input's device
+
+    Raises
+    ------
+    TypeError
+        ``tiles`` is not uint8.
+    ValueError
+        Unknown ``method`` or ``mode``; ``fit`` given with ``mode="tile"``; bad shape or
+        parameter; in ``"slide"`` mode without ``fit``, a batch that cannot be fitted.
+
+    Notes
+    -----
+    Tiles left unchanged in ``"tile"`` mode are reported in one WARNING on the
+    ``gpupath.stain`` logger, naming each tile's index and reason (tissue pixel count and the
+    minimum). ``"tile"`` mode fits tiles one after another (a loop over tiles, not pixels).
+    """
+    if method not in ("none", "macenko"):
+        raise ValueError(f"method: expected 'none' or 'macenko', got {method!r}")
+    if mode not in ("slide", "tile"):
+        raise ValueError(f"mode: expected 'slide' or 'tile', got {mode!r}")
+    if fit is not None and mode == "tile":
+        raise ValueError("fit: a given StainFit is only used with mode='slide'; pass fit=None for mode='tile'")
+    arr = _as_array(tiles)
+    _check_rgb(arr, "tiles", (4,))
+    if method == "none":
+        return arr
+    _check_fit_params(io, beta, alpha, min_tissue_px, min_tissue_frac)
+    if mode == "slide":
+        if fit is None:
+            fit = fit_macenko(
+                arr, io=io, beta=beta, alpha=alpha, min_tissue_px=min_tissue_px, min_tissue_frac=min_tissue_frac
+            )
+        return apply_macenko(arr, fit, target=target)
+
+    xp = array_module(arr)
+    out = xp.empty_like(arr)
+    unchanged: list[str] = []
+    for k in range(arr.shape[0]):
+        result = _fit_or_reason(arr[k], io, beta, alpha, min_tissue_px, min_tissue_frac)
+        if isinstance(result, str):
+            out[k] = arr[k]
+            unchanged.append(f"tile {k}: {result}")
+        else:
+            out[k] = apply_macenko(arr[k], result, target=target)
+    if unchanged:
+        _log.warning(
+            "normalize_batch(mode='tile'): %d of %d tiles left unchanged; %s",
+            len(unchanged),
+            arr.shape[0],
+            "; ".join(unchanged),
+        )
+    return out

@@ -96,7 +96,9 @@ def otsu_threshold(values: Any, *, bins: int = 256, value_range: tuple[float, fl
     mean0 = m0 / xp.maximum(w0, 1)
     mean1 = (m0[-1] - m0) / xp.maximum(w1, 1)
     between = w0 * w1 * (mean0 - mean1) ** 2
-    return float(to_host(centres[int(to_host(xp.argmax(between)))]))  # one scalar to the host
+    # the criterion is flat over empty bins between two modes: take the middle of that plateau
+    best = to_host(xp.flatnonzero(between >= between.max() * (1 - 1e-9)))  # a few indices to the host
+    return float(to_host(centres[int(best[0] + best[-1]) // 2]))
 
 
 def tissue_mask(rgb: Any, *, min_saturation: float = 0.07, max_grey: float = 235.0, min_grey: float = 25.0,

@@ -161,6 +161,11 @@ class TifffileReader:
         except (tifffile.TiffFileError, OSError) as exc:
             raise SlideReadError(f"{path}: tifffile cannot open it: {exc}") from exc
         self.path = path
+        if layout.truncated:
+            self.tf.close()
+            raise SlideReadError(
+                f"{path}: truncated file: tile data runs to byte {layout.data_end_bytes}, file has {layout.file_bytes}"
+            )
         self.pages = [self.tf.pages[i] for i in layout.level_pages]
         for page in self.pages:
             if page.samplesperpixel not in (3, 4) or page.bitspersample != 8:

@@ -15,10 +15,13 @@ from pathlib import Path
 
 import tifffile
 
+from gpupath.errors import SlideReadError
+
 __all__ = ["TiffLayout", "read_tiff_layout", "cucim_refusal"]
 
 # cuCIM's cuslide plugin decodes tiled JPEG pyramids (Aperio SVS, generic tiled TIFF).
 # Anything else is left to OpenSlide or tifffile.
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
 _CUCIM_COMPRESSIONS = {7}  # JPEG (new-style, with JPEGTables)
 _OME_UNIT_UM = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
 
@@ -41,6 +44,13 @@ class TiffLayout:
     mpp: float | None = None
     is_ndpi: bool = False
     is_ome: bool = False
+    data_end_bytes: int = 0    # end of the last pixel-data segment of the pyramid
+    file_bytes: int = 0
+
+    @property
+    def truncated(self) -> bool:
+        """True when pixel data is declared beyond the end of the file."""
+        return self.data_end_bytes > self.file_bytes
 
 
 def _aperio_properties(description: str) -> dict[str, str]:
@@ -90,17 +100,21 @@ def read_tiff_layout(path: Path) -> TiffLayout | None:
 
     Raises
     ------
-    tifffile.TiffFileError
-        Never: a file tifffile cannot parse is reported as None.
+    SlideReadError
+        The file starts like a TIFF but its directories cannot be parsed (e.g. truncated).
     """
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic not in _TIFF_MAGIC:
+        return None
     try:
         tf = tifffile.TiffFile(path)
-    except (tifffile.TiffFileError, OSError, ValueError):
-        return None
-    with tf:
         pages = list(tf.pages)
+    except (tifffile.TiffFileError, OSError, ValueError, IndexError) as exc:
+        raise SlideReadError(f"{path}: TIFF header but unreadable TIFF structure (truncated or corrupt?): {exc}") from exc
+    with tf:
         if not pages:
-            return None
+            raise SlideReadError(f"{path}: TIFF header but no readable image directory (truncated or corrupt file?)")
         first = pages[0]
         desc = first.description or ""
         props: dict[str, str] = {}
@@ -141,6 +155,9 @@ def read_tiff_layout(path: Path) -> TiffLayout | None:
             (int(p.tilewidth or p.imagewidth), int(p.tilelength or p.rowsperstrip or p.imagelength))
             for p in pyramid
         )
+        data_end = max(
+            (int(o) + int(n) for p in pyramid for o, n in zip(p.dataoffsets, p.databytecounts)), default=0
+        )
         return TiffLayout(
             vendor=vendor,
             level_pages=tuple(p.index for p in pyramid),
@@ -152,19 +169,23 @@ def read_tiff_layout(path: Path) -> TiffLayout | None:
             mpp=mpp,
             is_ndpi=bool(tf.is_ndpi),
             is_ome=bool(tf.is_ome),
+            data_end_bytes=data_end,
+            file_bytes=path.stat().st_size,
         )
 
 
-def cucim_refusal(path: Path, layout: TiffLayout | None) -> str | None:
+def cucim_refusal(layout: TiffLayout | None) -> str | None:
     """Why cuCIM must not open ``path`` (None when it may).
 
     cuCIM reads tiled JPEG TIFF pyramids; on other compressions its TIFF reader can crash
     the whole process, so this check runs first and in Python.
     """
     if layout is None:
-        return "not a TIFF (cuCIM reads TIFF-based slides only)"
+        return "not a TIFF"
     if layout.is_ndpi:
         return "NDPI (cuCIM has no NDPI reader)"
+    if layout.truncated:
+        return f"truncated file: tile data runs to byte {layout.data_end_bytes}, file has {layout.file_bytes}"
     bad = sorted(set(layout.compressions) - _CUCIM_COMPRESSIONS)
     if bad:
         return f"TIFF compression {bad} (cuCIM reads tiled JPEG only)"

@@ -400,14 +400,21 @@ def open_slide(path: str | os.PathLike[str], *, backend: BackendName = "auto", m
         raise ValueError(f"mpp must be a positive number of µm/px, got {mpp!r}")
     path = Path(path)
     _check_file(path)
-    layout = read_tiff_layout(path)
     reasons: list[str] = []
+    tiff_problem = "not a TIFF file"
+    try:
+        layout = read_tiff_layout(path)
+    except SlideReadError as exc:
+        layout, tiff_problem = None, str(exc).removeprefix(f"{path}: ")
 
     def try_cucim() -> Reader | None:
+        if layout is None:
+            reasons.append("cuCIM: not a TIFF" if tiff_problem == "not a TIFF file" else "cuCIM: unreadable TIFF")
+            return None
         if not _cucim_installed():
             reasons.append("cuCIM: not installed (pip install 'gpupath[cucim]')")
             return None
-        refusal = cucim_refusal(path, layout) or _probe_tiff(path, layout)
+        refusal = cucim_refusal(layout) or _probe_tiff(path, layout)
         if refusal:
             reasons.append(f"cuCIM: {refusal}")
             return None
@@ -426,7 +433,7 @@ def open_slide(path: str | os.PathLike[str], *, backend: BackendName = "auto", m
 
     def try_tifffile() -> Reader | None:
         if layout is None:
-            reasons.append("tifffile: not a TIFF file")
+            reasons.append(f"tifffile: {tiff_problem}")
             return None
         try:
             return TifffileReader(path, layout)

@@ -1,0 +1,213 @@
+"""`gpupath` command line (Typer): parses arguments, calls the stages, sets exit codes.
+
+Exit codes: 0 all slides done; 1 some slides failed (each named with its reason on stderr and in
+slides.parquet); 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from gpupath._version import __version__
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="GPU-native whole-slide image pipeline: read, tissue, tiles, stain, detect, Parquet.")
+out_console = Console()
+err_console = Console(stderr=True)
+
+DEFAULT_DEMO_DIR = Path("gpupath-demo")
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("gpupath")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.propagate = False
+    logging.getLogger("tifffile").setLevel(logging.ERROR)  # its parse warnings reappear in our one-line errors
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    _setup_logging(verbose)
+
+
+@app.command()
+def version() -> None:
+    """Print the gpupath version."""
+    out_console.print(__version__)
+
+
+@app.command()
+def info(
+    slide: Annotated[Path, typer.Argument(help="Slide file.")],
+    backend: Annotated[str, typer.Option(help="auto | cucim | openslide | tifffile")] = "auto",
+    mpp: Annotated[Optional[float], typer.Option(help="Level-0 µm/px to use instead of the metadata.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Show a slide's levels, resolution, vendor and the backend that reads it."""
+    from gpupath.errors import GpupathError
+    from gpupath.slide import open_slide
+
+    try:
+        with open_slide(slide, backend=backend, mpp=mpp) as s:  # type: ignore[arg-type]
+            data = {
+                "path": str(slide), "backend": s.backend, "vendor": s.vendor, "dimensions": s.dimensions,
+                "mpp": s.mpp, "objective_power": s.properties.get("openslide.objective-power"),
+                "levels": [{"level": i, "width": w, "height": h, "downsample": ds,
+                            "mpp": None if s.mpp is None else s.mpp * ds}
+                           for i, ((w, h), ds) in enumerate(zip(s.level_dimensions, s.level_downsamples))],
+                "associated_images": sorted(s.associated_images),
+            }
+    except (GpupathError, ValueError) as exc:
+        raise _fail(str(exc), 1) from None
+    if as_json:
+        out_console.print_json(json.dumps(data))
+        return
+    table = Table(title=f"{slide.name}  ({data['vendor']}, read by {data['backend']})")
+    for col in ("level", "width", "height", "downsample", "µm/px"):
+        table.add_column(col, justify="right")
+    for lv in data["levels"]:
+        table.add_row(str(lv["level"]), str(lv["width"]), str(lv["height"]), f"{lv['downsample']:.3f}",
+                      "?" if lv["mpp"] is None else f"{lv['mpp']:.4f}")
+    out_console.print(table)
+    out_console.print(f"mpp: {data['mpp'] if data['mpp'] is not None else 'unknown (pass --mpp)'}; "
+                      f"objective: {data['objective_power'] or '?'}; associated: {', '.join(data['associated_images']) or '-'}")
+
+
+def _run(slides: list[Path], out: Path, *, mpp: float | None, target_mpp: float | None, magnification: float | None,
+         tile: int, overlap: int, stain: str, device: str, backend: str, batch_size: int, min_tissue: float) -> int:
+    from gpupath.errors import ConfigError
+    from gpupath.pipeline import RunParams, resolve_device, run_slides
+    from gpupath.tiling import TileSpec
+
+    if target_mpp is not None and magnification is not None:
+        raise _fail("give --target-mpp or --magnification, not both")
+    if magnification is not None:
+        if magnification <= 0:
+            raise _fail(f"--magnification must be positive, got {magnification}")
+        target_mpp = 10.0 / magnification  # 10x objective ~ 1 µm/px, the usual scanner convention
+    try:
+        dev = resolve_device(device)
+        params = RunParams(
+            tile=TileSpec(tile_px=tile, overlap_px=overlap, target_mpp=target_mpp or 0.5, min_tissue=min_tissue),
+            stain=stain, device=dev, backend=backend, mpp_override=mpp, batch_size=batch_size,  # type: ignore[arg-type]
+        )
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    if device == "auto":
+        err_console.print(f"device: {dev}" + (" (no usable CUDA GPU found)" if dev == "cpu" else ""), highlight=False)
+    t0 = time.perf_counter()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tiles"),
+                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=err_console,
+                  transient=False) as progress:
+        tasks: dict[str, int] = {}
+        started: dict[str, float] = {}
+
+        def on_tiles(path: str, done: int, total: int) -> None:
+            if path not in tasks:
+                tasks[path] = progress.add_task(Path(path).name[:40], total=total, rate="")
+                started[path] = time.perf_counter()
+            rate = done / max(time.perf_counter() - started[path], 1e-9)
+            progress.update(tasks[path], completed=done, rate=f"{rate:.1f} tiles/s")
+
+        def on_slide(res) -> None:  # noqa: ANN001
+            if res.status != "ok":
+                progress.console.print(f"error: {res.error}", markup=False, highlight=False, soft_wrap=True)
+
+        results = run_slides([str(s) for s in slides], out, params, on_slide=on_slide, on_tiles=on_tiles)
+    elapsed = time.perf_counter() - t0
+    table = Table(title=f"gpupath run -> {out}")
+    for col in ("slide", "status", "tiles", "detections", "tissue mm²", "seconds"):
+        table.add_column(col, justify="right" if col not in ("slide", "status") else "left")
+    for r in results:
+        table.add_row(Path(r.path).name, r.status, str(r.n_tiles), str(r.n_detections),
+                      "-" if r.tissue_mm2 is None else f"{r.tissue_mm2:.2f}", f"{r.seconds:.1f}")
+    out_console.print(table)
+    n_tiles = sum(r.n_tiles for r in results)
+    failed = [r for r in results if r.status != "ok"]
+    out_console.print(f"{len(results) - len(failed)} ok, {len(failed)} failed; {n_tiles} tiles in {elapsed:.1f} s "
+                      f"({n_tiles / max(elapsed, 1e-9):.1f} tiles/s); outputs in {out}")
+    return 1 if failed else 0
+
+
+_TILE_HELP = "Tile edge, px at the target resolution (256 or 512 usual)."
+
+
+@app.command()
+def run(
+    slides: Annotated[list[Path], typer.Argument(help="Slide files.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    mpp: Annotated[Optional[float], typer.Option(help="Level-0 µm/px to use instead of the slides' metadata.")] = None,
+    target_mpp: Annotated[Optional[float], typer.Option(help="µm/px of the tiles [default 0.5].")] = None,
+    magnification: Annotated[Optional[float], typer.Option(help="Target magnification instead of --target-mpp (20 -> 0.5 µm/px).")] = None,
+    tile: Annotated[int, typer.Option(help=_TILE_HELP)] = 256,
+    overlap: Annotated[int, typer.Option(help="Overlap between neighbouring tiles, px at the target resolution.")] = 32,
+    stain: Annotated[str, typer.Option(help="macenko | none")] = "macenko",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    backend: Annotated[str, typer.Option(help="auto | cucim | openslide | tifffile")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Tiles per batch.")] = 32,
+    min_tissue: Annotated[float, typer.Option(help="Minimum tissue fraction of a tile.")] = 0.05,
+) -> None:
+    """Detect nuclei on slides; write Parquet tables, slides.parquet and run.json to --out."""
+    code = _run(slides, out, mpp=mpp, target_mpp=target_mpp, magnification=magnification, tile=tile,
+                overlap=overlap, stain=stain, device=device, backend=backend, batch_size=batch_size,
+                min_tissue=min_tissue)
+    raise typer.Exit(code)
+
+
+@app.command()
+def synth(
+    path: Annotated[Path, typer.Argument(help="Output .svs/.tif path.")],
+    width: Annotated[int, typer.Option(help="Level-0 width, px.")] = 8192,
+    height: Annotated[int, typer.Option(help="Level-0 height, px.")] = 8192,
+    mpp: Annotated[float, typer.Option(help="Level-0 µm/px.")] = 0.25,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Write a synthetic H&E slide (pyramidal JPEG TIFF, Aperio-style) with nuclei ground truth beside it."""
+    from gpupath.synthetic import SyntheticSpec, write_synthetic_slide
+
+    try:
+        truth = write_synthetic_slide(path, SyntheticSpec(width_px=width, height_px=height, mpp=mpp, seed=seed))
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    out_console.print(f"wrote {truth.slide_path} ({width}x{height} px, {mpp} µm/px) and "
+                      f"{truth.nuclei_path} ({truth.n_nuclei} nuclei)")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo slide and outputs.")] = DEFAULT_DEMO_DIR,
+    size: Annotated[int, typer.Option(help="Edge of the generated demo slide, level-0 px.")] = 8192,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+) -> None:
+    """Make (or reuse) a synthetic demo slide, run the pipeline on it and print where the outputs are."""
+    from gpupath.synthetic import SyntheticSpec, write_synthetic_slide
+
+    slide = out / f"demo-{size}.svs"
+    if not slide.exists():
+        out_console.print(f"writing demo slide {slide} ({size}x{size} px at 0.25 µm/px) ...")
+        write_synthetic_slide(slide, SyntheticSpec(width_px=size, height_px=size, mpp=0.25, seed=0))
+    else:
+        out_console.print(f"reusing demo slide {slide}")
+    code = _run([slide], out / "run", mpp=None, target_mpp=None, magnification=None, tile=256, overlap=32,
+                stain="macenko", device=device, backend="auto", batch_size=32, min_tissue=0.05)
+    out_console.print(f"detections: {out / 'run' / 'detections'}  (read with pyarrow.parquet.read_table)")
+    out_console.print(f"slides:     {out / 'run' / 'slides.parquet'}   run record: {out / 'run' / 'run.json'}")
+    raise typer.Exit(code)

@@ -1,0 +1,34 @@
+"""Shared fixtures: real slides from ../shared/data, and a GPU marker that skips with a reason."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from gpupath._xp import gpu_available
+
+DATA_DIR = Path(os.environ.get("GPUPATH_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+# every file of the shared test data, and what it is expected to do
+READABLE = ["cmu-1-small-region.svs", "OS-2-ndpi.ome.tif", "test3-DAPI.ndpi", "small.svs", "boxes.tiff",
+            "boxes_0.dcm", "boxes_1.dcm", "unreadable.svs"]
+UNOPENABLE = ["unopenable.tiff", "broken.svs"]
+
+
+def data_file(name: str) -> Path:
+    """Path of a shared test slide, or skip naming the missing file and the variable to set."""
+    path = DATA_DIR / name
+    if not path.exists():
+        pytest.skip(f"test slide {path} missing: set GPUPATH_TEST_DATA to the folder of shared test slides")
+    return path
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if gpu_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (CuPy found no usable device)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

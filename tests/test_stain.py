@@ -1,0 +1,275 @@
+"""Tests of gpupath.stain: Macenko fit and apply against torchstain and against known answers.
+
+Every test that touches arrays runs on NumPy and, where a CUDA device answers, on CuPy
+(compared with the NumPy result). Real H&E comes from cmu-1-small-region.svs in the shared
+test-data folder (``GPUPATH_TEST_DATA``, default ``../shared/data`` beside the checkout).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpupath._xp import array_module, cupy_or_none, gpu_available, to_host
+from gpupath.stain import (
+    REFERENCE,
+    StainFit,
+    apply_macenko,
+    fit_macenko,
+    normalize_batch,
+    od_from_rgb,
+)
+
+IO = 240.0
+CMU_SMALL = "cmu-1-small-region.svs"
+# level-0 (x, y) of 256 x 256 px tiles of cmu-1-small-region.svs, 31 % .. 76 % tissue
+CMU_TILES_XY = [(1000, 600), (1200, 1200), (900, 2000), (1300, 2600), (800, 300), (1500, 1800), (1600, 1000)]
+TILE_PX = 256
+
+# known stains (unit OD vectors, R G B): set A near Ruifrok's H&E, set B a bluer H / pinker E
+STAINS_A = np.array([[0.650, 0.268], [0.704, 0.570], [0.286, 0.776]])
+STAINS_B = np.array([[0.550, 0.150], [0.780, 0.800], [0.300, 0.580]])
+STAINS_A /= np.linalg.norm(STAINS_A, axis=0)
+STAINS_B /= np.linalg.norm(STAINS_B, axis=0)
+
+
+def _test_data_dir() -> Path:
+    default = Path(__file__).resolve().parents[2] / "shared" / "data"
+    return Path(os.environ.get("GPUPATH_TEST_DATA", default))
+
+
+@pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
+def xp(request: pytest.FixtureRequest) -> types.ModuleType:
+    if request.param == "numpy":
+        return np
+    if not gpu_available():
+        pytest.skip("cupy backend: no usable CUDA device (gpupath._xp.gpu_available() is False)")
+    return cupy_or_none()
+
+
+@pytest.fixture(scope="module")
+def cmu_tiles() -> np.ndarray:
+    """(7, 256, 256, 3) uint8 real H&E tiles read with OpenSlide."""
+    path = _test_data_dir() / CMU_SMALL
+    if not path.is_file():
+        pytest.skip(f"real H&E slide {path} is missing (set GPUPATH_TEST_DATA to the folder holding {CMU_SMALL})")
+    openslide = pytest.importorskip("openslide")
+    with openslide.OpenSlide(str(path)) as slide:
+        return np.stack(
+            [np.asarray(slide.read_region(xy, 0, (TILE_PX, TILE_PX)).convert("RGB")) for xy in CMU_TILES_XY]
+        )
+
+
+def _beer_lambert(stains: np.ndarray, conc: np.ndarray, io: float = IO) -> np.ndarray:
+    """uint8 RGB of concentrations (..., 2) under stains (3, 2): the inverse of OD = -ln((I+1)/io)."""
+    return np.clip(np.rint(io * np.exp(-conc @ stains.T) - 1), 0, 255).astype(np.uint8)
+
+
+def _synthetic_conc(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """(*shape, 2) concentrations: 20 % faint background, 25 % pure H, 25 % pure E, 30 % mixed."""
+    kind = rng.choice(4, size=shape, p=[0.20, 0.25, 0.25, 0.30])
+    conc = np.empty((*shape, 2))
+    conc[..., 0] = np.where(kind == 1, rng.uniform(0.5, 1.5, shape), rng.uniform(0.3, 1.2, shape))
+    conc[..., 1] = np.where(kind == 2, rng.uniform(0.6, 1.5, shape), rng.uniform(0.3, 1.2, shape))
+    conc[kind == 1, 1] = 0.0
+    conc[kind == 2, 0] = 0.0
+    conc[kind == 0] = rng.uniform(0.0, 0.05, (int((kind == 0).sum()), 2))
+    return conc
+
+
+def _cosines(fitted: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    return (fitted * truth).sum(0) / np.linalg.norm(fitted, axis=0) / np.linalg.norm(truth, axis=0)
+
+
+def _torchstain_macenko() -> object:
+    torchstain = pytest.importorskip("torchstain")
+    return torchstain.normalizers.MacenkoNormalizer(backend="numpy")
+
+
+# --------------------------------------------------------------------------- OD
+
+
+def test_od_from_rgb_formula_dtype_device(xp: types.ModuleType) -> None:
+    rgb = xp.asarray(np.array([[[0, 239, 255]]], dtype=np.uint8).repeat(3, axis=1).transpose(0, 2, 1))
+    od = od_from_rgb(rgb, io=IO)
+    assert array_module(od) is xp and od.dtype == np.float32 and od.shape == rgb.shape
+    want = -np.log((np.array([0.0, 239.0, 255.0]) + 1) / IO)  # OD = -ln((I + 1) / io)
+    np.testing.assert_allclose(to_host(od)[0, :, 0], want, rtol=1e-6, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- against torchstain
+
+
+def test_matches_torchstain_on_real_he(xp: types.ModuleType, cmu_tiles: np.ndarray) -> None:
+    """Same parameters (io 240, beta 0.15, alpha 1, +1 OD formula, default reference) as torchstain.
+
+    Tolerances, measured and why:
+    * Stain vectors and max concentrations agree to ~1e-15 (same float64 maths; only summation
+      order differs), so 1e-9 leaves room for other BLAS builds, not for a different algorithm.
+    * Pixels: torchstain renders floor(min(io exp(-M C), 255)); we render
+      clip(rint(io exp(-M C) - 1), 0, 255), the exact inverse of the OD formula. For y = k + f,
+      theirs - ours is 1 when f < 0.5 and 0 otherwise, so it must lie in {0, 1} everywhere and
+      average ~0.5 (measured 0.38..0.55 on these tiles; the float32 rendering moves no pixel out
+      of {0, 1}). Any other difference means a different fit or a wrong concentration.
+    """
+    tiles = [cmu_tiles[k] for k in range(len(cmu_tiles))] + [cmu_tiles]  # each tile, then the batch
+    for rgb in tiles:
+        theirs = _torchstain_macenko()
+        theirs.fit(rgb)  # fit(I) reshapes to (-1, 3): a batch is one pool of pixels, as ours
+        ours = fit_macenko(xp.asarray(rgb), io=IO, beta=0.15, alpha=1.0)
+        assert (1 - _cosines(ours.stain_matrix_od, theirs.HERef) < 1e-9).all()
+        np.testing.assert_allclose(ours.max_conc, theirs.maxCRef, rtol=1e-9)
+        assert ours.stain_matrix_od[0, 0] > ours.stain_matrix_od[0, 1]  # H first: larger red OD
+
+    for rgb in cmu_tiles:  # torchstain's normalize() takes (H, W, 3) only
+        want, _, _ = _torchstain_macenko().normalize(rgb, Io=IO, alpha=1, beta=0.15, stains=False)
+        got = to_host(apply_macenko(xp.asarray(rgb), fit_macenko(xp.asarray(rgb)), target=REFERENCE))
+        diff = want.astype(np.int16) - got.astype(np.int16)
+        assert set(np.unique(diff)) <= {0, 1}
+        assert 0.3 < diff.mean() < 0.7
+
+
+def test_reference_is_macenkos_standard() -> None:
+    theirs = _torchstain_macenko()
+    np.testing.assert_array_equal(REFERENCE.stain_matrix_od, theirs.HERef)
+    np.testing.assert_array_equal(REFERENCE.max_conc, theirs.maxCRef)
+    assert REFERENCE.io == 240.0
+
+
+# --------------------------------------------------------------------------- known answers
+
+
+def test_fit_recovers_known_stains_and_self_normalisation_is_identity(xp: types.ModuleType) -> None:
+    rng = np.random.default_rng(20090628)
+    rgb = _beer_lambert(STAINS_A, _synthetic_conc(rng, (200, 300)))
+    fit = fit_macenko(xp.asarray(rgb))
+    # measured cosines 0.999994 / 0.999993 (1 - cos ~7e-6): only uint8 quantisation separates
+    # fit and truth; 1e-4 leaves a 10x margin and still fails for a misplaced percentile
+    assert (_cosines(fit.stain_matrix_od, STAINS_A) > 0.9999).all()
+    np.testing.assert_allclose(np.linalg.norm(fit.stain_matrix_od, axis=0), 1.0, rtol=1e-12)
+    # normalising an image to its own fit re-renders it: projection onto the stain plane of
+    # quantised pixels moves them by < 1 grey level, rounding by at most 1 (measured: mean
+    # 0.004, max 1)
+    back = apply_macenko(xp.asarray(rgb), fit, target=fit)
+    diff = np.abs(to_host(back).astype(np.int16) - rgb)
+    assert diff.max() <= 1 and diff.mean() < 0.05
+
+
+def test_fit_is_deterministic_under_pixel_order(xp: types.ModuleType, cmu_tiles: np.ndarray) -> None:
+    rng = np.random.default_rng(7)
+    rgb = cmu_tiles[0]
+    shuffled = rng.permutation(rgb.reshape(-1, 3)).reshape(rgb.shape)
+    a, b = fit_macenko(xp.asarray(rgb)), fit_macenko(xp.asarray(shuffled))
+    np.testing.assert_allclose(a.stain_matrix_od, b.stain_matrix_od, atol=1e-12)
+    np.testing.assert_allclose(a.max_conc, b.max_conc, rtol=1e-12)
+    assert (a.stain_matrix_od > 0).all()  # signs fixed: H&E vectors in the positive OD octant
+
+
+def test_tile_mode_undoes_per_tile_stains_slide_mode_does_not(xp: types.ModuleType) -> None:
+    """Two tiles with the same concentrations under different stains: per-tile fits map both
+    to the same rendering; one pooled fit cannot, as each tile's stains differ from the pool's."""
+    conc = _synthetic_conc(np.random.default_rng(3), (128, 128))
+    tiles = xp.asarray(np.stack([_beer_lambert(STAINS_A, conc), _beer_lambert(STAINS_B, conc)]))
+    per_tile = to_host(normalize_batch(tiles, method="macenko", mode="tile")).astype(np.int16)
+    pooled = to_host(normalize_batch(tiles, method="macenko", mode="slide")).astype(np.int16)
+    gap_tile = np.abs(per_tile[0] - per_tile[1]).mean()
+    gap_slide = np.abs(pooled[0] - pooled[1]).mean()
+    assert gap_tile < 1.0  # measured 0.41 (p99 2): quantisation differs under A and B
+    assert gap_slide > 3.0  # measured 5.8: the pooled fit sits between A and B
+    for k in range(2):
+        want = to_host(apply_macenko(tiles[k], fit_macenko(tiles[k])))
+        np.testing.assert_array_equal(per_tile[k], want)
+    np.testing.assert_array_equal(pooled, to_host(apply_macenko(tiles, fit_macenko(tiles))))
+
+
+def test_slide_mode_uses_given_fit(xp: types.ModuleType, cmu_tiles: np.ndarray) -> None:
+    tiles = xp.asarray(cmu_tiles[:3])
+    fit = fit_macenko(xp.asarray(cmu_tiles))  # e.g. from a larger sample of the slide
+    got = normalize_batch(tiles, method="macenko", mode="slide", fit=fit)
+    np.testing.assert_array_equal(to_host(got), to_host(apply_macenko(tiles, fit)))
+
+
+# --------------------------------------------------------------------------- dtype / shape / device
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 64, 3), (3, 40, 56, 3), (64, 48, 3)])
+def test_dtype_shape_device_preserved(xp: types.ModuleType, shape: tuple[int, ...]) -> None:
+    conc = _synthetic_conc(np.random.default_rng(11), shape[:-1])
+    rgb_host = _beer_lambert(STAINS_A, conc)
+    rgb = xp.asarray(rgb_host)
+    out = apply_macenko(rgb, fit_macenko(rgb))
+    assert array_module(out) is xp and out.dtype == np.uint8 and out.shape == rgb.shape
+    if xp is not np:  # the device result equals the host one up to float rounding
+        host = apply_macenko(rgb_host, fit_macenko(rgb_host))
+        assert np.abs(to_host(out).astype(np.int16) - host).max() <= 1
+    if len(shape) == 4:
+        for mode in ("slide", "tile"):
+            got = normalize_batch(rgb, method="macenko", mode=mode)
+            assert array_module(got) is xp and got.dtype == np.uint8 and got.shape == rgb.shape
+
+
+def test_method_none_returns_input_unchanged(xp: types.ModuleType) -> None:
+    tiles = xp.asarray(np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8))
+    assert normalize_batch(tiles, method="none") is tiles
+
+
+# --------------------------------------------------------------------------- too little tissue
+
+
+def test_blank_tile_in_tile_mode_is_returned_unchanged_and_logged(
+    xp: types.ModuleType, caplog: pytest.LogCaptureFixture
+) -> None:
+    tissue = _beer_lambert(STAINS_A, _synthetic_conc(np.random.default_rng(5), (64, 64)))
+    blank = np.full_like(tissue, 255)
+    tiles = xp.asarray(np.stack([tissue, blank]))
+    with caplog.at_level(logging.WARNING, logger="gpupath.stain"):
+        out = normalize_batch(tiles, method="macenko", mode="tile")
+    np.testing.assert_array_equal(to_host(out[1]), blank)
+    np.testing.assert_array_equal(to_host(out[0]), to_host(apply_macenko(tiles[0], fit_macenko(tiles[0]))))
+    assert "1 of 2 tiles left unchanged" in caplog.text
+    assert "tile 1: too few tissue pixels: 0 of 4096" in caplog.text and "need at least 500" in caplog.text
+
+
+def test_fit_without_enough_tissue_raises(xp: types.ModuleType) -> None:
+    rgb = np.full((64, 64, 3), 250, dtype=np.uint8)
+    rgb[:10, :10] = _beer_lambert(STAINS_A, np.full((10, 10, 2), 0.8))  # 100 tissue px
+    with pytest.raises(ValueError, match=r"too few tissue pixels: 100 of 4096 .* need at least 500"):
+        fit_macenko(xp.asarray(rgb))
+    with pytest.raises(ValueError, match=r"too few tissue pixels: 0 of 8192"):
+        normalize_batch(xp.asarray(np.full((2, 64, 64, 3), 255, np.uint8)), method="macenko", mode="slide")
+
+
+def test_single_colour_tissue_is_not_separable(xp: types.ModuleType) -> None:
+    rgb = _beer_lambert(STAINS_A, np.full((40, 40, 2), 0.7))
+    with pytest.raises(ValueError, match="stains not separable"):
+        fit_macenko(xp.asarray(rgb))
+
+
+# --------------------------------------------------------------------------- bad arguments
+
+
+def test_bad_arguments_raise() -> None:
+    tiles = np.zeros((1, 8, 8, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"method: expected 'none' or 'macenko', got 'reinhard'"):
+        normalize_batch(tiles, method="reinhard")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"mode: expected 'slide' or 'tile', got 'slides'"):
+        normalize_batch(tiles, method="macenko", mode="slides")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"only used with mode='slide'"):
+        normalize_batch(tiles, method="macenko", mode="tile", fit=REFERENCE)
+    with pytest.raises(TypeError, match=r"expected uint8 RGB, got dtype float32"):
+        fit_macenko(tiles.astype(np.float32))
+    with pytest.raises(ValueError, match=r"expected shape \(N, H, W, 3\), got \(8, 8, 3\)"):
+        normalize_batch(tiles[0], method="none")
+    with pytest.raises(ValueError, match=r"expected shape \(H, W, 3\) or \(N, H, W, 3\), got \(8, 8, 4\)"):
+        apply_macenko(np.zeros((8, 8, 4), np.uint8), REFERENCE)
+    with pytest.raises(ValueError, match=r"alpha: expected a percentile 0 <= alpha < 50, got 50"):
+        fit_macenko(tiles, alpha=50)
+    with pytest.raises(ValueError, match=r"max_conc: expected 2 finite values > 0"):
+        StainFit(REFERENCE.stain_matrix_od, np.array([1.0, 0.0]), 240.0)
+    with pytest.raises(ValueError, match=r"stain_matrix_od: expected finite \(3, 2\)"):
+        StainFit(np.eye(3), REFERENCE.max_conc, 240.0)

@@ -41,7 +41,7 @@ class TiffLayout:
     compressions: tuple[int, ...]
     properties: dict[str, str] = field(default_factory=dict)
     associated: dict[str, int] = field(default_factory=dict)
-    mpp: float | None = None
+    mpp: tuple[float, float] | None = None   # (x, y) level-0 µm/px
     is_ndpi: bool = False
     is_ome: bool = False
     data_end_bytes: int = 0    # end of the last pixel-data segment of the pyramid
@@ -62,37 +62,42 @@ def _aperio_properties(description: str) -> dict[str, str]:
     return props
 
 
-def _ome_mpp(xml: str) -> float | None:
+def _ome_mpp(xml: str) -> tuple[float, float] | None:
+    """(x, y) µm/px from the first OME Pixels element's PhysicalSizeX/Y."""
     try:
         root = ET.fromstring(xml)
     except ET.ParseError:
         return None
     for elem in root.iter():
         if elem.tag.endswith("}Pixels") or elem.tag == "Pixels":
-            size = elem.get("PhysicalSizeX")
-            if size is None:
-                return None
-            unit = elem.get("PhysicalSizeXUnit", "µm")
-            return float(size) * _OME_UNIT_UM.get(unit, 1.0)
+            sizes = []
+            for axis in ("X", "Y"):
+                size = elem.get(f"PhysicalSize{axis}")
+                if size is None:
+                    return None
+                sizes.append(float(size) * _OME_UNIT_UM.get(elem.get(f"PhysicalSize{axis}Unit", "µm"), 1.0))
+            return sizes[0], sizes[1]
     return None
 
 
-def _resolution_mpp(page: tifffile.TiffPage) -> tuple[float | None, dict[str, str]]:
-    """mpp from XResolution/ResolutionUnit as OpenSlide's generic-tiff reader computes it."""
+def _resolution_mpp(page: tifffile.TiffPage) -> tuple[tuple[float, float] | None, dict[str, str]]:
+    """(x, y) µm/px from X/YResolution and ResolutionUnit, as OpenSlide's generic-tiff reader computes it."""
     tags = page.tags
     props: dict[str, str] = {}
     unit_tag = tags.get("ResolutionUnit")
-    xres = tags.get("XResolution")
-    if unit_tag is None or xres is None:
+    res = [tags.get("XResolution"), tags.get("YResolution")]
+    if unit_tag is None or res[0] is None or res[1] is None:
         return None, props
     unit = int(unit_tag.value)
-    num, den = xres.value
     props["tiff.ResolutionUnit"] = {1: "none", 2: "inch", 3: "centimeter"}.get(unit, str(unit))
-    props["tiff.XResolution"] = repr(num / den) if den else "0"
-    if unit not in (2, 3) or num == 0:
-        return None, props
-    per_unit_um = 25400.0 if unit == 2 else 10000.0
-    return per_unit_um * den / num, props
+    mpp = []
+    for axis, tag in zip("XY", res):
+        num, den = tag.value
+        props[f"tiff.{axis}Resolution"] = repr(num / den) if den else "0"
+        if unit not in (2, 3) or num == 0:
+            return None, props
+        mpp.append((25400.0 if unit == 2 else 10000.0) * den / num)
+    return (mpp[0], mpp[1]), props
 
 
 def read_tiff_layout(path: Path) -> TiffLayout | None:
@@ -123,7 +128,7 @@ def read_tiff_layout(path: Path) -> TiffLayout | None:
             if tag is not None and isinstance(tag.value, str):
                 props[f"tiff.{name}"] = tag.value
         associated: dict[str, int] = {}
-        mpp: float | None = None
+        mpp: tuple[float, float] | None = None
         if tf.is_svs or desc.startswith("Aperio"):
             vendor = "aperio"
             level_pages = [p.index for p in pages if p.is_tiled]
@@ -136,7 +141,7 @@ def read_tiff_layout(path: Path) -> TiffLayout | None:
                 associated.setdefault(name, p.index)
             props.update(_aperio_properties(desc))
             if "aperio.MPP" in props:
-                mpp = float(props["aperio.MPP"])
+                mpp = (float(props["aperio.MPP"]), float(props["aperio.MPP"]))  # Aperio states one value
             if "aperio.AppMag" in props:
                 props["openslide.objective-power"] = props["aperio.AppMag"]
         elif tf.is_ome:

@@ -16,6 +16,7 @@ OME-TIFF and other TIFFs OpenSlide refuses). Each fallback is logged with its re
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -37,6 +38,8 @@ log = logging.getLogger("gpupath.slide")
 
 BackendName = Literal["auto", "cucim", "openslide", "tifffile"]
 Device = Literal["cpu", "cuda"]
+_PROBE_PX = 64          # edge of the region decoded by both tifffile and cuCIM before trusting cuCIM
+_PROBE_TOLERANCE = 8    # grey levels: JPEG decoders (IDCT, upsampling) may differ by a few
 MPP_PLAUSIBLE_MAX = 20.0  # µm/px; above this, level 0 is no microscope scan (e.g. a 72-dpi default tag)
 
 
@@ -231,7 +234,7 @@ class Slide:
             props = dict(layout.properties)
             props["openslide.vendor"] = layout.vendor
             if layout.mpp is not None:
-                props["openslide.mpp-x"] = props["openslide.mpp-y"] = repr(layout.mpp)
+                props["openslide.mpp-x"], props["openslide.mpp-y"] = (repr(v) for v in layout.mpp)
             props["openslide.level-count"] = str(self.level_count)
             for i, ((w, h), (tw, th), ds) in enumerate(
                 zip(self.level_dimensions, self._reader.tile_dims, self.level_downsamples)
@@ -350,16 +353,35 @@ def _check_file(path: Path) -> None:
         raise SlideReadError(f"{path}: not readable (permission denied)")
 
 
-def _probe_tiff(path: Path, layout: TiffLayout) -> str | None:
-    """Why tifffile cannot decode a probe tile of ``path`` (None when it can).
+def _probe_tiff(path: Path, layout: TiffLayout) -> tuple[str | None, np.ndarray | None]:
+    """Decode a probe region of the smallest level with tifffile.
 
-    cuCIM prints JPEG errors and returns garbage instead of raising, so a slide is handed to it
-    only after one of its tiles decodes cleanly with tifffile (which opens with such a probe).
+    Returns (why it fails or None, the probe pixels). cuCIM prints JPEG errors and returns
+    garbage instead of raising, so a slide goes to cuCIM only after its probe decodes cleanly
+    here, and cuCIM's own decode of the same region agrees (see :func:`_cucim_agrees`).
     """
     try:
-        TifffileReader(path, layout).close()
+        reader = TifffileReader(path, layout)
     except SlideReadError as exc:
-        return str(exc).removeprefix(f"{path}: ")
+        return str(exc).removeprefix(f"{path}: "), None
+    with contextlib.closing(reader):
+        level = len(layout.level_dims) - 1
+        w, h = (min(v, _PROBE_PX) for v in layout.level_dims[level])
+        return None, reader.read_rgb(level, 0, 0, w, h, device="cpu")
+
+
+def _cucim_agrees(reader: CucimReader, probe: np.ndarray) -> str | None:
+    """Why cuCIM's pixels differ from libjpeg's for the probe region (None when they agree).
+
+    Seen on real files: JPEG tiles with a JFIF (YCbCr) marker in a TIFF that says RGB; cuCIM
+    skips the colour conversion and returns false colours without an error.
+    """
+    level = len(reader.level_dims) - 1
+    h, w = probe.shape[:2]
+    got = np.asarray(reader.read_rgb(level, 0, 0, w, h, device="cpu"))
+    diff = int(np.abs(got.astype(np.int16) - probe.astype(np.int16)).max())
+    if diff > _PROBE_TOLERANCE:
+        return f"decodes colours unlike libjpeg (max diff {diff} on a probe tile; YCbCr JPEG in an RGB TIFF?)"
     return None
 
 
@@ -414,15 +436,21 @@ def open_slide(path: str | os.PathLike[str], *, backend: BackendName = "auto", m
         if not _cucim_installed():
             reasons.append("cuCIM: not installed (pip install 'gpupath[cucim]')")
             return None
-        refusal = cucim_refusal(layout) or _probe_tiff(path, layout)
-        if refusal:
-            reasons.append(f"cuCIM: {refusal}")
-            return None
-        try:
-            return CucimReader(path, layout)
-        except SlideReadError as exc:
-            reasons.append(f"cuCIM: {str(exc).removeprefix(f'{path}: ')}")
-            return None
+        refusal, probe = cucim_refusal(layout), None
+        if refusal is None:
+            refusal, probe = _probe_tiff(path, layout)
+        if refusal is None:
+            try:
+                reader = CucimReader(path, layout)
+            except SlideReadError as exc:
+                refusal = str(exc).removeprefix(f"{path}: ")
+            else:
+                refusal = _cucim_agrees(reader, probe)
+                if refusal is None:
+                    return reader
+                reader.close()
+        reasons.append(f"cuCIM: {refusal}")
+        return None
 
     def try_openslide() -> Reader | None:
         try:

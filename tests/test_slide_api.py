@@ -187,8 +187,7 @@ def test_ome_tiff_mpp_y_from_physical_size_y() -> None:
         assert _mpp(slide.properties, "y") == pytest.approx(OME_MPP_Y, rel=1e-6)
 
 
-# (location level-0 px, size px): inside the 2202 x 2202 px level (the last one ends on its corner),
-
+# (location level-0 px, size px): inside the 2202 x 2202 px level (the last one ends on its corner)
 OME_INSIDE = [((0, 0), (300, 300)), ((1000, 1200), (257, 131)), ((1900, 1890), (302, 312))]
 
 

@@ -226,6 +226,7 @@ def _process_slide(path: str | Path, out_dir: Path, params: RunParams, *,
                 n_cols=grid.n_cols, n_rows=grid.n_rows,
                 min_distance_l0_px=params.detector.radius_um[0] / mpp,
             )
+            det = det.clip_to(*slide.dimensions)
             tile_pos = {(int(x), int(y)): i for i, (x, y) in enumerate(zip(grid.x, grid.y))}
             for tx, ty in zip(det.tile_x.tolist(), det.tile_y.tolist()):
                 per_tile[tile_pos[(tx, ty)]] += 1

@@ -68,6 +68,7 @@ _THUMB_PX = 768  # longest side of the thumbnail page, px
 _GRID_NODES = 192  # tissue-field grid steps along the slide's long side
 _MAX_ASPECT = 1.3  # largest semi-major / semi-minor axis ratio of a nucleus
 _EDGE_UM = 0.5  # width of the soft nucleus edge, µm
+_TISSUE_EDGE_UM = 20.0  # typical width of the soft tissue edge, µm
 _NUCLEUS_OD = (0.9, 1.4)  # hematoxylin concentration (OD) at a nucleus centre, uniform
 _SEP_RADII = 3.0  # smallest centre distance, in radii of the larger nucleus
 _TISSUE_STREAM, _TEXTURE_STREAM, _NUCLEI_STREAM = 1, 2, 3  # seed-sequence stream tags
@@ -91,8 +92,7 @@ class SyntheticSpec:
     seed : int
         Non-negative seed; the same spec always gives the same pixels and nuclei.
     nucleus_radius_um : (float, float)
-        Range (low, high) of nucleus radii, µm, drawn uniformly (at most 128 px); a nucleus is an
-        ellipse whose semi-axes have the radius as geometric mean.
+        Range (low, high) of radii, µm, uniform, at most 128 px; semi-axes have it as geometric mean.
     nuclei_per_mm2 : float
         Nuclei per mm² of tissue (0 for none); at most what fits with centres 3 radii apart.
     tissue_fraction : float
@@ -163,9 +163,8 @@ def _halo_cells(cell_px: float, hi_px: float) -> int:
 
 
 def _hardcore_kill(cand: np.ndarray, halo: int) -> np.ndarray:
-    """(R - 2 halo, C - 2 halo) bool: Matérn II drops among the centre of (9, R, C) candidates
-    (rows as in :meth:`_Scene._candidates`): a valid neighbour closer than 3 radii of the larger
-    has a higher priority."""
+    """(R - 2 halo, C - 2 halo) bool, Matérn II drops among the centre of (9, R, C) candidates (see
+    :meth:`_Scene._candidates`): a valid one closer than 3 radii of the larger has a higher priority."""
     _, n_rows, n_cols = cand.shape
     core = cand[:, halo:n_rows - halo, halo:n_cols - halo]
     x, y, r, prio = core[[0, 1, 2, 7]]
@@ -180,10 +179,9 @@ def _hardcore_kill(cand: np.ndarray, halo: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=64)
 def _calibrate_cell_px(lo_px: float, hi_px: float, per_px2: float) -> tuple[float, float]:
-    """``(cell_px, best_per_px2)``: the cell edge (level-0 px) whose jittered grid keeps
-    ``per_px2`` nuclei/px² after thinning (NaN if none does) and the densest seen. Simulates a
-    64 x 64-cell patch with fixed random numbers for every cell size, from ``1 / sqrt(per_px2)``
-    down to 1.2 high radii, and interpolates at the target."""
+    """``(cell_px, best_per_px2)``: cell edge (level-0 px) keeping ``per_px2`` nuclei/px² after thinning
+    (NaN if none does) and the densest seen. Simulates a 64 x 64-cell patch, same random numbers for
+    each cell size from ``1 / sqrt(per_px2)`` down to 1.2 high radii; interpolates at the target."""
     n, pad = 64, _halo_cells(1.2 * hi_px, hi_px)
     rng = np.random.default_rng(_CALIBRATION_SEED)
     shape = (n + 2 * pad, n + 2 * pad)
@@ -214,24 +212,21 @@ def _periodic_noise(rng: np.random.Generator, period_px: int, sigma_px: tuple) -
 
 def _wrap_window(tex: np.ndarray, row0: int, col0: int, h: int, w: int) -> np.ndarray:
     """(h, w) window of a periodic texture at (row0, col0), wrapping around its edges."""
-    period = tex.shape[0]
-    r, c = row0 % period, col0 % period
+    period, r, c = tex.shape[0], row0 % tex.shape[0], col0 % tex.shape[0]
     if r + h <= period and c + w <= period:
         return tex[r:r + h, c:c + w]
     return tex[np.ix_((r + np.arange(h)) % period, (c + np.arange(w)) % period)]
 
 
 class _Scene:
-    """The analytic scene of a spec: tissue field, textures, nucleus blocks (cached under a lock,
-    so threads may share it) and the renderer."""
+    """Analytic scene of a spec: tissue field, textures, nucleus blocks (cached, locked), renderer."""
 
     def __init__(self, spec: SyntheticSpec) -> None:
         self.spec = spec
         w, h, long_px = spec.width_px, spec.height_px, max(spec.width_px, spec.height_px)
         self.lo_px, self.hi_px = (r / spec.mpp for r in spec.nucleus_radius_um)
         self.per_px2 = spec.nuclei_per_mm2 * (spec.mpp * 1e-3) ** 2
-        self.stains = np.array([_H_OD, _E_OD], np.float32)
-        self.stains /= np.linalg.norm(self.stains, axis=1, keepdims=True)
+        self.stains = (np.array([_H_OD, _E_OD]) / np.linalg.norm([_H_OD, _E_OD], axis=1)[:, None]).astype(np.float32)
         # tissue field on a coarse grid: node (row, col) sits at level-0 (x, y) = (col, row) * grid_px
         rng = np.random.default_rng([spec.seed, _TISSUE_STREAM])
         self.grid_px = max(long_px - 1, 1) / _GRID_NODES
@@ -249,10 +244,15 @@ class _Scene:
             field += amp * noise / max(float(noise.std()), 1e-12)
         self.field = field
         inside = field[: math.ceil((h - 1) / self.grid_px) + 1, : math.ceil((w - 1) / self.grid_px) + 1]
-        self.band = 0.02 * float(np.ptp(field) or 1.0)  # soft tissue edge, in field units
+        thr = float(np.quantile(inside, 1 - spec.tissue_fraction))
+        grad = np.hypot(*np.gradient(field, self.grid_px))  # field units per level-0 px
+        near = np.abs(field - thr) < 0.05 * float(np.ptp(field))
+        grad_edge = max(float(np.median(grad[near] if near.any() else grad)), 1e-12)
+        self.band = grad_edge * _TISSUE_EDGE_UM / spec.mpp  # soft tissue edge, in field units
         nudge = {0.0: 2.0, 1.0: -2.0}.get(float(spec.tissue_fraction), 0.0)  # no / all tissue
-        self.thr = float(np.quantile(inside, 1 - spec.tissue_fraction)) + nudge * self.band
-        self.thr_nucleus = self.thr + self.band  # nuclei only where the tissue weight is 1
+        self.thr = thr + nudge * self.band
+        # nucleus centres where the tissue weight is > 0.8, and about half a radius further in
+        self.thr_nucleus = self.thr + self.band / 4 + grad_edge * 0.5 * self.hi_px
         # textures: the period is whole tiles, so tile windows never wrap
         tex_rng = np.random.default_rng([spec.seed, _TEXTURE_STREAM])
         period = spec.tile_px * math.ceil(_TEXTURE_PX / spec.tile_px)

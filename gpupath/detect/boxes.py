@@ -48,6 +48,16 @@ class Detections:
     def take(self, index: np.ndarray) -> Detections:
         return Detections(*(getattr(self, f.name)[index] for f in fields(self)))
 
+    def clip_to(self, width_px: int, height_px: int) -> Detections:
+        """Drop boxes centred outside the slide ``[0, width) x [0, height)`` and clip the rest to it (level-0 px)."""
+        cx, cy = self.cx, self.cy
+        d = self.take(np.flatnonzero((cx >= 0) & (cx < width_px) & (cy >= 0) & (cy < height_px)))
+        return Detections(
+            np.clip(d.x0, 0, width_px), np.clip(d.y0, 0, height_px),
+            np.clip(d.x1, 0, width_px), np.clip(d.y1, 0, height_px),
+            d.score, d.label, d.tile_x, d.tile_y,
+        )
+
     @staticmethod
     def concat(parts: list[Detections]) -> Detections:
         if not parts:

@@ -34,7 +34,7 @@ class ClassicParams:
 
     radius_um: tuple[float, float] = (2.5, 5.5)   # nucleus radius range searched
     n_scales: int = 3
-    threshold: float = 0.12                       # min scale-normalised LoG response (hematoxylin OD)
+    threshold: float = 0.3                        # min scale-normalised LoG response (hematoxylin OD)
     score_scale: float = 0.25                     # response at which score = 0.5 + threshold offset
 
 

@@ -201,6 +201,7 @@ def demo(
     from gpupath.synthetic import SyntheticSpec, write_synthetic_slide
 
     slide = out / f"demo-{size}.svs"
+    out.mkdir(parents=True, exist_ok=True)
     if not slide.exists():
         out_console.print(f"writing demo slide {slide} ({size}x{size} px at 0.25 µm/px) ...")
         write_synthetic_slide(slide, SyntheticSpec(width_px=size, height_px=size, mpp=0.25, seed=0))

@@ -63,6 +63,10 @@ class RunParams:
             raise ConfigError(f"stain must be none or macenko, got {self.stain!r}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.backend not in ("auto", "cucim", "openslide", "tifffile"):
+            raise ConfigError(f"backend must be auto, cucim, openslide or tifffile, got {self.backend!r}")
+        if self.mpp_override is not None and not self.mpp_override > 0:
+            raise ConfigError(f"mpp must be a positive number of µm/px, got {self.mpp_override}")
         if self.prefetch_batches < 0:
             raise ConfigError(f"prefetch_batches must be >= 0, got {self.prefetch_batches}")
 
@@ -204,6 +208,8 @@ def _process_slide(path: str | Path, out_dir: Path, params: RunParams, *,
             parts: list[Detections] = []
             per_tile = np.zeros(len(grid), np.int64)
             done = 0
+            if on_tiles is not None:
+                on_tiles(0, len(grid))
             for index, tiles, read_s in _prefetched(slide, grid, params):
                 timer.seconds["read"] = timer.seconds.get("read", 0.0) + read_s
                 t = time.perf_counter()
@@ -298,8 +304,6 @@ def run_slides(paths: Sequence[str | Path], out_dir: str | Path, params: RunPara
         res = process_slide(p, out, params, on_tiles=None if on_tiles is None else
                             (lambda done, total, _p=str(p): on_tiles(_p, done, total)))
         results.append(res)
-        if res.status != "ok":
-            log.error("FAILED %s", res.error)
         if on_slide is not None:
             on_slide(res)
         record(final=False)

@@ -1,0 +1,156 @@
+"""The CLI as a user runs it (a subprocess): bad inputs give one line, an exit code, no partial files."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import tifffile
+
+from conftest import data_file
+from gpupath.synthetic import SyntheticSpec, write_synthetic_slide
+
+
+def gpupath(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gpupath", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, cwd=cwd)
+
+
+def error_lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+
+
+def leftovers(out: Path) -> list[Path]:
+    """Temporary files a crash or failure could have left behind."""
+    return [p for p in out.rglob("*") if ".tmp-" in p.name]
+
+
+def blank_slide(path: Path) -> Path:
+    """A real tiled JPEG TIFF of empty glass with Aperio metadata (mpp known, no tissue)."""
+    glass = np.full((1024, 1024, 3), 241, np.uint8)
+    desc = "Aperio Image Library v12.0.15 \r\n1024x1024 [0,0 1024x1024] (256x256) JPEG/RGB Q=90|AppMag = 40|MPP = 0.25"
+    tifffile.imwrite(path, glass, tile=(256, 256), compression="jpeg", photometric="rgb", description=desc)
+    return path
+
+
+def truncated_copy(tmp_path: Path) -> Path:
+    path = tmp_path / "truncated.svs"
+    path.write_bytes(data_file("cmu-1-small-region.svs").read_bytes()[:4000])
+    return path
+
+
+def make_bad(kind: str, tmp_path: Path) -> tuple[Path, str]:
+    """(slide path, expected text of its error line)."""
+    if kind == "missing":
+        return tmp_path / "nowhere.svs", "no such file"
+    if kind == "empty":
+        (tmp_path / "empty.svs").touch()
+        return tmp_path / "empty.svs", "file is empty (0 bytes)"
+    if kind == "truncated":
+        return truncated_copy(tmp_path), "truncated or corrupt file"
+    if kind == "not-a-slide":
+        (tmp_path / "notes.svs").write_text("sample 42: re-scan tomorrow\n")
+        return tmp_path / "notes.svs", "not a readable slide"
+    if kind == "no-tissue":
+        return blank_slide(tmp_path / "glass.svs"), "no tissue found"
+    if kind == "corrupt-tiles":
+        return data_file("unreadable.svs"), "Bogus marker length"
+    raise AssertionError(kind)
+
+
+BAD = ["missing", "empty", "truncated", "not-a-slide", "no-tissue", "corrupt-tiles"]
+
+
+@pytest.mark.parametrize("kind", BAD)
+def test_bad_input_one_line_exit_code_nothing_partial(kind: str, tmp_path: Path) -> None:
+    slide, expected = make_bad(kind, tmp_path)
+    out = tmp_path / "out"
+    proc = gpupath("run", slide, "--out", out, "--device", "cpu")
+    assert proc.returncode == 1, proc.stderr
+    lines = error_lines(proc)
+    assert len(lines) == 1 and str(slide) in lines[0] and expected in lines[0], proc.stderr
+    rows = pq.read_table(out / "slides.parquet").to_pylist()
+    assert rows[0]["status"] == "failed" and expected in rows[0]["error"]
+    assert not (out / "detections").exists() and not (out / "tiles").exists()
+    assert leftovers(out) == []
+
+
+def test_batch_goes_on_past_bad_slides(tmp_path: Path) -> None:
+    good = tmp_path / "good.svs"
+    write_synthetic_slide(good, SyntheticSpec(width_px=2048, height_px=2048, mpp=0.25, seed=5))
+    bad = [make_bad(kind, tmp_path)[0] for kind in ("empty", "missing", "not-a-slide")]
+    out = tmp_path / "out"
+    proc = gpupath("run", bad[0], good, *bad[1:], "--out", out, "--device", "cpu")
+    assert proc.returncode == 1
+    assert len(error_lines(proc)) == 3
+    rows = pq.read_table(out / "slides.parquet").to_pylist()
+    assert [r["status"] for r in rows] == ["failed", "ok", "failed", "failed"]
+    ok = rows[1]
+    assert ok["n_detections"] > 0
+    det = pq.read_table(out / "detections" / f"slide_id={ok['slide_id']}" / "part-0.parquet")
+    assert det.num_rows == ok["n_detections"]
+    assert leftovers(out) == []
+
+
+def test_mpp_override_for_slide_without_usable_mpp(tmp_path: Path) -> None:
+    boxes = data_file("boxes.tiff")  # a test pattern whose TIFF says 72 dpi
+    proc = gpupath("run", boxes, "--out", tmp_path / "a", "--device", "cpu")
+    assert proc.returncode == 1 and "pass --mpp" in error_lines(proc)[0]
+    proc = gpupath("run", boxes, "--out", tmp_path / "b", "--device", "cpu", "--mpp", "0.5")
+    assert proc.returncode == 0 and error_lines(proc) == [], proc.stderr
+    row = pq.read_table(tmp_path / "b" / "slides.parquet").to_pylist()[0]
+    assert row["mpp"] == 0.5 and row["status"] == "ok"  # its saturated colour boxes count as "tissue"
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--overlap", "200"], "overlap_px must be in [0, tile_px/2)"),
+    (["--stain", "reinhard"], "stain must be none or macenko"),
+    (["--target-mpp", "0.5", "--magnification", "20"], "not both"),
+    (["--backend", "bioformats"], "backend must be"),
+])
+def test_bad_arguments_exit_2(args: list[str], expected: str, tmp_path: Path) -> None:
+    slide = data_file("cmu-1-small-region.svs")
+    proc = gpupath("run", slide, "--out", tmp_path / "out", "--device", "cpu", *args)
+    assert proc.returncode == 2, proc.stderr
+    assert expected in proc.stderr
+
+
+def test_cuda_without_gpu_is_refused(tmp_path: Path) -> None:
+    from gpupath._xp import gpu_available
+
+    if gpu_available():
+        pytest.skip("a GPU is present: --device cuda is valid here")
+    proc = gpupath("run", data_file("small.svs"), "--out", tmp_path / "o", "--device", "cuda")
+    assert proc.returncode == 2 and "CUDA device is missing" in proc.stderr
+
+
+def test_info_reports_backend_and_fallback(tmp_path: Path) -> None:
+    proc = gpupath("info", data_file("test3-DAPI.ndpi"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert '"backend": "openslide"' in proc.stdout and '"vendor": "hamamatsu"' in proc.stdout
+    assert "cuCIM has no NDPI reader" in proc.stderr  # the fallback says why
+    proc = gpupath("info", tmp_path / "nope.svs")
+    assert proc.returncode == 1 and "no such file" in proc.stderr
+
+
+def test_demo_writes_slide_and_outputs(tmp_path: Path) -> None:
+    proc = gpupath("demo", "--out", tmp_path / "demo", "--size", "2048", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    rows = pq.read_table(tmp_path / "demo" / "run" / "slides.parquet").to_pylist()
+    assert rows[0]["status"] == "ok" and rows[0]["n_detections"] > 0
+    assert "detections:" in proc.stdout
+    # second run reuses the slide
+    proc = gpupath("demo", "--out", tmp_path / "demo", "--size", "2048", "--device", "cpu")
+    assert proc.returncode == 0 and "reusing demo slide" in proc.stdout
+
+
+def test_run_on_copy_with_odd_name(tmp_path: Path) -> None:
+    odd = tmp_path / "slide with spaces & ünïcode.svs"
+    shutil.copy(data_file("cmu-1-small-region.svs"), odd)
+    proc = gpupath("run", odd, "--out", tmp_path / "out", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr

@@ -19,8 +19,8 @@ Nuclei
     ``(seed, block_x, block_y)``, so a block's nuclei depend on its 3 x 3 neighbours only. The cell
     size is calibrated so that the density after thinning is ``nuclei_per_mm2``.
 Coordinates
-    Level-0 pixel-index coordinates, x right, y down: level-0 pixel (col, row) is centred at
-    (x, y) = (col, row); a level of downsample ``d`` samples the scene at ``x = col * d + (d-1)/2``.
+    Truth: level-0 px, x right, y down, pixel (col, row) spans [col, col+1) x [row, row+1). The scene
+    uses pixel-index coordinates (pixel centred at (col, row); level ``d`` samples ``col*d + (d-1)/2``).
 Device and memory
     Host only (NumPy, SciPy, libjpeg-turbo via imagecodecs); tiles are rendered and encoded on a
     thread pool. Memory: a few tiles in flight plus rows of nucleus blocks, whatever the slide size.
@@ -73,8 +73,7 @@ _NUCLEUS_OD = (0.9, 1.4)  # hematoxylin concentration (OD) at a nucleus centre, 
 _SEP_RADII = 3.0  # smallest centre distance, in radii of the larger nucleus
 _TISSUE_STREAM, _TEXTURE_STREAM, _NUCLEI_STREAM = 1, 2, 3  # seed-sequence stream tags
 _CALIBRATION_SEED = 20_240_601
-_NUCLEI_COLUMNS = ("x_px", "y_px", "radius_px", "semi_major_px", "semi_minor_px", "angle_rad",
-                   "hematoxylin_od")
+_NUCLEI_COLUMNS = ("x_px", "y_px", "radius_px", "semi_major_px", "semi_minor_px", "angle_rad", "hematoxylin_od")
 
 
 @dataclass(frozen=True, slots=True)
@@ -486,13 +485,14 @@ def _write_truth(path: Path, scene: _Scene, slide_path: Path) -> int:
     schema = pa.schema([pa.field(name, pa.float64()) for name in _NUCLEI_COLUMNS]).with_metadata({
         "gpupath.version": __version__, "gpupath.slide": str(slide_path),
         "gpupath.mpp": repr(float(spec.mpp)), "gpupath.spec": json.dumps(asdict(spec)),
-        "gpupath.coordinates": "level-0 px, pixel (col, row) centred at (x, y) = (col, row)"})
+        "gpupath.coordinates": "level-0 px, pixel (col, row) spans [col, col+1) x [row, row+1)"})
     scene.reserve_rows(scene.block_px)
     with pq.ParquetWriter(path, schema) as writer:
         for by in range(scene.n_blocks[1] if scene.per_px2 > 0 else 0):
             nuc = np.concatenate([scene._cached(scene._nuc_cache, (bx, by), scene._block_nuclei)
                                   for bx in range(scene.n_blocks[0])], axis=1)
             if nuc.shape[1]:
+                nuc[:2] += 0.5  # scene pixel-index centres -> half-open pixel convention
                 writer.write_table(pa.table(dict(zip(_NUCLEI_COLUMNS, nuc, strict=True)), schema=schema))
                 n_total += nuc.shape[1]
     return n_total
@@ -578,7 +578,7 @@ def read_nuclei(source: SyntheticTruth | str | os.PathLike[str]) -> dict[str, np
     Returns
     -------
     dict of str to (n,) float64 ndarray
-        ``x_px``, ``y_px``: level-0 centres (pixel (col, row) is centred at (col, row));
+        ``x_px``, ``y_px``: level-0 centres (pixel (col, row) spans [col, col + 1));
         ``radius_px``: geometric-mean radius; ``semi_major_px``, ``semi_minor_px``; ``angle_rad`` of
         the major axis from +x towards +y; ``hematoxylin_od`` at the centre. Shape (0,) if none.
 

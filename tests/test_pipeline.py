@@ -131,3 +131,41 @@ def test_demo_slide_pixels_from_every_backend_match(synthetic: Path) -> None:
     with open_slide(synthetic, backend="cucim") as a, open_slide(synthetic, backend="openslide") as b:
         np.testing.assert_array_equal(a.read_rgb((1000, 700), 0, (300, 200)), b.read_rgb((1000, 700), 0, (300, 200)))
         assert a.vendor == b.vendor == "aperio"
+
+
+@pytest.mark.slow
+def test_generated_20k_slide_end_to_end(tmp_path: Path) -> None:
+    slide = tmp_path / "s20k.svs"
+    write_synthetic_slide(slide, SyntheticSpec(width_px=20000, height_px=20000, mpp=0.25, seed=11))
+    (res,) = run_slides([slide], tmp_path / "out", RunParams())
+    assert res.status == "ok", res.error
+    table = pq.read_table(tmp_path / "out" / "detections")
+    assert table.num_rows == res.n_detections
+    x0, y0, x1, y1 = (table.column(c).to_numpy() for c in ("x0_px", "y0_px", "x1_px", "y1_px"))
+    assert (x0 >= 0).all() and (y0 >= 0).all() and (x1 <= 20000).all() and (y1 <= 20000).all()
+    truth = truth_centres(slide)
+    ti, fi = one_to_one(truth, np.c_[(x0 + x1) / 2, (y0 + y1) / 2], MATCH_PX)
+    assert len(ti) / len(truth) >= 0.9 and len(fi) / len(x0) >= 0.9
+
+
+@pytest.mark.gpu
+def test_device_run_matches_host_run(synthetic: Path, tmp_path: Path) -> None:
+    found = {}
+    for device in ("cpu", "cuda"):
+        res = process_slide(synthetic, tmp_path / device, RunParams(device=device))
+        assert res.status == "ok", res.error
+        found[device] = detections_of(tmp_path / device, res.slide_id)
+    # same maths on both devices; float32 reductions in a different order move centres by far less than 1 px
+    ti, fi = one_to_one(np.c_[found["cpu"]["cx"], found["cpu"]["cy"]],
+                        np.c_[found["cuda"]["cx"], found["cuda"]["cy"]], 1.0)
+    assert len(ti) >= 0.99 * len(found["cpu"]["cx"]) and len(fi) >= 0.99 * len(found["cuda"]["cx"])
+
+
+@pytest.mark.gpu
+def test_cucim_device_decode_returns_cupy(synthetic: Path) -> None:
+    import cupy
+
+    with open_slide(synthetic, backend="cucim") as slide:
+        tiles = slide.read_tiles([(0, 0), (256, 256)], 0, 256, device="cuda")
+        assert isinstance(tiles, cupy.ndarray) and tiles.shape == (2, 256, 256, 3)
+        np.testing.assert_array_equal(cupy.asnumpy(tiles), slide.read_tiles([(0, 0), (256, 256)], 0, 256))

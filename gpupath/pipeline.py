@@ -33,7 +33,7 @@ from gpupath.detect.classic import RUIFROK_HE_OD, ClassicParams, detect_nuclei
 from gpupath.errors import ConfigError, GpupathError, NoTissueError
 from gpupath.ingest import sha256_file
 from gpupath.results import detections_table, tiles_table, write_json_atomic, write_slide_parts, write_slides_table
-from gpupath.slide import BackendName, Slide, open_slide
+from gpupath.slide import BackendName, Slide, TileBatch, open_slide
 from gpupath.tiling import TileGrid, TileSpec, tile_grid
 from gpupath.tissue import compute_tissue
 
@@ -119,17 +119,18 @@ class _Timer:
         return now
 
 
-def _read_batch(slide: Slide, grid: TileGrid, index: np.ndarray, device: str) -> Any:
+def _read_batch(slide: Slide, grid: TileGrid, index: np.ndarray, device: str) -> TileBatch:
+    """Tiles ``index`` of the grid, read at the grid's level and resized to ``tile_px``."""
     locations = list(zip(grid.x[index].tolist(), grid.y[index].tolist()))
     raw = slide.read_tiles(locations, grid.level, grid.read_px, device=device)  # type: ignore[arg-type]
-    return resize_batch(raw, grid.tile_px)
+    return TileBatch(resize_batch(raw.pixels, grid.tile_px), raw.x, raw.y, grid.size_l0_px)
 
 
-def _prefetched(slide: Slide, grid: TileGrid, params: RunParams) -> Iterator[tuple[np.ndarray, Any, float]]:
+def _prefetched(slide: Slide, grid: TileGrid, params: RunParams) -> Iterator[tuple[np.ndarray, TileBatch, float]]:
     """Yield (index, tiles, read seconds) with up to ``prefetch_batches`` batches decoded ahead."""
     batches = list(grid.batches(params.batch_size))
 
-    def job(index: np.ndarray) -> tuple[np.ndarray, Any, float]:
+    def job(index: np.ndarray) -> tuple[np.ndarray, TileBatch, float]:
         t0 = time.perf_counter()
         tiles = _read_batch(slide, grid, index, params.device)
         return index, tiles, time.perf_counter() - t0
@@ -157,7 +158,7 @@ def _fit_slide_stain(slide: Slide, grid: TileGrid, params: RunParams) -> tuple[s
     order = np.argsort(-grid.tissue_fraction, kind="stable")
     sample = np.sort(order[: STAIN_SAMPLE_TILES])
     try:
-        return stain.fit_macenko(_read_batch(slide, grid, sample, params.device)), ""
+        return stain.fit_macenko(_read_batch(slide, grid, sample, params.device).pixels), ""
     except ValueError as exc:
         return None, f"stain fit failed ({exc}); tiles not normalised, Ruifrok H&E basis used"
 
@@ -210,16 +211,17 @@ def _process_slide(path: str | Path, out_dir: Path, params: RunParams, *,
             done = 0
             if on_tiles is not None:
                 on_tiles(0, len(grid))
-            for index, tiles, read_s in _prefetched(slide, grid, params):
+            for index, batch, read_s in _prefetched(slide, grid, params):
                 timer.seconds["read"] = timer.seconds.get("read", 0.0) + read_s
                 t = time.perf_counter()
+                tiles = batch.pixels
                 if params.stain == "macenko" and fit is not None:
                     tiles = stain.apply_macenko(tiles, fit)
                 t = timer.add("normalize", t)
                 found = detect_nuclei(tiles, mpp=grid.tile_mpp, params=params.detector, stain_matrix_od=basis)
                 parts.append(to_global(
                     found.tile_index, found.cx_px, found.cy_px, found.radius_px, found.score,
-                    np.zeros(len(found.score), np.int16), grid.x[index], grid.y[index],
+                    np.zeros(len(found.score), np.int16), batch.x, batch.y,
                     l0_per_px=grid.size_l0_px / grid.tile_px,
                 ))
                 timer.add("detect", t)

@@ -166,6 +166,7 @@ def test_cucim_device_decode_returns_cupy(synthetic: Path) -> None:
     import cupy
 
     with open_slide(synthetic, backend="cucim") as slide:
-        tiles = slide.read_tiles([(0, 0), (256, 256)], 0, 256, device="cuda")
+        tiles = slide.read_tiles([(0, 0), (256, 256)], 0, 256, device="cuda").pixels
         assert isinstance(tiles, cupy.ndarray) and tiles.shape == (2, 256, 256, 3)
-        np.testing.assert_array_equal(cupy.asnumpy(tiles), slide.read_tiles([(0, 0), (256, 256)], 0, 256))
+        host = slide.read_tiles([(0, 0), (256, 256)], 0, 256).pixels
+        np.testing.assert_array_equal(cupy.asnumpy(tiles), host)

@@ -152,36 +152,43 @@ class Slide:
         return self._reader.read_rgb(level, x_lvl, y_lvl, w, h, device=device)
 
     def read_tiles(self, locations: Sequence[tuple[int, int]], level: int, size_px: int, *,
-                   device: Device = "cpu", num_workers: int = 1) -> Any:
-        """Decode square regions of one level into one (N, size_px, size_px, 3) uint8 array.
+                   device: Device = "cpu", num_workers: int = 1) -> TileBatch:
+        """Decode square regions of one level into a :class:`TileBatch`.
 
-        ``locations`` are level-0 (x, y) top-left corners. With cuCIM, regions wholly inside the
-        level go through cuCIM's batched multi-threaded reader; others are read one by one.
+        Parameters
+        ----------
+        locations : level-0 (x, y) top-left corners, one per tile.
+        level : pyramid level to read.
+        size_px : tile edge, px at ``level``.
+        device : ``cpu`` (NumPy pixels) or ``cuda`` (CuPy pixels; cuCIM decodes on the device).
+        num_workers : cuCIM decoder threads.
+
+        Returns
+        -------
+        TileBatch with (N, size_px, size_px, 3) uint8 pixels; areas outside the slide are white.
+        With cuCIM, tiles wholly inside the level go through cuCIM's batched multi-threaded reader.
         """
-        if not locations:
-            empty = np.zeros((0, size_px, size_px, 3), np.uint8)
-            return _cupy().asarray(empty) if device == "cuda" else empty
         xp = _cupy() if device == "cuda" else np
         out = xp.empty((len(locations), size_px, size_px, 3), np.uint8)
         ds = self.level_downsamples[level]
         lw, lh = self.level_dimensions[level]
-        inner = [
-            i for i, (x, y) in enumerate(locations)
-            if x >= 0 and y >= 0 and math.floor(x / ds) + size_px <= lw and math.floor(y / ds) + size_px <= lh
-        ]
+        lvl = [(math.floor(x / ds), math.floor(y / ds)) for x, y in locations]
+        inner = [i for i, (c, r) in enumerate(lvl) if c >= 0 and r >= 0 and c + size_px <= lw and r + size_px <= lh]
         done: set[int] = set()
         if isinstance(self._reader, CucimReader) and len(inner) > 1:
-            locs_l0 = [
-                (round(math.floor(locations[i][0] / ds) * ds), round(math.floor(locations[i][1] / ds) * ds))
-                for i in inner
-            ]
+            locs_l0 = [(round(lvl[i][0] * ds), round(lvl[i][1] * ds)) for i in inner]
             out[inner] = self._reader.read_batch(level, locs_l0, size_px, size_px, device=device,
                                                  num_workers=num_workers)
             done = set(inner)
         for i, loc in enumerate(locations):
             if i not in done:
                 out[i] = self.read_rgb(loc, level, (size_px, size_px), device=device)
-        return out
+        return TileBatch(
+            pixels=out,
+            x=np.array([x for x, _ in locations], np.int64).reshape(-1),
+            y=np.array([y for _, y in locations], np.int64).reshape(-1),
+            size_l0_px=int(round(size_px * ds)),
+        )
 
     def best_level_for_mpp(self, target_mpp: float) -> int:
         """Coarsest level whose mpp is at most ``target_mpp`` (+0.5 %), so tiles are downsampled, never upsampled."""

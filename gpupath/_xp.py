@@ -21,6 +21,7 @@ __all__ = [
     "is_device_array",
     "cupy_or_none",
     "gpu_available",
+    "device_module",
 ]
 
 
@@ -68,6 +69,18 @@ def ndimage_module(xp: types.ModuleType) -> types.ModuleType:
     return cupyx.scipy.ndimage
 
 
+def device_module(device: str) -> types.ModuleType:
+    """NumPy for ``device="cpu"``, CuPy for ``"cuda"`` (RuntimeError when no GPU is usable)."""
+    if device == "cpu":
+        return np
+    if device != "cuda":
+        raise ValueError(f"device must be cpu or cuda, got {device!r}")
+    cp = cupy_or_none()
+    if cp is None:
+        raise RuntimeError("device 'cuda' asked for, but CuPy or a CUDA device is missing")
+    return cp
+
+
 def to_host(x: Any) -> np.ndarray:
     """Copy a device array to the host (no-op for NumPy arrays)."""
     if is_device_array(x):
@@ -77,7 +90,4 @@ def to_host(x: Any) -> np.ndarray:
 
 def to_device(x: Any) -> Any:
     """Copy a host array to the current CUDA device; raises if there is none."""
-    cp = cupy_or_none()
-    if cp is None:
-        raise RuntimeError("to_device: no usable CUDA device (CuPy missing or no GPU)")
-    return cp.asarray(x)
+    return device_module("cuda").asarray(x)

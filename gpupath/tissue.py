@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from gpupath._xp import array_module, ndimage_module, to_host
+from gpupath._xp import array_module, device_module, ndimage_module, to_host
 from gpupath.slide import Slide
 
 __all__ = ["TissueMask", "read_overview", "tissue_mask", "otsu_threshold", "compute_tissue"]
@@ -72,7 +72,7 @@ def read_overview(slide: Slide, downsample: float, *, device: str = "cpu") -> tu
     eff_ds = k * level_ds
     lw, lh = slide.level_dimensions[level]
     out_w, out_h = math.ceil(lw / k), math.ceil(lh / k)
-    xp = array_module(slide.read_rgb((0, 0), level, (1, 1), device=device))
+    xp = device_module(device)
     out = xp.empty((out_h, out_w, 3), xp.uint8)
     for r0 in range(0, out_h, _BLOCK_PX):
         for c0 in range(0, out_w, _BLOCK_PX):

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from gpupath._xp import device_module
 from gpupath.errors import MetadataError, SlideReadError
 from gpupath.slide._backends import CucimReader, OpenSlideReader, Reader, TifffileReader
 from gpupath.slide._meta import TiffLayout, cucim_refusal, read_tiff_layout
@@ -168,7 +169,10 @@ class Slide:
         TileBatch with (N, size_px, size_px, 3) uint8 pixels; areas outside the slide are white.
         With cuCIM, tiles wholly inside the level go through cuCIM's batched multi-threaded reader.
         """
-        xp = _cupy() if device == "cuda" else np
+        on_device = isinstance(self._reader, CucimReader) and device == "cuda"
+        xp = _cupy() if on_device else np
+        if device == "cuda":
+            _cupy()  # fail before decoding anything when no device is usable
         out = xp.empty((len(locations), size_px, size_px, 3), np.uint8)
         ds = self.level_downsamples[level]
         lw, lh = self.level_dimensions[level]
@@ -182,7 +186,9 @@ class Slide:
             done = set(inner)
         for i, loc in enumerate(locations):
             if i not in done:
-                out[i] = self.read_rgb(loc, level, (size_px, size_px), device=device)
+                out[i] = self.read_rgb(loc, level, (size_px, size_px), device=device if on_device else "cpu")
+        if device == "cuda" and not on_device:
+            out = _cupy().asarray(out)  # host decoder (OpenSlide/tifffile): one upload per batch
         return TileBatch(
             pixels=out,
             x=np.array([x for x, _ in locations], np.int64).reshape(-1),
@@ -341,12 +347,7 @@ class _LazyAssociated(Mapping[str, Any]):
 
 
 def _cupy() -> Any:
-    from gpupath._xp import cupy_or_none  # noqa: PLC0415
-
-    cp = cupy_or_none()
-    if cp is None:
-        raise RuntimeError("device='cuda' asked for, but CuPy or a CUDA device is missing")
-    return cp
+    return device_module("cuda")
 
 
 def _check_file(path: Path) -> None:

@@ -28,7 +28,7 @@ class MetadataError(GpupathError):
     """A slide lacks metadata a stage needs (e.g. microns per pixel)."""
 
 
-class ConfigError(GpupathError):
+class ConfigError(GpupathError, ValueError):
     """Parameters that cannot work together (e.g. overlap >= tile size)."""
 
 

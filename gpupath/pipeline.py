@@ -28,12 +28,19 @@ from gpupath import stain
 from gpupath._resize import resize_batch
 from gpupath._version import __version__
 from gpupath._xp import gpu_available
-from gpupath.detect.boxes import Detections, dedup_overlaps, to_global
+from gpupath.detect.boxes import Detections, GridLayout, dedup_overlaps, to_global
 from gpupath.detect.classic import RUIFROK_HE_OD, ClassicParams, detect_nuclei
 from gpupath.errors import ConfigError, GpupathError, NoTissueError
 from gpupath.ingest import sha256_file
-from gpupath.results import detections_table, tiles_table, write_json_atomic, write_slide_parts, write_slides_table
-from gpupath.slide import BackendName, Slide, TileBatch, open_slide
+from gpupath.results import (
+    detections_table,
+    remove_slide_parts,
+    tiles_table,
+    write_json_atomic,
+    write_slide_parts,
+    write_slides_table,
+)
+from gpupath.slide import BackendName, Slide, TileBatch, check_slide_file, open_slide
 from gpupath.tiling import TileGrid, TileSpec, tile_grid
 from gpupath.tissue import compute_tissue
 
@@ -123,7 +130,7 @@ def _read_batch(slide: Slide, grid: TileGrid, index: np.ndarray, device: str) ->
     """Tiles ``index`` of the grid, read at the grid's level and resized to ``tile_px``."""
     locations = list(zip(grid.x[index].tolist(), grid.y[index].tolist()))
     raw = slide.read_tiles(locations, grid.level, grid.read_px, device=device)  # type: ignore[arg-type]
-    return TileBatch(resize_batch(raw.pixels, grid.tile_px), raw.x, raw.y, grid.size_l0_px)
+    return TileBatch(resize_batch(raw.pixels, grid.tile_px), raw.x, raw.y, raw.size_l0_px)
 
 
 def _prefetched(slide: Slide, grid: TileGrid, params: RunParams) -> Iterator[tuple[np.ndarray, TileBatch, float]]:
@@ -139,18 +146,23 @@ def _prefetched(slide: Slide, grid: TileGrid, params: RunParams) -> Iterator[tup
         for index in batches:
             yield job(index)
         return
-    with cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpupath-read") as pool:
-        pending: list[cf.Future] = []
+    pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpupath-read")
+    pending: list[cf.Future] = []
+    try:
         it = iter(batches)
-        for index in it:
+        for index in it:  # the batch being consumed + prefetch_batches decoding ahead
             pending.append(pool.submit(job, index))
-            if len(pending) > params.prefetch_batches:
+            if len(pending) >= params.prefetch_batches + 1:
                 break
         while pending:
             yield pending.pop(0).result()
             nxt = next(it, None)
             if nxt is not None:
                 pending.append(pool.submit(job, nxt))
+    finally:  # on error or early exit: drop queued reads instead of decoding them
+        for fut in pending:
+            fut.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _fit_slide_stain(slide: Slide, grid: TileGrid, params: RunParams) -> tuple[stain.StainFit | None, str]:
@@ -182,6 +194,10 @@ def _process_slide(path: str | Path, out_dir: Path, params: RunParams, *,
     timer = _Timer()
     try:
         t = time.perf_counter()
+        check_slide_file(Path(path))
+        result.sha256 = result.slide_id = sha256_file(path)
+        remove_slide_parts(out_dir, result.slide_id)  # a failed re-run must not leave the old results
+        t = timer.add("sha256", t)
         with open_slide(path, backend=params.backend, mpp=params.mpp_override) as slide:
             result.backend, result.vendor = slide.backend, slide.vendor
             result.width_px, result.height_px = slide.dimensions
@@ -189,11 +205,10 @@ def _process_slide(path: str | Path, out_dir: Path, params: RunParams, *,
             mpp = slide.require_mpp()
             result.mpp = mpp
             t = timer.add("open", t)
-            result.sha256 = result.slide_id = sha256_file(path)
-            t = timer.add("sha256", t)
             tissue = compute_tissue(slide, mpp=mpp, device=params.device)
             result.tissue_mm2 = tissue.area_mm2
-            grid = tile_grid(slide.dimensions, mpp, slide.level_downsamples, tissue, params.tile)
+            grid = tile_grid(level_dimensions=slide.level_dimensions, level_downsamples=slide.level_downsamples,
+                             mpp=mpp, mask=tissue, spec=params.tile)
             result.tile_mpp = grid.tile_mpp
             t = timer.add("tissue", t)
             if len(grid) == 0:
@@ -220,20 +235,19 @@ def _process_slide(path: str | Path, out_dir: Path, params: RunParams, *,
                 t = timer.add("normalize", t)
                 found = detect_nuclei(tiles, mpp=grid.tile_mpp, params=params.detector, stain_matrix_od=basis)
                 parts.append(to_global(
-                    found.tile_index, found.cx_px, found.cy_px, found.radius_px, found.score,
-                    np.zeros(len(found.score), np.int16), batch.x, batch.y,
-                    l0_per_px=grid.size_l0_px / grid.tile_px,
+                    tile_index=found.tile_index, cx_px=found.cx_px, cy_px=found.cy_px, radius_px=found.radius_px,
+                    score=found.score, label=np.zeros(len(found.score), np.int16),
+                    origin_x=grid.x_lvl[index] * grid.downsample, origin_y=grid.y_lvl[index] * grid.downsample,
+                    tile_x=batch.x, tile_y=batch.y, l0_per_px=grid.l0_per_tile_px,
                 ))
                 timer.add("detect", t)
                 done += len(index)
                 if on_tiles is not None:
                     on_tiles(done, len(grid))
             t = time.perf_counter()
-            det = dedup_overlaps(
-                Detections.concat(parts), stride_l0_px=grid.stride_l0_px, overlap_l0_px=grid.overlap_l0_px,
-                n_cols=grid.n_cols, n_rows=grid.n_rows,
-                min_distance_l0_px=params.detector.radius_um[0] / mpp,
-            )
+            layout = GridLayout(stride_l0=grid.stride_l0, overlap_l0=grid.overlap_l0, n_cols=grid.n_cols,
+                                n_rows=grid.n_rows, processed=frozenset(zip(grid.col.tolist(), grid.row.tolist())))
+            det = dedup_overlaps(Detections.concat(parts), layout, min_distance_l0_px=params.detector.radius_um[0] / mpp)
             det = det.clip_to(*slide.dimensions)
             tile_pos = {(int(x), int(y)): i for i, (x, y) in enumerate(zip(grid.x, grid.y))}
             for tx, ty in zip(det.tile_x.tolist(), det.tile_y.tolist()):
@@ -245,14 +259,14 @@ def _process_slide(path: str | Path, out_dir: Path, params: RunParams, *,
             }
             write_slide_parts(
                 out_dir, result.slide_id,
-                detections_table(det, stride_l0_px=grid.stride_l0_px, label_names=LABEL_NAMES, provenance=provenance),
+                detections_table(det, stride_l0=grid.stride_l0, label_names=LABEL_NAMES, provenance=provenance),
                 tiles_table(x=grid.x, y=grid.y, size_l0_px=grid.size_l0_px, col=grid.col, row=grid.row,
                             level=grid.level, tissue_fraction=grid.tissue_fraction, n_detections=per_tile,
                             provenance=provenance),
             )
             timer.add("write", t)
             result.n_tiles, result.n_detections = len(grid), len(det)
-            result.status = "ok"
+        result.status = "ok"
     except GpupathError as exc:
         result.error = str(exc)
     except Exception as exc:  # noqa: BLE001  a bug or an unforeseen file: fail this slide, keep the batch going
@@ -281,8 +295,8 @@ def run_slides(paths: Sequence[str | Path], out_dir: str | Path, params: RunPara
                on_tiles: Callable[[str, int, int], None] | None = None) -> list[SlideResult]:
     """Process slides one after another into ``out_dir``; write slides.parquet and run.json.
 
-    ``run.json`` is rewritten (atomically) after each slide, so a watcher sees progress and a
-    crash leaves the record of what finished.
+    ``run.json`` and ``slides.parquet`` are rewritten (atomically) after each slide, so a watcher
+    sees progress and a crash leaves the record of what finished.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -292,6 +306,7 @@ def run_slides(paths: Sequence[str | Path], out_dir: str | Path, params: RunPara
 
     def record(final: bool) -> None:
         rows = [{k: v for k, v in asdict(r).items() if k != "timings"} for r in results]
+        write_slides_table(rows, out / "slides.parquet", provenance={"params": params.to_dict()})
         write_json_atomic({
             "gpupath_version": __version__, "started": started, "finished": time.time() if final else None,
             "params": params.to_dict(), "environment": env,
@@ -299,8 +314,6 @@ def run_slides(paths: Sequence[str | Path], out_dir: str | Path, params: RunPara
             "slides_failed": sum(r.status != "ok" for r in results),
             "slides": [asdict(r) for r in results],
         }, out / "run.json")
-        if final:
-            write_slides_table(rows, out / "slides.parquet", provenance={"params": params.to_dict()})
 
     for p in paths:
         res = process_slide(p, out, params, on_tiles=None if on_tiles is None else

@@ -39,6 +39,8 @@ __all__ = [
     "detections_table",
     "tiles_table",
     "write_slide_parts",
+    "remove_slide_parts",
+    "slide_part_paths",
     "write_slides_table",
     "morton_code",
 ]
@@ -97,10 +99,20 @@ def atomic_path(final: Path) -> Iterator[Path]:
     tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:12]}")
     try:
         yield tmp
+        _fsync(tmp)  # data on disk before the name points at it (a power cut leaves old or new, whole)
         os.replace(tmp, final)
+        _fsync(final.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()  # only left when the body raised
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json_atomic(obj: Any, final: Path) -> None:
@@ -126,10 +138,14 @@ def _metadata(provenance: Mapping[str, Any]) -> dict[bytes, bytes]:
     return {k.encode(): v.encode() for k, v in meta.items()}
 
 
-def detections_table(det: Detections, *, stride_l0_px: int, label_names: list[str],
+def detections_table(det: Detections, *, stride_l0: float, label_names: list[str],
                      provenance: Mapping[str, Any]) -> pa.Table:
-    """Detections as an Arrow table sorted by tile Morton code, then y, then x."""
-    key = morton_code(det.tile_x // stride_l0_px, det.tile_y // stride_l0_px)
+    """Detections as an Arrow table sorted by tile Morton code, then y, then x.
+
+    ``stride_l0`` is the level-0 distance between tile origins; the tile key is the Morton code
+    of the source tile's (col, row).
+    """
+    key = morton_code(np.rint(det.tile_x / stride_l0).astype(np.int64), np.rint(det.tile_y / stride_l0).astype(np.int64))
     order = np.lexsort((det.x0, det.y0, key))
     labels = pa.DictionaryArray.from_arrays(pa.array(det.label[order], pa.int16()), pa.array(label_names, pa.string()))
     table = pa.table(
@@ -152,15 +168,26 @@ def tiles_table(*, x: np.ndarray, y: np.ndarray, size_l0_px: int, col: np.ndarra
     return table.replace_schema_metadata(_metadata(provenance))
 
 
+def slide_part_paths(out_dir: Path, slide_id: str) -> dict[str, Path]:
+    """Where one slide's partitions live."""
+    return {name: out_dir / name / f"slide_id={slide_id}" / "part-0.parquet" for name in ("detections", "tiles")}
+
+
+def remove_slide_parts(out_dir: Path, slide_id: str) -> None:
+    """Delete a slide's partitions (before it is re-run, so a failed re-run leaves no stale results)."""
+    for path in slide_part_paths(out_dir, slide_id).values():
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
 def write_slide_parts(out_dir: Path, slide_id: str, detections: pa.Table, tiles: pa.Table) -> dict[str, Path]:
-    """Write one slide's detection and tile partitions (each file atomically). Returns their paths."""
-    paths = {
-        "detections": out_dir / "detections" / f"slide_id={slide_id}" / "part-0.parquet",
-        "tiles": out_dir / "tiles" / f"slide_id={slide_id}" / "part-0.parquet",
-    }
-    for name, table in (("detections", detections), ("tiles", tiles)):
-        with atomic_path(paths[name]) as tmp:
-            pq.write_table(table, tmp, row_group_size=65536, write_statistics=True, compression="zstd")
+    """Write one slide's detection and tile partitions: both to temporary files first, renamed
+    only when both are complete (a failure removes both temporaries). Returns their paths."""
+    paths = slide_part_paths(out_dir, slide_id)
+    with contextlib.ExitStack() as stack:
+        tmps = {name: stack.enter_context(atomic_path(paths[name])) for name in paths}
+        for name, table in (("detections", detections), ("tiles", tiles)):
+            pq.write_table(table, tmps[name], row_group_size=65536, write_statistics=True, compression="zstd")
     return paths
 
 

@@ -1,10 +1,10 @@
 """Tile grid at a target resolution, filtered by the tissue mask.
 
-Takes slide geometry (level-0 size, mpp, level downsamples) and a :class:`TissueMask`; returns
-a :class:`TileGrid` of square tiles of ``tile_px`` pixels at ``target_mpp`` with ``overlap_px``
-pixels shared between neighbours. Everything stored is level-0 px: tile ``i`` covers
-``[x[i], x[i] + size_l0_px) x [y[i], y[i] + size_l0_px)``. The grid covers the whole slide;
-tiles at the right and bottom edges may reach past it (read as white glass).
+Takes slide geometry (level sizes and downsamples, mpp) and a :class:`TissueMask`; returns a
+:class:`TileGrid` of square tiles of ``tile_px`` pixels at ``target_mpp`` with ``overlap_px``
+pixels shared between neighbours. The grid is laid out in whole pixels of the level it is read
+from; stored origins are level-0 px. It covers the whole slide; tiles at the right and bottom
+edges may reach past it (read as white glass).
 
 Host only: the grid is small (one row per tile) and is computed once per slide.
 """
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gpupath._coords import level0_origin
 from gpupath.errors import ConfigError
 from gpupath.tissue import TissueMask
 
@@ -45,28 +46,52 @@ class TileSpec:
 
 @dataclass(frozen=True, slots=True)
 class TileGrid:
-    """Tiles to process (level-0 px), and how to read them."""
+    """Tiles to process, and how to read them.
 
-    x: np.ndarray                  # (N,) int64 level-0 px, left (inclusive)
+    The grid is laid out in pixels of the level it is read from, so every tile starts on a whole
+    level pixel: tile ``i`` starts at level pixel ``(x_lvl[i], y_lvl[i])``, i.e. exactly at level-0
+    ``(x_lvl[i] * downsample, y_lvl[i] * downsample)``. ``x, y`` are the integer level-0 origins that
+    identify the tile (the smallest level-0 px that maps onto that level pixel).
+    """
+
+    x: np.ndarray                  # (N,) int64 level-0 px, left (inclusive), tile identity
     y: np.ndarray                  # (N,) int64 level-0 px, top (inclusive)
+    x_lvl: np.ndarray              # (N,) int64 px at ``level``
+    y_lvl: np.ndarray              # (N,) int64 px at ``level``
     tissue_fraction: np.ndarray    # (N,) float32 in [0, 1]
     col: np.ndarray                # (N,) int32 grid column
     row: np.ndarray                # (N,) int32 grid row
     n_cols: int
     n_rows: int
-    size_l0_px: int                # level-0 extent of a tile edge
-    stride_l0_px: int              # level-0 distance between neighbouring tile origins
-    tile_px: int                   # tile edge at tile_mpp, px
-    tile_mpp: float                # actual µm/px of the tiles (size_l0_px * mpp / tile_px)
     level: int                     # pyramid level read
-    read_px: int                   # region edge read at ``level`` before resizing to tile_px
+    downsample: float              # level-0 px per level px
+    read_px: int                   # tile edge read at ``level``, px (resized to tile_px)
+    stride_lvl_px: int             # distance between neighbouring tile origins, px at ``level``
+    tile_px: int                   # tile edge handed to stages, px
+    tile_mpp: float                # µm per tile px (read_px * downsample * mpp / tile_px)
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
     @property
-    def overlap_l0_px(self) -> int:
-        return self.size_l0_px - self.stride_l0_px
+    def size_l0_px(self) -> int:
+        """Level-0 extent of a tile edge, rounded to whole px (exact value: read_px * downsample)."""
+        return int(round(self.read_px * self.downsample))
+
+    @property
+    def stride_l0(self) -> float:
+        """Level-0 distance between neighbouring tile origins (exact, may be fractional)."""
+        return self.stride_lvl_px * self.downsample
+
+    @property
+    def overlap_l0(self) -> float:
+        """Level-0 width shared by neighbouring tiles (exact)."""
+        return (self.read_px - self.stride_lvl_px) * self.downsample
+
+    @property
+    def l0_per_tile_px(self) -> float:
+        """Level-0 px per tile px."""
+        return self.read_px * self.downsample / self.tile_px
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         """Index arrays of consecutive tiles, ``batch_size`` at most each."""
@@ -74,40 +99,39 @@ class TileGrid:
             yield np.arange(start, min(start + batch_size, len(self)))
 
 
-def tile_level(level_downsamples: tuple[float, ...], size_l0_px: int, tile_px: int) -> tuple[int, int]:
-    """Coarsest level at least as fine as the tiles, and the region edge (px) to read there."""
-    needed = size_l0_px / tile_px
+def tile_level(level_downsamples: tuple[float, ...], needed_downsample: float) -> int:
+    """Coarsest level at least as fine as ``needed_downsample`` (0.5 % slack for rounded downsamples)."""
     level = 0
     for i, ds in enumerate(level_downsamples):
-        if ds <= needed * 1.005:
+        if ds <= needed_downsample * 1.005:
             level = i
-    return level, max(1, int(round(size_l0_px / level_downsamples[level])))
+    return level
 
 
-def _tissue_fractions(mask: TissueMask, x: np.ndarray, y: np.ndarray, size_l0: int) -> np.ndarray:
-    """Mean of the mask over each tile's footprint, from a summed-area table (exact per mask px)."""
+def _tissue_fractions(mask: TissueMask, x0: np.ndarray, y0: np.ndarray, size_l0: float) -> np.ndarray:
+    """Mean of the mask over each tile's level-0 footprint, from a summed-area table (exact per mask px)."""
     m = mask.mask.astype(np.int64)
     sat = np.zeros((m.shape[0] + 1, m.shape[1] + 1), np.int64)
     sat[1:, 1:] = m.cumsum(0).cumsum(1)
     ds = mask.downsample
-    c0 = np.clip(np.floor(x / ds).astype(np.int64), 0, m.shape[1])
-    c1 = np.clip(np.ceil((x + size_l0) / ds).astype(np.int64), 0, m.shape[1])
-    r0 = np.clip(np.floor(y / ds).astype(np.int64), 0, m.shape[0])
-    r1 = np.clip(np.ceil((y + size_l0) / ds).astype(np.int64), 0, m.shape[0])
+    c0 = np.clip(np.floor(x0 / ds).astype(np.int64), 0, m.shape[1])
+    c1 = np.clip(np.ceil((x0 + size_l0) / ds).astype(np.int64), 0, m.shape[1])
+    r0 = np.clip(np.floor(y0 / ds).astype(np.int64), 0, m.shape[0])
+    r1 = np.clip(np.ceil((y0 + size_l0) / ds).astype(np.int64), 0, m.shape[0])
     total = sat[r1, c1] - sat[r0, c1] - sat[r1, c0] + sat[r0, c0]
     area = np.maximum((r1 - r0) * (c1 - c0), 1)
     return (total / area).astype(np.float32)
 
 
-def tile_grid(dimensions: tuple[int, int], mpp: float, level_downsamples: tuple[float, ...],
+def tile_grid(*, level_dimensions: tuple[tuple[int, int], ...], level_downsamples: tuple[float, ...], mpp: float,
               mask: TissueMask, spec: TileSpec) -> TileGrid:
     """Tiles covering the slide at ``spec.target_mpp`` that hold at least ``spec.min_tissue`` tissue.
 
     Parameters
     ----------
-    dimensions : (width, height) of level 0, px.
+    level_dimensions : (width, height) px of each pyramid level, level 0 first.
+    level_downsamples : level-0 px per level px, level 0 first.
     mpp : level-0 µm/px.
-    level_downsamples : the slide's pyramid downsamples (level 0 first).
     mask : tissue mask of the slide.
     spec : tile size, overlap, target resolution, tissue threshold.
 
@@ -117,27 +141,31 @@ def tile_grid(dimensions: tuple[int, int], mpp: float, level_downsamples: tuple[
 
     Notes
     -----
-    Level-0 tile size and stride are rounded to whole pixels, so the tiles' real resolution
-    ``tile_mpp`` differs from ``target_mpp`` by at most half a level-0 pixel per tile edge.
+    Tiles are read from the coarsest level at least as fine as the target, as ``read_px``-pixel
+    squares resized to ``tile_px``. ``read_px`` and the stride are whole level pixels, so the
+    tiles' real resolution ``tile_mpp`` differs from ``target_mpp`` by at most half a level pixel
+    per tile edge.
     """
     if not (mpp > 0 and math.isfinite(mpp)):
-        raise ConfigError(f"mpp must be a positive number of µm/px, got {mpp}")
-    scale = spec.target_mpp / mpp                      # level-0 px per tile px
-    size_l0 = max(1, int(round(spec.tile_px * scale)))
-    stride_l0 = max(1, int(round((spec.tile_px - spec.overlap_px) * scale)))
-    width, height = dimensions
-    overlap_l0 = size_l0 - stride_l0
-    n_cols = max(1, math.ceil((width - overlap_l0) / stride_l0))
-    n_rows = max(1, math.ceil((height - overlap_l0) / stride_l0))
+        raise ValueError(f"mpp must be a positive finite number of µm/px, got {mpp}")
+    level = tile_level(level_downsamples, spec.target_mpp / mpp)
+    ds = float(level_downsamples[level])
+    scale = spec.target_mpp / (mpp * ds)                   # level px per tile px
+    read_px = max(1, int(round(spec.tile_px * scale)))
+    stride_lvl = max(1, int(round((spec.tile_px - spec.overlap_px) * scale)))
+    width, height = level_dimensions[level]
+    overlap_lvl = read_px - stride_lvl
+    n_cols = max(1, math.ceil((width - overlap_lvl) / stride_lvl))
+    n_rows = max(1, math.ceil((height - overlap_lvl) / stride_lvl))
     row, col = np.meshgrid(np.arange(n_rows, dtype=np.int32), np.arange(n_cols, dtype=np.int32), indexing="ij")
     row, col = row.ravel(), col.ravel()
-    x = col.astype(np.int64) * stride_l0
-    y = row.astype(np.int64) * stride_l0
-    frac = _tissue_fractions(mask, x, y, size_l0)
+    x_lvl = col.astype(np.int64) * stride_lvl
+    y_lvl = row.astype(np.int64) * stride_lvl
+    frac = _tissue_fractions(mask, x_lvl * ds, y_lvl * ds, read_px * ds)
     keep = frac >= max(spec.min_tissue, 1e-9)
-    level, read_px = tile_level(level_downsamples, size_l0, spec.tile_px)
     return TileGrid(
-        x=x[keep], y=y[keep], tissue_fraction=frac[keep], col=col[keep], row=row[keep],
-        n_cols=n_cols, n_rows=n_rows, size_l0_px=size_l0, stride_l0_px=stride_l0,
-        tile_px=spec.tile_px, tile_mpp=size_l0 * mpp / spec.tile_px, level=level, read_px=read_px,
+        x=level0_origin(x_lvl[keep], ds), y=level0_origin(y_lvl[keep], ds), x_lvl=x_lvl[keep], y_lvl=y_lvl[keep],
+        tissue_fraction=frac[keep], col=col[keep], row=row[keep], n_cols=n_cols, n_rows=n_rows,
+        level=level, downsample=ds, read_px=read_px, stride_lvl_px=stride_lvl, tile_px=spec.tile_px,
+        tile_mpp=read_px * ds * mpp / spec.tile_px,
     )

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from gpupath._coords import level0_origin
 from gpupath._xp import array_module, device_module, ndimage_module, to_host
 from gpupath.slide import Slide
 
@@ -77,7 +78,7 @@ def read_overview(slide: Slide, downsample: float, *, device: str = "cpu") -> tu
     for r0 in range(0, out_h, _BLOCK_PX):
         for c0 in range(0, out_w, _BLOCK_PX):
             rows, cols = min(_BLOCK_PX, out_h - r0), min(_BLOCK_PX, out_w - c0)
-            loc = (int(round(c0 * k * level_ds)), int(round(r0 * k * level_ds)))
+            loc = (level0_origin(c0 * k, level_ds), level0_origin(r0 * k, level_ds))
             px = slide.read_rgb(loc, level, (cols * k, rows * k), device=device)
             px = px.reshape(rows, k, cols, k, 3).astype(xp.float32).mean(axis=(1, 3))
             out[r0 : r0 + rows, c0 : c0 + cols] = xp.rint(px).astype(xp.uint8)

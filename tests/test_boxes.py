@@ -5,28 +5,43 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpupath.detect.boxes import Detections, dedup_overlaps, own_by_centre, suppress_near_duplicates, to_global
+from gpupath.detect.boxes import Detections, GridLayout, dedup_overlaps, suppress_near_duplicates, to_global
+
+STRIDE, SIZE, N = 448, 512, 4          # level-0 px; ownership boundaries at 32 + 448 k
+ALL_TILES = frozenset((c, r) for c in range(N) for r in range(N))
+
+
+def layout(processed: frozenset[tuple[int, int]] = ALL_TILES) -> GridLayout:
+    return GridLayout(stride_l0=STRIDE, overlap_l0=SIZE - STRIDE, n_cols=N, n_rows=N, processed=processed)
 
 
 def test_to_global_maps_tile_px_to_level0() -> None:
-    det = to_global(np.array([0, 1]), np.array([10.5, 0.0]), np.array([20.5, 5.0]), np.array([4.0, 2.0]),
-                    np.array([0.9, 0.5]), np.zeros(2, np.int16), np.array([1000, 2000]), np.array([0, 512]),
-                    l0_per_px=2.0)
-    np.testing.assert_allclose(det.cx, [1021.0, 2000.0])
-    np.testing.assert_allclose(det.cy, [41.0, 522.0])
+    det = to_global(tile_index=np.array([0, 1]), cx_px=np.array([10.5, 0.0]), cy_px=np.array([20.5, 5.0]),
+                    radius_px=np.array([4.0, 2.0]), score=np.array([0.9, 0.5]), label=np.zeros(2, np.int16),
+                    origin_x=np.array([1000.0, 2000.5]), origin_y=np.array([0.0, 512.25]),
+                    tile_x=np.array([1000, 2001]), tile_y=np.array([0, 513]), l0_per_px=2.0)
+    np.testing.assert_allclose(det.cx, [1021.0, 2000.5])
+    np.testing.assert_allclose(det.cy, [41.0, 522.25])
     np.testing.assert_allclose(det.x1 - det.x0, [16.0, 8.0])
-    assert det.tile_x.tolist() == [1000, 2000]
+    assert det.tile_x.tolist() == [1000, 2001]
 
 
-def _seen_by_tiles(points: np.ndarray, stride: int, size: int, n: int, jitter: float,
-                   rng: np.random.Generator) -> Detections:
-    """Every tile of an n x n grid reports every point inside it (with per-tile centre jitter)."""
+def seen_by_tiles(points: np.ndarray, *, rng: np.random.Generator, jitter: float = 0.0,
+                  processed: frozenset[tuple[int, int]] = ALL_TILES,
+                  shift: dict[tuple[int, int], float] | None = None) -> Detections:
+    """Every processed tile of the grid reports every point inside its footprint.
+
+    ``jitter`` moves each report by a random amount; ``shift`` moves one tile's reports in x.
+    """
     parts = []
-    for row in range(n):
-        for col in range(n):
-            ox, oy = col * stride, row * stride
-            inside = (points[:, 0] >= ox) & (points[:, 0] < ox + size) & (points[:, 1] >= oy) & (points[:, 1] < oy + size)
+    for row in range(N):
+        for col in range(N):
+            if (col, row) not in processed:
+                continue
+            ox, oy = col * STRIDE, row * STRIDE
+            inside = (points[:, 0] >= ox) & (points[:, 0] < ox + SIZE) & (points[:, 1] >= oy) & (points[:, 1] < oy + SIZE)
             p = points[inside] + rng.uniform(-jitter, jitter, (int(inside.sum()), 2))
+            p[:, 0] += (shift or {}).get((col, row), 0.0)
             m = len(p)
             parts.append(Detections(
                 (p[:, 0] - 3).astype(np.float32), (p[:, 1] - 3).astype(np.float32),
@@ -36,40 +51,56 @@ def _seen_by_tiles(points: np.ndarray, stride: int, size: int, n: int, jitter: f
     return Detections.concat(parts)
 
 
+def assert_each_once(kept: Detections, points: np.ndarray, tol_px: float = 1.0) -> None:
+    assert len(kept) == len(points)
+    d = np.hypot(kept.cx[:, None] - points[None, :, 0], kept.cy[:, None] - points[None, :, 1])
+    assert (d.min(axis=0) < tol_px).all()
+
+
 @pytest.mark.parametrize("jitter", [0.0, 0.4])
 def test_each_point_counted_once_across_overlaps(jitter: float) -> None:
     rng = np.random.default_rng(1)
-    stride, size, n = 448, 512, 4
-    # points on a lattice 20 px apart, many of them in overlaps and on ownership boundaries
-    xs = np.arange(5.0, stride * (n - 1) + size - 5, 20.0)
+    # a lattice 20 px apart plus a point 0.3 px from every ownership boundary (x and y), all points
+    # further apart than the suppression distance
+    xs = np.arange(5.0, STRIDE * (N - 1) + SIZE - 5, 20.0)
+    lines = 32.0 + STRIDE * np.arange(1, N)
+    xs = xs[np.abs(xs[:, None] - lines[None, :]).min(axis=1) > 6]
+    xs = np.sort(np.concatenate([xs, lines - 0.3]))
     points = np.stack(np.meshgrid(xs, xs), -1).reshape(-1, 2)
-    seen = _seen_by_tiles(points, stride, size, n, jitter, rng)
-    assert len(seen) > len(points)  # overlaps saw some points twice or four times
-    kept = dedup_overlaps(seen, stride_l0_px=stride, overlap_l0_px=size - stride, n_cols=n, n_rows=n,
-                          min_distance_l0_px=5.0)
-    assert len(kept) == len(points)
-    d = np.hypot(kept.cx[:, None] - points[None, :, 0], kept.cy[:, None] - points[None, :, 1]).min(1)
-    assert d.max() < 1.0
+    seen = seen_by_tiles(points, rng=rng, jitter=jitter)
+    assert len(seen) > len(points)  # overlaps saw some points two or four times
+    assert_each_once(dedup_overlaps(seen, layout(), min_distance_l0_px=5.0), points)
 
 
-def test_ownership_alone_partitions_identical_centres() -> None:
-    rng = np.random.default_rng(2)
-    points = rng.uniform(0, 1400, (500, 2))
-    seen = _seen_by_tiles(points, 448, 512, 4, 0.0, rng)
-    kept = own_by_centre(seen, stride_l0_px=448, overlap_l0_px=64, n_cols=4, n_rows=4)
-    assert len(kept) == len(points)
+def test_copies_on_opposite_sides_of_a_boundary_keep_one() -> None:
+    # the boundary between tiles (0, 0) and (1, 0) is x = 480: tile (0, 0) sees the nucleus at
+    # 480.2 (in its neighbour's area), tile (1, 0) at 479.8 (in tile (0, 0)'s area)
+    points = np.array([[480.0, 200.0]])
+    seen = seen_by_tiles(points, rng=np.random.default_rng(0), shift={(0, 0): 0.2, (1, 0): -0.2})
+    assert len(seen) == 2
+    assert_each_once(dedup_overlaps(seen, layout(), min_distance_l0_px=5.0), points)
+
+
+def test_nucleus_owned_by_an_unprocessed_tile_is_kept() -> None:
+    # tile (1, 0) held too little tissue and was not read; its neighbours saw the nuclei in the overlaps
+    points = np.array([[460.0, 100.0], [900.0, 100.0], [700.0, 470.0]])
+    processed = ALL_TILES - {(1, 0)}
+    seen = seen_by_tiles(points, rng=np.random.default_rng(0), processed=processed)
+    kept = dedup_overlaps(seen, layout(processed), min_distance_l0_px=5.0)
+    assert_each_once(kept, points)
 
 
 def test_suppression_keeps_higher_score_of_same_label() -> None:
     f = np.float32
-    det = Detections(np.array([0, 1, 100], f), np.array([0, 1, 100], f), np.array([6, 7, 106], f),
-                     np.array([6, 7, 106], f), np.array([0.6, 0.9, 0.7], f), np.array([0, 0, 0], np.int16),
-                     np.zeros(3, np.int64), np.zeros(3, np.int64))
+    det = Detections(np.array([0, 1, 100, 0], f), np.array([0, 1, 100, 0], f), np.array([6, 7, 106, 6], f),
+                     np.array([6, 7, 106, 6], f), np.array([0.6, 0.9, 0.7, 0.5], f), np.array([0, 0, 0, 1], np.int16),
+                     np.zeros(4, np.int64), np.zeros(4, np.int64))
     kept = suppress_near_duplicates(det, min_distance_l0_px=3.0)
-    assert sorted(kept.score.tolist()) == pytest.approx([0.7, 0.9])
+    assert sorted(zip(kept.score.tolist(), kept.label.tolist())) == [(0.5, 1), (pytest.approx(0.7), 0),
+                                                                     (pytest.approx(0.9), 0)]
 
 
 def test_empty_detections_have_defined_shape() -> None:
     empty = Detections.empty()
     assert len(empty) == 0 and empty.x0.dtype == np.float32 and empty.tile_x.dtype == np.int64
-    assert len(dedup_overlaps(empty, stride_l0_px=10, overlap_l0_px=2, n_cols=1, n_rows=1, min_distance_l0_px=1)) == 0
+    assert len(dedup_overlaps(empty, layout(), min_distance_l0_px=1.0)) == 0

@@ -34,7 +34,7 @@ def test_morton_code_interleaves_bits() -> None:
 
 def test_detections_table_sorted_by_tile_key_with_provenance(tmp_path: Path) -> None:
     det = _detections(1000, np.random.default_rng(0))
-    table = detections_table(det, stride_l0_px=448, label_names=["nucleus"],
+    table = detections_table(det, stride_l0=448.0, label_names=["nucleus"],
                              provenance={"slide_sha256": "ab" * 32, "params": {"tile_px": 256}})
     assert table.schema.equals(DETECTIONS_SCHEMA, check_metadata=False)
     keys = table.column("tile_key").to_numpy()

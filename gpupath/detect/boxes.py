@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import numpy as np
+from scipy.spatial import cKDTree
 
-__all__ = ["Detections", "to_global", "own_by_centre", "suppress_near_duplicates", "dedup_overlaps"]
+__all__ = ["Detections", "GridLayout", "to_global", "own_by_centre", "suppress_near_duplicates", "dedup_overlaps"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,17 +66,26 @@ class Detections:
         return Detections(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(Detections)))
 
 
-def to_global(tile_index: np.ndarray, cx_px: np.ndarray, cy_px: np.ndarray, radius_px: np.ndarray,
-              score: np.ndarray, label: np.ndarray, tile_x: np.ndarray, tile_y: np.ndarray,
-              l0_per_px: float) -> Detections:
+def to_global(*, tile_index: np.ndarray, cx_px: np.ndarray, cy_px: np.ndarray, radius_px: np.ndarray,
+              score: np.ndarray, label: np.ndarray, origin_x: np.ndarray, origin_y: np.ndarray,
+              tile_x: np.ndarray, tile_y: np.ndarray, l0_per_px: float) -> Detections:
     """Map centre + radius detections in tile px to level-0 boxes.
 
-    ``tile_index`` indexes ``tile_x, tile_y`` (level-0 origins of the batch's tiles);
-    ``l0_per_px`` is level-0 px per tile px. A tile pixel ``c`` covers ``[c, c + 1)`` so its
-    level-0 position is ``origin + c * l0_per_px``, centres included.
+    Parameters
+    ----------
+    tile_index : (M,) index of each detection's tile in the batch.
+    cx_px, cy_px, radius_px : (M,) centre and radius, tile px (pixel ``c`` covers ``[c, c + 1)``).
+    score, label : (M,) detection score and class index.
+    origin_x, origin_y : (N,) exact level-0 position of each tile's pixel (0, 0) corner (float).
+    tile_x, tile_y : (N,) integer level-0 origins that identify the tiles.
+    l0_per_px : level-0 px per tile px.
+
+    Returns
+    -------
+    Detections, level-0 px.
     """
-    ox = tile_x[tile_index].astype(np.float64)
-    oy = tile_y[tile_index].astype(np.float64)
+    ox = np.asarray(origin_x, np.float64)[tile_index]
+    oy = np.asarray(origin_y, np.float64)[tile_index]
     gx = ox + cx_px * l0_per_px
     gy = oy + cy_px * l0_per_px
     r = radius_px * l0_per_px
@@ -87,80 +97,99 @@ def to_global(tile_index: np.ndarray, cx_px: np.ndarray, cy_px: np.ndarray, radi
     )
 
 
-def own_by_centre(det: Detections, *, stride_l0_px: int, overlap_l0_px: int, n_cols: int, n_rows: int) -> Detections:
-    """Keep each detection only in the tile that owns its centre.
+@dataclass(frozen=True, slots=True)
+class GridLayout:
+    """What de-duplication needs to know of a tile grid (level-0 px, exact floats)."""
 
-    Tile (col, row) with origin ``col * stride`` owns level-0 x in
-    ``[origin + overlap/2, origin + stride + overlap/2)`` (the first column from -inf, the last to
-    +inf), and likewise in y. These intervals partition the plane, so a nucleus seen by two
-    overlapping tiles is kept by exactly one of them.
+    stride_l0: float          # distance between neighbouring tile origins
+    overlap_l0: float         # width shared by neighbours
+    n_cols: int
+    n_rows: int
+    processed: frozenset[tuple[int, int]]   # (col, row) of the tiles that were read
+
+
+def _tile_cells(det: Detections, layout: GridLayout) -> tuple[np.ndarray, np.ndarray]:
+    """(col, row) of each detection's source tile, from its integer origin (within 1 px of col * stride)."""
+    return (np.rint(det.tile_x / layout.stride_l0).astype(np.int64),
+            np.rint(det.tile_y / layout.stride_l0).astype(np.int64))
+
+
+def _owner(c: np.ndarray, layout: GridLayout, n: int) -> np.ndarray:
+    """Grid index owning level-0 coordinate ``c``: tile k owns ``[k*s + ov/2, (k+1)*s + ov/2)``."""
+    return np.clip(np.floor((c - layout.overlap_l0 / 2) / layout.stride_l0), 0, n - 1).astype(np.int64)
+
+
+def own_by_centre(det: Detections, layout: GridLayout, *, margin_l0_px: float = 0.0) -> tuple[Detections, np.ndarray]:
+    """Keep each detection in the tile that owns its centre.
+
+    Owned intervals ``[k*stride + overlap/2, (k+1)*stride + overlap/2)`` (first tile from -inf,
+    last to +inf) partition the plane, so a nucleus seen by two overlapping tiles is kept once.
+    Two refinements keep nuclei that the bare rule would lose:
+
+    - a detection within ``margin_l0_px`` of its tile's owned area is kept too (two tiles may
+      place one nucleus on opposite sides of a boundary); such near-boundary pairs are left to
+      :func:`suppress_near_duplicates`;
+    - a detection whose owner tile was not processed (too little tissue) is kept ("orphan").
+
+    Returns
+    -------
+    (kept detections, bool mask over the kept ones: True where suppression must look).
     """
     if len(det) == 0:
-        return det
-    half = overlap_l0_px / 2.0
-
-    def owner(c: np.ndarray, n: int) -> np.ndarray:
-        return np.clip(np.floor((c - half) / stride_l0_px), 0, n - 1).astype(np.int64)
-
-    own_col = owner(det.cx.astype(np.float64), n_cols)
-    own_row = owner(det.cy.astype(np.float64), n_rows)
-    keep = (own_col * stride_l0_px == det.tile_x) & (own_row * stride_l0_px == det.tile_y)
-    return det.take(np.flatnonzero(keep))
+        return det, np.zeros(0, bool)
+    col, row = _tile_cells(det, layout)
+    cx, cy = det.cx.astype(np.float64), det.cy.astype(np.float64)
+    own_c, own_r = _owner(cx, layout, layout.n_cols), _owner(cy, layout, layout.n_rows)
+    owned = (own_c == col) & (own_r == row)
+    near = np.zeros(len(det), bool)
+    if margin_l0_px > 0:
+        own_c_lo, own_c_hi = _owner(cx - margin_l0_px, layout, layout.n_cols), _owner(cx + margin_l0_px, layout, layout.n_cols)
+        own_r_lo, own_r_hi = _owner(cy - margin_l0_px, layout, layout.n_rows), _owner(cy + margin_l0_px, layout, layout.n_rows)
+        near = (own_c_lo <= col) & (col <= own_c_hi) & (own_r_lo <= row) & (row <= own_r_hi) & ~owned
+    orphan = np.array([(c, r) not in layout.processed for c, r in zip(own_c.tolist(), own_r.tolist())], bool)
+    keep = owned | near | orphan
+    return det.take(np.flatnonzero(keep)), (near | orphan)[keep]
 
 
 def suppress_near_duplicates(det: Detections, *, min_distance_l0_px: float) -> Detections:
-    """Greedy suppression: drop a detection whose centre lies within ``min_distance_l0_px`` of a
-    higher-scoring one of the same label (catches the rare pair split by rounding at an ownership
-    boundary). Uses a spatial hash, O(N) expected.
-    """
+    """Greedy suppression, best score first: drop a detection whose centre lies within
+    ``min_distance_l0_px`` of a kept one of the same label."""
     n = len(det)
     if n < 2:
         return det
-    cell = float(min_distance_l0_px)
-    cx, cy = det.cx.astype(np.float64), det.cy.astype(np.float64)
-    order = np.argsort(-det.score, kind="stable")
-    gx = np.floor(cx / cell).astype(np.int64)
-    gy = np.floor(cy / cell).astype(np.int64)
-    buckets: dict[tuple[int, int], list[int]] = {}
-    keep = np.zeros(n, bool)
-    limit2 = cell * cell
-    for i in order:
-        bx, by = int(gx[i]), int(gy[i])
-        clash = False
-        for nx in (bx - 1, bx, bx + 1):
-            for ny in (by - 1, by, by + 1):
-                for j in buckets.get((nx, ny), ()):
-                    if det.label[j] == det.label[i] and (cx[j] - cx[i]) ** 2 + (cy[j] - cy[i]) ** 2 < limit2:
-                        clash = True
-                        break
-                if clash:
-                    break
-            if clash:
-                break
-        if not clash:
-            keep[i] = True
-            buckets.setdefault((bx, by), []).append(int(i))
-    return det.take(np.flatnonzero(keep))
+    pairs = cKDTree(np.c_[det.cx, det.cy]).query_pairs(min_distance_l0_px, output_type="ndarray")
+    pairs = pairs[det.label[pairs[:, 0]] == det.label[pairs[:, 1]]]
+    neighbours: list[list[int]] = [[] for _ in range(n)]
+    for i, j in pairs.tolist():
+        neighbours[i].append(j)
+        neighbours[j].append(i)
+    suppressed = np.zeros(n, bool)
+    keep = []
+    for i in np.argsort(-det.score, kind="stable").tolist():
+        if not suppressed[i]:
+            keep.append(i)
+            suppressed[neighbours[i]] = True
+    return det.take(np.sort(np.array(keep, np.int64)))
 
 
-def dedup_overlaps(det: Detections, *, stride_l0_px: int, overlap_l0_px: int, n_cols: int, n_rows: int,
-                   min_distance_l0_px: float) -> Detections:
-    """Centre ownership, then near-duplicate suppression in the bands around ownership boundaries.
+def dedup_overlaps(det: Detections, layout: GridLayout, *, min_distance_l0_px: float) -> Detections:
+    """Each object once: centre ownership (with a boundary margin and orphans), then suppression of
+    near duplicates among the detections near a boundary or orphaned.
 
-    Only detections within ``min_distance_l0_px`` of a boundary line can have a twin from the
-    neighbouring tile, so the (Python-loop) suppression runs on that band alone.
+    Only those can have a twin from a neighbouring tile, so the suppression pass (a Python loop
+    over pairs) runs on them alone.
     """
-    det = own_by_centre(det, stride_l0_px=stride_l0_px, overlap_l0_px=overlap_l0_px, n_cols=n_cols, n_rows=n_rows)
-    if len(det) < 2:
-        return det
-    half = overlap_l0_px / 2.0
+    kept, look = own_by_centre(det, layout, margin_l0_px=min_distance_l0_px)
+    if len(kept) < 2:
+        return kept
+    half = layout.overlap_l0 / 2
+
+    band = 2 * min_distance_l0_px  # a pair straddling a line: each within one distance of the other
 
     def near_line(c: np.ndarray) -> np.ndarray:
-        off = np.mod(c - half, stride_l0_px)
-        return (off < min_distance_l0_px) | (off > stride_l0_px - min_distance_l0_px)
+        off = np.mod(c - half, layout.stride_l0)
+        return (off < band) | (off > layout.stride_l0 - band)
 
-    band = near_line(det.cx.astype(np.float64)) | near_line(det.cy.astype(np.float64))
-    inner = np.flatnonzero(~band)
-    edge = det.take(np.flatnonzero(band))
-    edge = suppress_near_duplicates(edge, min_distance_l0_px=min_distance_l0_px)
-    return Detections.concat([det.take(inner), edge])
+    look |= near_line(kept.cx.astype(np.float64)) | near_line(kept.cy.astype(np.float64))
+    edge = suppress_near_duplicates(kept.take(np.flatnonzero(look)), min_distance_l0_px=min_distance_l0_px)
+    return Detections.concat([kept.take(np.flatnonzero(~look)), edge])

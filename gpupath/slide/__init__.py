@@ -1,5 +1,5 @@
 """Slide reading: `open_slide` -> `Slide` over cuCIM, OpenSlide or tifffile (see `_slide`)."""
 
-from gpupath.slide._slide import MPP_PLAUSIBLE_MAX, BackendName, Slide, TileBatch, open_slide
+from gpupath.slide._slide import MPP_PLAUSIBLE_MAX, BackendName, Slide, TileBatch, check_slide_file, open_slide
 
-__all__ = ["open_slide", "Slide", "TileBatch", "BackendName", "MPP_PLAUSIBLE_MAX"]
+__all__ = ["open_slide", "check_slide_file", "Slide", "TileBatch", "BackendName", "MPP_PLAUSIBLE_MAX"]

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from gpupath._coords import level0_origin, pyramid_downsamples
 from gpupath.errors import SlideReadError
 from gpupath.slide._meta import TiffLayout
 
@@ -33,11 +34,6 @@ class Reader(Protocol):
     def read_rgb(self, level: int, x_lvl: int, y_lvl: int, w: int, h: int, *, device: str) -> Any: ...
 
     def close(self) -> None: ...
-
-
-def _level0(x_lvl: int, downsample: float) -> int:
-    """Level-0 coordinate whose division by ``downsample`` lands on ``x_lvl`` (exact for integer downsamples)."""
-    return int(round(x_lvl * downsample))
 
 
 class OpenSlideReader:
@@ -75,7 +71,7 @@ class OpenSlideReader:
 
     def read_rgb(self, level: int, x_lvl: int, y_lvl: int, w: int, h: int, *, device: str) -> np.ndarray:
         ds = self.level0_downsamples[level]
-        rgba = np.asarray(self.read_rgba((_level0(x_lvl, ds), _level0(y_lvl, ds)), level, (w, h)))
+        rgba = np.asarray(self.read_rgba((level0_origin(x_lvl, ds), level0_origin(y_lvl, ds)), level, (w, h)))
         rgb = rgba[..., :3]
         alpha = rgba[..., 3:]
         if alpha.min() < 255:  # composite transparent areas (sparse scans) onto white glass
@@ -107,12 +103,11 @@ class CucimReader:
                 f"{path}: cuCIM sees levels {self.level_dims}, the TIFF holds {layout.level_dims}"
             )
         self.tile_dims = tuple((int(w), int(h)) for w, h in res["level_tile_sizes"])
-        w0, h0 = self.level_dims[0]
-        self.level0_downsamples = tuple((w0 / w + h0 / h) / 2.0 for w, h in self.level_dims)
+        self.level0_downsamples = pyramid_downsamples(self.level_dims)
 
     def read_rgb(self, level: int, x_lvl: int, y_lvl: int, w: int, h: int, *, device: str) -> Any:
         ds = self.level0_downsamples[level]
-        loc = (_level0(x_lvl, ds), _level0(y_lvl, ds))
+        loc = (level0_origin(x_lvl, ds), level0_origin(y_lvl, ds))
         try:
             region = self.img.read_region(loc, (w, h), level, device=device)
         except Exception as exc:
@@ -161,30 +156,29 @@ class TifffileReader:
         except (tifffile.TiffFileError, OSError) as exc:
             raise SlideReadError(f"{path}: tifffile cannot open it: {exc}") from exc
         self.path = path
-        if layout.truncated:
+        self.level_dims = layout.level_dims
+        self.tile_dims = layout.tile_dims
+        self.level0_downsamples = pyramid_downsamples(self.level_dims)
+        self._lock = threading.Lock()  # the file handle is shared: seek+read under the lock
+        try:
+            self._check(layout)
+        except BaseException:
             self.tf.close()
-            raise SlideReadError(
-                f"{path}: truncated file: tile data runs to byte {layout.data_end_bytes}, file has {layout.file_bytes}"
-            )
+            raise
+
+    def _check(self, layout: TiffLayout) -> None:
+        """Refuse what this reader cannot decode, and decode one tile now, so an undecodable file
+        fails at open, not mid-run."""
+        if layout.truncated:
+            raise SlideReadError(f"{self.path}: truncated file: tile data runs to byte {layout.data_end_bytes}, "
+                                 f"file has {layout.file_bytes}")
         self.pages = [self.tf.pages[i] for i in layout.level_pages]
         for page in self.pages:
             if page.samplesperpixel not in (3, 4) or page.bitspersample != 8:
-                raise SlideReadError(
-                    f"{path}: page {page.index} has {page.samplesperpixel} samples of "
-                    f"{page.bitspersample} bits; expected 8-bit RGB"
-                )
-        self.level_dims = layout.level_dims
-        self.tile_dims = layout.tile_dims
-        w0, h0 = self.level_dims[0]
-        self.level0_downsamples = tuple((w0 / w + h0 / h) / 2.0 for w, h in self.level_dims)
-        self._lock = threading.Lock()  # the file handle is shared: seek+read under the lock
-        try:  # decode one tile now, so an undecodable file fails at open, not mid-run
-            level = len(self.level_dims) - 1
-            self.read_rgb(level, 0, 0, min(self.level_dims[level][0], 16), min(self.level_dims[level][1], 16),
-                          device="cpu")
-        except SlideReadError:
-            self.tf.close()
-            raise
+                raise SlideReadError(f"{self.path}: page {page.index} has {page.samplesperpixel} samples of "
+                                     f"{page.bitspersample} bits; expected 8-bit RGB")
+        level = len(self.level_dims) - 1
+        self.read_rgb(level, 0, 0, min(self.level_dims[level][0], 16), min(self.level_dims[level][1], 16), device="cpu")
 
     def _segment(self, page: Any, index: int) -> np.ndarray | None:
         nbytes = int(page.databytecounts[index])

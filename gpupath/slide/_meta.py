@@ -112,10 +112,13 @@ def read_tiff_layout(path: Path) -> TiffLayout | None:
         magic = fh.read(4)
     if magic not in _TIFF_MAGIC:
         return None
+    tf = None
     try:
         tf = tifffile.TiffFile(path)
         pages = list(tf.pages)
     except (tifffile.TiffFileError, OSError, ValueError, IndexError) as exc:
+        if tf is not None:
+            tf.close()
         raise SlideReadError(f"{path}: TIFF header but unreadable TIFF structure (truncated or corrupt?): {exc}") from exc
     with tf:
         if not pages:

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from gpupath._coords import level0_origin, level_px
 from gpupath._xp import device_module
 from gpupath.errors import MetadataError, SlideReadError
 from gpupath.slide._backends import CucimReader, OpenSlideReader, Reader, TifffileReader
@@ -111,10 +112,6 @@ class Slide:
             )
         return mpp
 
-    def level_mpp(self, level: int) -> float:
-        """Microns per pixel of ``level`` (x)."""
-        return self.require_mpp() * self.level_downsamples[level]
-
     def read_rgb(self, location: tuple[int, int], level: int, size: tuple[int, int], *, device: Device = "cpu") -> Any:
         """RGB pixels of a region; areas outside the level are white (glass).
 
@@ -132,25 +129,31 @@ class Slide:
         """
         w, h = self._check_region(level, size)
         ds = self.level_downsamples[level]
-        x_lvl, y_lvl = math.floor(location[0] / ds), math.floor(location[1] / ds)
+        x_lvl, y_lvl = level_px(location[0], ds), level_px(location[1], ds)
+        on_device = device == "cuda" and isinstance(self._reader, CucimReader)
+        pixels, (r0, r1, c0, c1) = self._read_clipped(level, x_lvl, y_lvl, w, h, "cuda" if on_device else "cpu")
+        if pixels is not None and pixels.shape[:2] == (h, w):
+            out = pixels
+        else:
+            out = device_module("cuda" if on_device else "cpu").full((h, w, 3), 255, np.uint8)
+            if pixels is not None:
+                out[r0:r1, c0:c1] = pixels
+        return device_module("cuda").asarray(out) if device == "cuda" and not on_device else out
+
+    def _read_clipped(self, level: int, x_lvl: int, y_lvl: int, w: int, h: int,
+                      device: Device) -> tuple[Any, tuple[int, int, int, int]]:
+        """Decode the part of a level-px rectangle that lies inside the level.
+
+        Returns (pixels or None when nothing is inside, (r0, r1, c0, c1) where they go in the
+        requested rectangle). The single place requests are clipped to a level's bounds.
+        """
         lw, lh = self.level_dimensions[level]
         c0, c1 = max(x_lvl, 0), min(x_lvl + w, lw)
         r0, r1 = max(y_lvl, 0), min(y_lvl + h, lh)
-        inside = c1 > c0 and r1 > r0
-        if inside and (c0, r0, c1, r1) == (x_lvl, y_lvl, x_lvl + w, y_lvl + h):
-            return self._decode(level, x_lvl, y_lvl, w, h, device)
-        out = np.full((h, w, 3), 255, np.uint8)
-        if device == "cuda":
-            out = _cupy().asarray(out)
-        if inside:
-            out[r0 - y_lvl : r1 - y_lvl, c0 - x_lvl : c1 - x_lvl] = self._decode(level, c0, r0, c1 - c0, r1 - r0, device)
-        return out
-
-    def _decode(self, level: int, x_lvl: int, y_lvl: int, w: int, h: int, device: Device) -> Any:
-        if device == "cuda" and self.backend != "cucim":
-            # host decoder: one upload per region (cuCIM decodes on the device instead)
-            return _cupy().asarray(self._reader.read_rgb(level, x_lvl, y_lvl, w, h, device="cpu"))
-        return self._reader.read_rgb(level, x_lvl, y_lvl, w, h, device=device)
+        if c1 <= c0 or r1 <= r0:
+            return None, (0, 0, 0, 0)
+        pixels = self._reader.read_rgb(level, c0, r0, c1 - c0, r1 - r0, device=device)
+        return pixels, (r0 - y_lvl, r1 - y_lvl, c0 - x_lvl, c1 - x_lvl)
 
     def read_tiles(self, locations: Sequence[tuple[int, int]], level: int, size_px: int, *,
                    device: Device = "cpu", num_workers: int = 1) -> TileBatch:
@@ -170,17 +173,17 @@ class Slide:
         With cuCIM, tiles wholly inside the level go through cuCIM's batched multi-threaded reader.
         """
         on_device = isinstance(self._reader, CucimReader) and device == "cuda"
-        xp = _cupy() if on_device else np
+        xp = device_module("cuda" if on_device else "cpu")
         if device == "cuda":
-            _cupy()  # fail before decoding anything when no device is usable
+            device_module("cuda")  # fail before decoding anything when no device is usable
         out = xp.empty((len(locations), size_px, size_px, 3), np.uint8)
         ds = self.level_downsamples[level]
         lw, lh = self.level_dimensions[level]
-        lvl = [(math.floor(x / ds), math.floor(y / ds)) for x, y in locations]
+        lvl = [(level_px(x, ds), level_px(y, ds)) for x, y in locations]
         inner = [i for i, (c, r) in enumerate(lvl) if c >= 0 and r >= 0 and c + size_px <= lw and r + size_px <= lh]
         done: set[int] = set()
         if isinstance(self._reader, CucimReader) and len(inner) > 1:
-            locs_l0 = [(round(lvl[i][0] * ds), round(lvl[i][1] * ds)) for i in inner]
+            locs_l0 = [(level0_origin(lvl[i][0], ds), level0_origin(lvl[i][1], ds)) for i in inner]
             out[inner] = self._reader.read_batch(level, locs_l0, size_px, size_px, device=device,
                                                  num_workers=num_workers)
             done = set(inner)
@@ -188,22 +191,13 @@ class Slide:
             if i not in done:
                 out[i] = self.read_rgb(loc, level, (size_px, size_px), device=device if on_device else "cpu")
         if device == "cuda" and not on_device:
-            out = _cupy().asarray(out)  # host decoder (OpenSlide/tifffile): one upload per batch
+            out = device_module("cuda").asarray(out)  # host decoder (OpenSlide/tifffile): one upload per batch
         return TileBatch(
             pixels=out,
             x=np.array([x for x, _ in locations], np.int64).reshape(-1),
             y=np.array([y for _, y in locations], np.int64).reshape(-1),
             size_l0_px=int(round(size_px * ds)),
         )
-
-    def best_level_for_mpp(self, target_mpp: float) -> int:
-        """Coarsest level whose mpp is at most ``target_mpp`` (+0.5 %), so tiles are downsampled, never upsampled."""
-        base = self.require_mpp()
-        best = 0
-        for level, ds in enumerate(self.level_downsamples):
-            if base * ds <= target_mpp * 1.005:
-                best = level
-        return best
 
     def _check_region(self, level: int, size: tuple[int, int]) -> tuple[int, int]:
         if not 0 <= level < self.level_count:
@@ -278,15 +272,12 @@ class Slide:
         if isinstance(self._reader, OpenSlideReader):
             return self._reader.read_rgba((int(location[0]), int(location[1])), level, (w, h))
         ds = self.level_downsamples[level]
-        x_lvl, y_lvl = math.floor(location[0] / ds), math.floor(location[1] / ds)
-        lw, lh = self.level_dimensions[level]
-        rgba = np.zeros((h, w, 4), np.uint8)
-        c0, c1 = max(x_lvl, 0), min(x_lvl + w, lw)
-        r0, r1 = max(y_lvl, 0), min(y_lvl + h, lh)
-        if c1 > c0 and r1 > r0:
-            rgba[r0 - y_lvl : r1 - y_lvl, c0 - x_lvl : c1 - x_lvl, :3] = self._reader.read_rgb(
-                level, c0, r0, c1 - c0, r1 - r0, device="cpu")
-            rgba[r0 - y_lvl : r1 - y_lvl, c0 - x_lvl : c1 - x_lvl, 3] = 255
+        pixels, (r0, r1, c0, c1) = self._read_clipped(level, level_px(location[0], ds), level_px(location[1], ds),
+                                                      w, h, "cpu")
+        rgba = np.zeros((h, w, 4), np.uint8)  # transparent outside the level, as OpenSlide
+        if pixels is not None:
+            rgba[r0:r1, c0:c1, :3] = pixels
+            rgba[r0:r1, c0:c1, 3] = 255
         return Image.fromarray(rgba, "RGBA")
 
     def get_best_level_for_downsample(self, downsample: float) -> int:
@@ -346,11 +337,8 @@ class _LazyAssociated(Mapping[str, Any]):
         return len(self._pages)
 
 
-def _cupy() -> Any:
-    return device_module("cuda")
-
-
-def _check_file(path: Path) -> None:
+def check_slide_file(path: Path) -> None:
+    """Raise :class:`SlideReadError` when ``path`` is missing, a folder, empty or unreadable."""
     if not path.exists():
         raise SlideReadError(f"{path}: no such file")
     if path.is_dir():
@@ -429,7 +417,7 @@ def open_slide(path: str | os.PathLike[str], *, backend: BackendName = "auto", m
     if mpp is not None and not (mpp > 0 and math.isfinite(mpp)):
         raise ValueError(f"mpp must be a positive number of µm/px, got {mpp!r}")
     path = Path(path)
-    _check_file(path)
+    check_slide_file(path)
     reasons: list[str] = []
     tiff_problem = "not a TIFF file"
     try:
@@ -453,7 +441,10 @@ def open_slide(path: str | os.PathLike[str], *, backend: BackendName = "auto", m
             except SlideReadError as exc:
                 refusal = str(exc).removeprefix(f"{path}: ")
             else:
-                refusal = _cucim_agrees(reader, probe)
+                try:
+                    refusal = _cucim_agrees(reader, probe)
+                except SlideReadError as exc:
+                    refusal = str(exc).removeprefix(f"{path}: ")
                 if refusal is None:
                     return reader
                 reader.close()

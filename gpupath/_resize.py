@@ -33,6 +33,15 @@ def resample_weights(in_px: int, out_px: int) -> np.ndarray:
     return weights.astype(np.float32)
 
 
+@functools.lru_cache(maxsize=64)
+def _device_weights(device: int, in_px: int, out_px: int) -> Any:
+    """:func:`resample_weights` uploaded once per device (not once per batch)."""
+    import cupy  # noqa: PLC0415
+
+    with cupy.cuda.Device(device):
+        return cupy.asarray(resample_weights(in_px, out_px))
+
+
 def resize_batch(batch: Any, out_px: int) -> Any:
     """Resize square RGB tiles.
 
@@ -49,8 +58,11 @@ def resize_batch(batch: Any, out_px: int) -> Any:
     if h == out_px and w == out_px:
         return batch
     xp = array_module(batch)
-    wy = xp.asarray(resample_weights(h, out_px))
-    wx = xp.asarray(resample_weights(w, out_px))
+    if xp is np:
+        wy, wx = resample_weights(h, out_px), resample_weights(w, out_px)
+    else:
+        device = xp.cuda.Device().id
+        wy, wx = _device_weights(device, h, out_px), _device_weights(device, w, out_px)
     planes = xp.ascontiguousarray(xp.moveaxis(batch, -1, 1), dtype=xp.float32)  # (N, 3, H, W)
     out = xp.matmul(xp.matmul(wy, planes), wx.T)                    # (N, 3, out, out), batched GEMMs
     return xp.ascontiguousarray(xp.moveaxis(xp.clip(xp.rint(out), 0, 255).astype(xp.uint8), 1, -1))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from rich.table import Table
 
 from gpupath._version import __version__
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="GPU-native whole-slide image pipeline: read, tissue, tiles, stain, detect, Parquet.")
 out_console = Console()
 err_console = Console(stderr=True)
@@ -100,13 +101,16 @@ def _run(slides: list[Path], out: Path, *, mpp: float | None, target_mpp: float 
     if target_mpp is not None and magnification is not None:
         raise _fail("give --target-mpp or --magnification, not both")
     if magnification is not None:
-        if magnification <= 0:
-            raise _fail(f"--magnification must be positive, got {magnification}")
+        if not (magnification > 0 and math.isfinite(magnification)):
+            raise _fail(f"--magnification must be a positive number, got {magnification}")
         target_mpp = 10.0 / magnification  # 10x objective ~ 1 µm/px, the usual scanner convention
+    if out.exists() and not out.is_dir():
+        raise _fail(f"--out {out}: exists and is not a folder")
     try:
         dev = resolve_device(device)
         params = RunParams(
-            tile=TileSpec(tile_px=tile, overlap_px=overlap, target_mpp=target_mpp or 0.5, min_tissue=min_tissue),
+            tile=TileSpec(tile_px=tile, overlap_px=overlap, target_mpp=0.5 if target_mpp is None else target_mpp,
+                          min_tissue=min_tissue),
             stain=stain, device=dev, backend=backend, mpp_override=mpp, batch_size=batch_size,  # type: ignore[arg-type]
         )
     except ConfigError as exc:
@@ -130,6 +134,9 @@ def _run(slides: list[Path], out: Path, *, mpp: float | None, target_mpp: float 
         def on_slide(res) -> None:  # noqa: ANN001
             if res.status != "ok":
                 progress.console.print(f"error: {res.error}", markup=False, highlight=False, soft_wrap=True)
+            elif res.warning:
+                progress.console.print(f"warning: {res.path}: {res.warning}", markup=False, highlight=False,
+                                       soft_wrap=True)
 
         results = run_slides([str(s) for s in slides], out, params, on_slide=on_slide, on_tiles=on_tiles)
     elapsed = time.perf_counter() - t0
@@ -155,11 +162,12 @@ def run(
     slides: Annotated[list[Path], typer.Argument(help="Slide files.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
     mpp: Annotated[Optional[float], typer.Option(help="Level-0 µm/px to use instead of the slides' metadata.")] = None,
-    target_mpp: Annotated[Optional[float], typer.Option(help="µm/px of the tiles [default 0.5].")] = None,
+    target_mpp: Annotated[Optional[float], typer.Option(help="µm/px of the tiles (default 0.5).")] = None,
     magnification: Annotated[Optional[float], typer.Option(help="Target magnification instead of --target-mpp (20 -> 0.5 µm/px).")] = None,
     tile: Annotated[int, typer.Option(help=_TILE_HELP)] = 256,
     overlap: Annotated[int, typer.Option(help="Overlap between neighbouring tiles, px at the target resolution.")] = 32,
-    stain: Annotated[str, typer.Option(help="macenko | none")] = "macenko",
+    stain: Annotated[str, typer.Option(help="macenko | none (none: tiles are not normalised; the slide's stain "
+                                            "vectors are still estimated for the detector's colour deconvolution)")] = "macenko",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     backend: Annotated[str, typer.Option(help="auto | cucim | openslide | tifffile")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Tiles per batch.")] = 32,
@@ -183,6 +191,8 @@ def synth(
     """Write a synthetic H&E slide (pyramidal JPEG TIFF, Aperio-style) with nuclei ground truth beside it."""
     from gpupath.synthetic import SyntheticSpec, write_synthetic_slide
 
+    if not path.parent.is_dir():
+        raise _fail(f"{path.parent}: no such folder")
     try:
         truth = write_synthetic_slide(path, SyntheticSpec(width_px=width, height_px=height, mpp=mpp, seed=seed))
     except ValueError as exc:

@@ -13,7 +13,9 @@ the failed slide is written except its row in ``slides.parquet``.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import logging
+import os
 import platform
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -40,7 +42,7 @@ from gpupath.results import (
     write_slide_parts,
     write_slides_table,
 )
-from gpupath.slide import BackendName, Slide, TileBatch, check_slide_file, open_slide
+from gpupath.slide import MPP_PLAUSIBLE_MAX, BackendName, Slide, TileBatch, check_slide_file, open_slide
 from gpupath.tiling import TileGrid, TileSpec, tile_grid
 from gpupath.tissue import compute_tissue
 
@@ -50,6 +52,7 @@ log = logging.getLogger("gpupath.pipeline")
 
 LABEL_NAMES = ["nucleus"]
 STAIN_SAMPLE_TILES = 32
+DARK_FIELD_GREY = 80.0   # median overview grey below which a slide is dark-field (fluorescence), not brightfield
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +66,7 @@ class RunParams:
     mpp_override: float | None = None      # level-0 µm/px to use instead of the slide's metadata
     batch_size: int = 32
     prefetch_batches: int = 2
+    read_workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))  # cuCIM decoder threads
     detector: ClassicParams = ClassicParams()
 
     def __post_init__(self) -> None:
@@ -72,8 +76,8 @@ class RunParams:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.backend not in ("auto", "cucim", "openslide", "tifffile"):
             raise ConfigError(f"backend must be auto, cucim, openslide or tifffile, got {self.backend!r}")
-        if self.mpp_override is not None and not self.mpp_override > 0:
-            raise ConfigError(f"mpp must be a positive number of µm/px, got {self.mpp_override}")
+        if self.mpp_override is not None and not (0 < self.mpp_override <= MPP_PLAUSIBLE_MAX):
+            raise ConfigError(f"mpp must be in (0, {MPP_PLAUSIBLE_MAX}] µm/px, got {self.mpp_override}")
         if self.prefetch_batches < 0:
             raise ConfigError(f"prefetch_batches must be >= 0, got {self.prefetch_batches}")
 
@@ -126,20 +130,33 @@ class _Timer:
         return now
 
 
-def _read_batch(slide: Slide, grid: TileGrid, index: np.ndarray, device: str) -> TileBatch:
+def _read_batch(slide: Slide, grid: TileGrid, index: np.ndarray, params: RunParams) -> TileBatch:
     """Tiles ``index`` of the grid, read at the grid's level and resized to ``tile_px``."""
     locations = list(zip(grid.x[index].tolist(), grid.y[index].tolist()))
-    raw = slide.read_tiles(locations, grid.level, grid.read_px, device=device)  # type: ignore[arg-type]
+    raw = slide.read_tiles(locations, grid.level, grid.read_px, device=params.device, num_workers=params.read_workers)
     return TileBatch(resize_batch(raw.pixels, grid.tile_px), raw.x, raw.y, raw.size_l0_px)
+
+
+def _current_device_context(device: str) -> Callable[[], Any]:
+    """A factory of context managers that make the calling thread's current CUDA device current."""
+    if device != "cuda":
+        return contextlib.nullcontext
+    import cupy  # noqa: PLC0415
+
+    device_id = cupy.cuda.Device().id
+    return lambda: cupy.cuda.Device(device_id)
 
 
 def _prefetched(slide: Slide, grid: TileGrid, params: RunParams) -> Iterator[tuple[np.ndarray, TileBatch, float]]:
     """Yield (index, tiles, read seconds) with up to ``prefetch_batches`` batches decoded ahead."""
     batches = list(grid.batches(params.batch_size))
 
+    device_ctx = _current_device_context(params.device)
+
     def job(index: np.ndarray) -> tuple[np.ndarray, TileBatch, float]:
         t0 = time.perf_counter()
-        tiles = _read_batch(slide, grid, index, params.device)
+        with device_ctx():  # the reader thread decodes onto the caller's GPU (dask-cuda: one GPU per worker)
+            tiles = _read_batch(slide, grid, index, params)
         return index, tiles, time.perf_counter() - t0
 
     if params.prefetch_batches == 0:
@@ -166,11 +183,11 @@ def _prefetched(slide: Slide, grid: TileGrid, params: RunParams) -> Iterator[tup
 
 
 def _fit_slide_stain(slide: Slide, grid: TileGrid, params: RunParams) -> tuple[stain.StainFit | None, str]:
-    """Macenko fit on the most tissue-rich tiles (up to STAIN_SAMPLE_TILES, spread by a fixed stride)."""
+    """Macenko fit on the most tissue-rich tiles (up to STAIN_SAMPLE_TILES of them)."""
     order = np.argsort(-grid.tissue_fraction, kind="stable")
     sample = np.sort(order[: STAIN_SAMPLE_TILES])
     try:
-        return stain.fit_macenko(_read_batch(slide, grid, sample, params.device).pixels), ""
+        return stain.fit_macenko(_read_batch(slide, grid, sample, params).pixels), ""
     except ValueError as exc:
         return None, f"stain fit failed ({exc}); tiles not normalised, Ruifrok H&E basis used"
 
@@ -216,7 +233,12 @@ def _process_slide(path: str | Path, out_dir: Path, params: RunParams, *,
                     f"{path}: no tissue found (tissue is {tissue.fraction:.1%} of the overview; "
                     f"no {grid.tile_px}-px tile at {grid.tile_mpp:.3g} µm/px holds >= {params.tile.min_tissue:.0%})"
                 )
-            fit, result.warning = _fit_slide_stain(slide, grid, params)
+            fit, stain_warning = _fit_slide_stain(slide, grid, params)
+            warnings = [stain_warning] if stain_warning else []
+            if tissue.median_grey < DARK_FIELD_GREY:
+                warnings.append(f"dark background (median grey {tissue.median_grey:.0f}): looks like fluorescence, "
+                                "for which the H&E nuclei detector is not made")
+            result.warning = "; ".join(warnings)
             basis = RUIFROK_HE_OD if fit is None else fit.stain_matrix_od
             if params.stain == "macenko" and fit is not None:
                 basis = stain.REFERENCE.stain_matrix_od

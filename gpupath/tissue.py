@@ -35,6 +35,7 @@ class TissueMask:
     mask: np.ndarray         # (rows, cols) bool, host
     downsample: float        # level-0 px per mask px (both axes)
     mpp: float | None        # level-0 µm/px used for areas
+    median_grey: float = 255.0   # median grey level (0-255) of the overview: low for fluorescence
 
     @property
     def fraction(self) -> float:
@@ -144,4 +145,6 @@ def compute_tissue(slide: Slide, *, mpp: float | None = None, device: str = "cpu
     """Tissue mask of a whole slide (overview read + :func:`tissue_mask`), mask returned on the host."""
     overview, ds = read_overview(slide, _mask_downsample(slide, mpp), device=device)
     mask = tissue_mask(overview, **mask_options)
-    return TissueMask(mask=to_host(mask).astype(bool), downsample=ds, mpp=mpp)
+    xp = array_module(overview)
+    median_grey = float(to_host(xp.median(overview.astype(xp.float32).mean(axis=-1))))  # one scalar to the host
+    return TissueMask(mask=to_host(mask).astype(bool), downsample=ds, mpp=mpp, median_grey=median_grey)

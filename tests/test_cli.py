@@ -112,12 +112,22 @@ def test_mpp_override_for_slide_without_usable_mpp(tmp_path: Path) -> None:
     (["--stain", "reinhard"], "stain must be none or macenko"),
     (["--target-mpp", "0.5", "--magnification", "20"], "not both"),
     (["--backend", "bioformats"], "backend must be"),
+    (["--target-mpp", "0"], "target_mpp must be a positive number"),
+    (["--mpp", "inf"], "mpp must be in (0, 20.0]"),
+    (["--magnification", "-20"], "--magnification must be a positive number"),
 ])
 def test_bad_arguments_exit_2(args: list[str], expected: str, tmp_path: Path) -> None:
     slide = data_file("cmu-1-small-region.svs")
     proc = gpupath("run", slide, "--out", tmp_path / "out", "--device", "cpu", *args)
     assert proc.returncode == 2, proc.stderr
     assert expected in proc.stderr
+
+
+def test_out_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("not a folder")
+    proc = gpupath("run", data_file("small.svs"), "--out", tmp_path / "taken", "--device", "cpu")
+    assert proc.returncode == 2 and "exists and is not a folder" in proc.stderr
+    assert (tmp_path / "taken").read_text() == "not a folder"
 
 
 def test_cuda_without_gpu_is_refused(tmp_path: Path) -> None:

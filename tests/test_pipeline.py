@@ -78,8 +78,28 @@ def test_nuclei_in_overlaps_counted_once(synthetic: Path, tmp_path: Path, target
     det = detections_of(tmp_path, res.slide_id)
     near = cKDTree(np.c_[det["cx"], det["cy"]]).query_ball_point(truth[in_overlap], MATCH_PX)
     counts = np.array([len(n) for n in near])
-    assert (counts == 1).mean() >= 0.95, f"overlap nuclei detected {np.bincount(counts)} times (index = count)"
+    # the detector's own misses (recall ~99.5 %) are the only nuclei allowed to be absent
+    assert (counts == 1).mean() >= 0.99, f"overlap nuclei detected {np.bincount(counts)} times (index = count)"
     assert counts.max() == 1, "a nucleus in an overlap was reported twice"
+
+
+def test_tiles_read_from_a_fractional_downsample_level(tmp_path: Path) -> None:
+    # 4099 px: level 1 is 1024 px, OpenSlide-style downsample 4.0029; tiles at 1 µm/px come from it
+    slide = tmp_path / "odd.svs"
+    write_synthetic_slide(slide, SyntheticSpec(width_px=4099, height_px=4099, mpp=0.25, seed=4))
+    params = {b: RunParams(backend=b, tile=TileSpec(overlap_px=32, target_mpp=1.0)) for b in ("cucim", "tifffile")}
+    found = {}
+    for backend, p in params.items():
+        res = process_slide(slide, tmp_path / backend, p)
+        assert res.status == "ok" and res.tile_mpp == pytest.approx(4099 / 1024 * 0.25, rel=1e-3), res.error
+        found[backend] = detections_of(tmp_path / backend, res.slide_id)
+    np.testing.assert_array_equal(found["cucim"]["x0_px"], found["tifffile"]["x0_px"])  # same level pixels
+    truth = truth_centres(slide)
+    det = np.c_[found["cucim"]["cx"], found["cucim"]["cy"]]
+    # 4 level-0 px is one tile px here; the writer scales levels by exactly 4 while OpenSlide's
+    # downsample says 4.0029, so centres far from the origin drift by up to ~1.5 level-0 px
+    ti, fi = one_to_one(truth, det, MATCH_PX)
+    assert len(ti) / len(truth) >= 0.9 and len(fi) / len(det) >= 0.9
 
 
 def test_cucim_and_openslide_give_same_detections(synthetic: Path, tmp_path: Path) -> None:
@@ -125,6 +145,7 @@ def test_every_shared_file_runs_or_fails_with_a_reason(tmp_path: Path) -> None:
     assert by_name["unreadable.svs"].status == "failed" and "Bogus marker length" in by_name["unreadable.svs"].error
     assert "pass --mpp" in by_name["boxes.tiff"].error
     assert "no tissue" in by_name["small.svs"].error
+    assert "fluorescence" in by_name["test3-DAPI.ndpi"].warning and by_name["cmu-1-small-region.svs"].warning == ""
 
 
 def test_demo_slide_pixels_from_every_backend_match(synthetic: Path) -> None:

@@ -273,9 +273,10 @@ def test_bad_backend() -> None:
         open_slide(data_file(CMU), backend="gpu")  # type: ignore[arg-type]
 
 
-def test_negative_mpp() -> None:
-    with pytest.raises(ValueError, match=r"mpp must be a positive number of µm/px, got -1"):
-        open_slide(data_file(CMU), mpp=-1)
+@pytest.mark.parametrize("mpp", [-1, 0, float("inf"), float("nan"), 25])
+def test_bad_mpp_override(mpp: float) -> None:
+    with pytest.raises(ValueError, match=r"mpp must be in \(0, 20.0\] µm/px, got"):
+        open_slide(data_file(CMU), mpp=mpp)
 
 
 @pytest.mark.parametrize("level", [-1, 1])

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -101,15 +100,25 @@ class Slide:
         return float(value) if value not in (None, "") else None
 
     def require_mpp(self) -> float:
-        """Level-0 microns per pixel, or a :class:`MetadataError` that says how to supply it."""
+        """Level-0 microns per pixel, or a :class:`MetadataError` that says how to supply it.
+
+        Refuses a missing or implausible value (e.g. a 72-dpi default tag) and non-square pixels
+        (x and y differing by more than 1 %), which the tiling does not handle.
+        """
         mpp = self.mpp
         if mpp is None:
             raise MetadataError(f"{self.path}: no mpp in metadata or TIFF tags; pass --mpp")
+        if self._mpp_override is not None:
+            return mpp  # validated by open_slide; the user's word wins
         if not (0.0 < mpp <= MPP_PLAUSIBLE_MAX):
             raise MetadataError(
                 f"{self.path}: metadata says {mpp:.4g} µm/px, not a microscope scan "
                 f"(expected 0 < mpp <= {MPP_PLAUSIBLE_MAX}); pass --mpp"
             )
+        mpp_y = self.properties.get("openslide.mpp-y")
+        if mpp_y not in (None, "") and abs(float(mpp_y) - mpp) > 0.01 * mpp:
+            raise MetadataError(f"{self.path}: non-square pixels ({mpp:.4g} x {float(mpp_y):.4g} µm) are not supported; "
+                                "pass --mpp to treat them as square")
         return mpp
 
     def read_rgb(self, location: tuple[int, int], level: int, size: tuple[int, int], *, device: Device = "cpu") -> Any:
@@ -414,8 +423,8 @@ def open_slide(path: str | os.PathLike[str], *, backend: BackendName = "auto", m
     """
     if backend not in ("auto", "cucim", "openslide", "tifffile"):
         raise ValueError(f"backend must be auto, cucim, openslide or tifffile, got {backend!r}")
-    if mpp is not None and not (mpp > 0 and math.isfinite(mpp)):
-        raise ValueError(f"mpp must be a positive number of µm/px, got {mpp!r}")
+    if mpp is not None and not (0 < mpp <= MPP_PLAUSIBLE_MAX):
+        raise ValueError(f"mpp must be in (0, {MPP_PLAUSIBLE_MAX}] µm/px, got {mpp!r}")
     path = Path(path)
     check_slide_file(path)
     reasons: list[str] = []

@@ -64,7 +64,7 @@ def info(
 ) -> None:
     """Show a slide's levels, resolution, vendor and the backend that reads it."""
     from gpupath.errors import GpupathError
-    from gpupath.slide import open_slide
+    from gpupath.slide import MPP_PLAUSIBLE_MAX, open_slide
 
     try:
         with open_slide(slide, backend=backend, mpp=mpp) as s:  # type: ignore[arg-type]
@@ -88,6 +88,8 @@ def info(
         table.add_row(str(lv["level"]), str(lv["width"]), str(lv["height"]), f"{lv['downsample']:.3f}",
                       "?" if lv["mpp"] is None else f"{lv['mpp']:.4f}")
     out_console.print(table)
+    if data["mpp"] is not None and not 0 < data["mpp"] <= MPP_PLAUSIBLE_MAX:
+        data["mpp"] = f"{data['mpp']:.4g} (implausible for a scan: run needs --mpp)"
     out_console.print(f"mpp: {data['mpp'] if data['mpp'] is not None else 'unknown (pass --mpp)'}; "
                       f"objective: {data['objective_power'] or '?'}; associated: {', '.join(data['associated_images']) or '-'}")
 

@@ -158,6 +158,18 @@ def detections_table(det: Detections, *, stride_l0: float, label_names: list[str
 
 def tiles_table(*, x: np.ndarray, y: np.ndarray, size_l0_px: int, col: np.ndarray, row: np.ndarray, level: int,
                 tissue_fraction: np.ndarray, n_detections: np.ndarray, provenance: Mapping[str, Any]) -> pa.Table:
+    """The processed tile grid as an Arrow table (one row per tile, level-0 px, in grid order).
+
+    Parameters
+    ----------
+    x, y : (N,) level-0 origins of the tiles.
+    size_l0_px : level-0 tile edge, px.
+    col, row : (N,) grid column and row.
+    level : pyramid level the tiles were read from.
+    tissue_fraction : (N,) tissue share of each tile, in [0, 1].
+    n_detections : (N,) detections kept for each tile after de-duplication.
+    provenance : written into the schema metadata.
+    """
     n = len(x)
     table = pa.table(
         [x.astype(np.int64), y.astype(np.int64), np.full(n, size_l0_px, np.int32), col.astype(np.int32),

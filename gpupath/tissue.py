@@ -142,7 +142,19 @@ def tissue_mask(rgb: Any, *, min_saturation: float = 0.07, max_grey: float = 235
 
 
 def compute_tissue(slide: Slide, *, mpp: float | None = None, device: str = "cpu", **mask_options: Any) -> TissueMask:
-    """Tissue mask of a whole slide (overview read + :func:`tissue_mask`), mask returned on the host."""
+    """Tissue mask of a whole slide: overview read at ~8 µm/px + :func:`tissue_mask`.
+
+    Parameters
+    ----------
+    slide : the open slide.
+    mpp : level-0 µm/px (None: overview sized by pixels, areas unknown).
+    device : ``cpu`` or ``cuda`` (overview and mask computed there).
+    **mask_options : passed to :func:`tissue_mask`.
+
+    Returns
+    -------
+    TissueMask on the host (a few thousand px a side at most), with the overview's median grey.
+    """
     overview, ds = read_overview(slide, _mask_downsample(slide, mpp), device=device)
     mask = tissue_mask(overview, **mask_options)
     xp = array_module(overview)

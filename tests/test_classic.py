@@ -83,3 +83,16 @@ def test_threshold_trades_recall() -> None:
     tile = he_tile(faint, rng)
     assert len(detect_nuclei(tile[None], mpp=MPP).cx_px) == 1
     assert len(detect_nuclei(tile[None], mpp=MPP, params=ClassicParams(threshold=5.0)).cx_px) == 0
+
+
+@pytest.mark.gpu
+def test_device_detection_matches_host() -> None:
+    import cupy
+
+    rng = np.random.default_rng(3)
+    tiles = np.stack([he_tile(DISCS, rng), he_tile(DISCS[1:], rng)])
+    host = detect_nuclei(tiles, mpp=MPP)
+    dev = detect_nuclei(cupy.asarray(tiles), mpp=MPP)
+    np.testing.assert_array_equal(host.tile_index, dev.tile_index)
+    np.testing.assert_allclose(dev.cx_px, host.cx_px, atol=1e-3)  # float32 filters, other summation order
+    np.testing.assert_allclose(dev.score, host.score, atol=1e-4)

@@ -50,3 +50,13 @@ def test_resize_batch_identity_and_dtype() -> None:
     assert small.shape == (3, 32, 32, 3) and small.dtype == np.uint8
     flat = np.full((2, 64, 64, 3), 187, np.uint8)
     assert (resize_batch(flat, 48) == 187).all() and (resize_batch(flat, 100) == 187).all()
+
+
+@pytest.mark.gpu
+def test_device_resize_matches_host() -> None:
+    import cupy
+
+    tiles = np.random.default_rng(5).integers(0, 256, (4, 257, 257, 3), dtype=np.uint8)
+    host = resize_batch(tiles, 256)
+    dev = resize_batch(cupy.asarray(tiles), 256)
+    assert np.abs(cupy.asnumpy(dev).astype(int) - host).max() <= 1  # float32 GEMMs, rounding at .5

@@ -58,3 +58,14 @@ def test_real_he_slide_has_tissue_and_area() -> None:
     area_mm2 = tissue.area_mm2
     full_mm2 = 2220 * 2967 * 0.499**2 / 1e6
     assert area_mm2 == pytest.approx(tissue.fraction * full_mm2, rel=0.05)
+
+
+@pytest.mark.gpu
+def test_device_mask_matches_host() -> None:
+    import cupy
+
+    rgb, _ = _glass_with_tissue(np.random.default_rng(4))
+    host = tissue_mask(rgb)
+    dev = tissue_mask(cupy.asarray(rgb))
+    assert isinstance(dev, cupy.ndarray)
+    assert (cupy.asnumpy(dev) == host).mean() > 0.999

@@ -9,6 +9,11 @@ import pytest
 
 from gpupath._xp import gpu_available
 
+# Device kernels: on a machine without a GPU, run them under Numba's CUDA simulator. This must be
+# set before numba is first imported, hence here, at the top of the first conftest.
+if not gpu_available():
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
 DATA_DIR = Path(os.environ.get("GPUPATH_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 # every file of the shared test data, and what it is expected to do

@@ -1,0 +1,72 @@
+"""Shared launch helpers for the Numba CUDA kernels.
+
+Kernels are written with grid-stride loops, so any grid covers any size; :func:`grid_1d` picks a
+grid that fills a GPU without launching more blocks than there is work. Under the CUDA simulator
+(CI) each thread is a Python thread, so launches there use a tiny grid.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["simulator_enabled", "grid_1d", "cuda", "is_device_array", "device_array_module", "BenchCase"]
+
+THREADS_PER_BLOCK = 256
+_SIM_BLOCKS, _SIM_THREADS = 2, 8  # simulator: every CUDA thread is a Python thread
+
+
+def simulator_enabled() -> bool:
+    """True when Numba's CUDA simulator is on (``NUMBA_ENABLE_CUDASIM=1`` before numba is imported)."""
+    return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") == "1"
+
+
+@functools.cache
+def cuda() -> Any:
+    """``numba.cuda``, imported on first use (never at import time of a kernel module)."""
+    from numba import cuda as numba_cuda  # noqa: PLC0415
+
+    return numba_cuda
+
+
+def grid_1d(n: int) -> tuple[int, int]:
+    """(blocks, threads per block) for a grid-stride loop over ``n`` items."""
+    if simulator_enabled():
+        return _SIM_BLOCKS, _SIM_THREADS
+    blocks = max(1, min(-(-n // THREADS_PER_BLOCK), 65535))
+    return blocks, THREADS_PER_BLOCK
+
+
+def is_device_array(x: Any) -> bool:
+    return hasattr(x, "__cuda_array_interface__")
+
+
+def device_array_module(x: Any) -> Any:
+    """CuPy for device arrays; NumPy for host arrays (simulator launches take NumPy arrays)."""
+    if is_device_array(x):
+        import cupy  # noqa: PLC0415
+
+        return cupy
+    return np
+
+
+@dataclass(frozen=True, slots=True)
+class BenchCase:
+    """One kernel as bench/bench_kernels.py times it against its NumPy twin.
+
+    ``make_input(rng, n_px)`` returns the positional arguments (host NumPy arrays) for about
+    ``n_px`` pixels; ``run`` is the public wrapper (device kernel on CuPy input, twin on NumPy);
+    ``run_twin`` the NumPy twin; ``bytes_moved(args)`` the bytes a kernel must read + write at
+    least (for the memory-bandwidth fraction on a GPU).
+    """
+
+    name: str
+    make_input: Callable[[np.random.Generator, int], tuple[Any, ...]]
+    run: Callable[..., Any]
+    run_twin: Callable[..., Any]
+    bytes_moved: Callable[[tuple[Any, ...]], int]

@@ -1,4 +1,4 @@
-"""Macenko stain normalisation of H&E tiles, one code path for NumPy (host) and CuPy (device).
+"""Macenko stain normalisation of H&E tiles: NumPy on the host, hand kernels on a CUDA device.
 
 What it does
     Estimates the two stain vectors (hematoxylin, eosin) of an RGB image or batch in optical
@@ -11,10 +11,15 @@ In and out
     A fit is a :class:`StainFit`: small ``float64`` host arrays (OD units, dimensionless).
 
 Device
-    ``xp = array_module(rgb)`` selects NumPy or CuPy and the maths is written once. Per-pixel
-    work (OD, covariance sums, angles, percentiles, least squares, reconstruction) stays on the
-    input's device; only 3x3 / 3x2 matrices and a few scalars come to the host, each at a
-    ``to_host`` call with a comment. This is the reference that device kernels are checked against.
+    Host (NumPy) input: the code below, written once with ``xp = array_module(rgb)``; it is the
+    reference the device kernels are checked against (and agrees with torchstain). Device (CuPy)
+    input: :func:`fit_macenko`, :func:`apply_macenko` and :func:`normalize_batch` hand the
+    per-pixel passes to the Numba kernels of ``gpupath_kernels.macenko`` (OD statistics, angle
+    and concentration histograms, one fused re-rendering), a per-tile batch in one launch per
+    pass. Its percentiles come from histograms: stain vectors within 0.022 deg of this path's,
+    max_conc within a bound the kernels return (~1e-6 OD on 256 x 256 px tiles) of the exact
+    percentile, pixels within 1 grey level. Only 3x3 / 3x2 matrices, per-block sums, order
+    statistics' bins and a few scalars come to the host.
 
 Conventions (fixed here, relied on by callers)
     * OD = -ln((I + 1) / io), ``I`` in grey levels 0..255, ``io`` the background transmitted
@@ -173,6 +178,30 @@ def _concentrations(od: Any, stain_matrix_od: np.ndarray) -> Any:
     return od @ xp.asarray(pinv.T, dtype=od.dtype)
 
 
+# Why a fit fails, one sentence each; shared with the device path (gpupath_kernels.macenko).
+def _reason_too_few(
+    n_tissue: int, n_px: int, beta: float, need: int, min_tissue_px: int, min_tissue_frac: float
+) -> str:
+    return (
+        f"too few tissue pixels: {n_tissue} of {n_px} have OD >= beta={beta} in all channels, "
+        f"need at least {need} (min_tissue_px={min_tissue_px}, min_tissue_frac={min_tissue_frac})"
+    )
+
+
+def _reason_not_separable(alpha: float, n_tissue: int, phi_lo: float, phi_hi: float) -> str:
+    return (
+        f"stains not separable: the {alpha}th..{100 - alpha}th percentile angles of {n_tissue} "
+        f"tissue pixels span {phi_hi - phi_lo:.2e} rad < {_MIN_ANGLE_SPREAD_RAD:.0e} rad"
+    )
+
+
+def _reason_sparse(max_conc: np.ndarray, n_tissue: int, n_px: int) -> str:
+    return (
+        f"99th-percentile H, E concentrations {np.asarray(max_conc).round(4).tolist()} not > {_MIN_MAX_CONC:.0e}: "
+        f"tissue ({n_tissue} of {n_px} pixels) is too sparse for a robust maximum"
+    )
+
+
 def _fit_or_reason(
     rgb: Any, io: float, beta: float, alpha: float, min_tissue_px: int, min_tissue_frac: float
 ) -> StainFit | str:
@@ -184,10 +213,7 @@ def _fit_or_reason(
     n_tissue = int(tissue.shape[0])
     need = max(min_tissue_px, math.ceil(min_tissue_frac * n_px))
     if n_tissue < need:
-        return (
-            f"too few tissue pixels: {n_tissue} of {n_px} have OD >= beta={beta} in all channels, "
-            f"need at least {need} (min_tissue_px={min_tissue_px}, min_tissue_frac={min_tissue_frac})"
-        )
+        return _reason_too_few(n_tissue, n_px, beta, need, min_tissue_px, min_tissue_frac)
 
     centred = tissue - tissue.mean(axis=0)
     # host: the 3x3 covariance and its eigen-decomposition (tiny; eigh on host is exact enough)
@@ -206,10 +232,7 @@ def _fit_or_reason(
     # host: two scalar angles, then the 2-vector maths
     phi_lo, phi_hi = (float(v) for v in to_host(xp.percentile(phi, xp.asarray([alpha, 100.0 - alpha]))))
     if phi_hi - phi_lo < _MIN_ANGLE_SPREAD_RAD:
-        return (
-            f"stains not separable: the {alpha}th..{100 - alpha}th percentile angles of {n_tissue} "
-            f"tissue pixels span {phi_hi - phi_lo:.2e} rad < {_MIN_ANGLE_SPREAD_RAD:.0e} rad"
-        )
+        return _reason_not_separable(alpha, n_tissue, phi_lo, phi_hi)
     v_lo = plane @ np.array([math.cos(phi_lo), math.sin(phi_lo)])
     v_hi = plane @ np.array([math.cos(phi_hi), math.sin(phi_hi)])
     # hematoxylin first: the extreme vector with the larger red OD (ties: v_hi, as in the reference)
@@ -219,10 +242,7 @@ def _fit_or_reason(
     conc = _concentrations(od, stain_matrix)  # all pixels, as in the reference
     max_conc = to_host(xp.percentile(conc, 99.0, axis=0))  # host: two scalars
     if not (max_conc > _MIN_MAX_CONC).all():
-        return (
-            f"99th-percentile H, E concentrations {max_conc.round(4).tolist()} not > {_MIN_MAX_CONC:.0e}: "
-            f"tissue ({n_tissue} of {n_px} pixels) is too sparse for a robust maximum"
-        )
+        return _reason_sparse(max_conc, n_tissue, n_px)
     return StainFit(stain_matrix_od=stain_matrix, max_conc=max_conc, io=io)
 
 
@@ -313,6 +333,9 @@ def fit_macenko(
     ``alpha`` and ``100 - alpha`` percentiles (linear interpolation) give the two stain vectors,
     hematoxylin first (larger red OD). Concentrations of all pixels follow by least squares and
     ``max_conc`` is their 99th percentile. Per-pixel work runs in float64 on the input's device.
+    On a device array the percentiles come from on-device histograms (see the module notes):
+    stain vectors within 3.8e-4 rad of the exact percentile, max_conc within the bound
+    ``gpupath_kernels.macenko.concentrations_max`` states.
     Apart from deterministic eigenvector signs (which do not change the result) this is the
     computation of the paper's reference code and of torchstain's NumPy backend.
 
@@ -323,6 +346,12 @@ def fit_macenko(
     ((3, 2), (2,))
     """
     arr = _as_array(rgb)
+    if is_device_array(arr):  # per-pixel passes as hand kernels; validates as below
+        from gpupath_kernels.macenko import fit_macenko_device  # noqa: PLC0415  (numba: lazy)
+
+        return fit_macenko_device(
+            arr, io=io, beta=beta, alpha=alpha, min_tissue_px=min_tissue_px, min_tissue_frac=min_tissue_frac
+        )
     _check_rgb(arr, "rgb", (3, 4))
     _check_fit_params(io, beta, alpha, min_tissue_px, min_tissue_frac)
     result = _fit_or_reason(arr, io, beta, alpha, min_tissue_px, min_tissue_frac)
@@ -366,6 +395,10 @@ def apply_macenko(rgb: ArrayLike, source: StainFit, *, target: StainFit = REFERE
     if not isinstance(source, StainFit) or not isinstance(target, StainFit):
         raise TypeError(f"source, target: expected StainFit, got {type(source).__name__}, {type(target).__name__}")
     arr = _as_array(rgb)
+    if is_device_array(arr):  # one fused kernel
+        from gpupath_kernels.macenko import apply_macenko_device  # noqa: PLC0415
+
+        return apply_macenko_device(arr, source, target)
     _check_rgb(arr, "rgb", (3, 4))
     xp = array_module(arr)
     f32 = xp.float32
@@ -423,7 +456,9 @@ def normalize_batch(
     -----
     Tiles left unchanged in ``"tile"`` mode are reported in one WARNING on the
     ``gpupath.stain`` logger, naming each tile's index and reason (tissue pixel count and the
-    minimum). ``"tile"`` mode fits tiles one after another (a loop over tiles, not pixels).
+    minimum). On the host ``"tile"`` mode fits tiles one after another (a loop over tiles, not
+    pixels); on a device all tiles are fitted and re-rendered together, one kernel launch per
+    pass with the tile index as ``blockIdx.y``.
     """
     if method not in ("none", "macenko"):
         raise ValueError(f"method: expected 'none' or 'macenko', got {method!r}")
@@ -443,16 +478,24 @@ def normalize_batch(
             )
         return apply_macenko(arr, fit, target=target)
 
-    xp = array_module(arr)
-    out = xp.empty_like(arr)
-    unchanged: list[str] = []
-    for k in range(arr.shape[0]):
-        result = _fit_or_reason(arr[k], io, beta, alpha, min_tissue_px, min_tissue_frac)
-        if isinstance(result, str):
-            out[k] = arr[k]
-            unchanged.append(f"tile {k}: {result}")
-        else:
-            out[k] = apply_macenko(arr[k], result, target=target)
+    if is_device_array(arr):  # all tiles in one launch per pass (the tile is blockIdx.y)
+        from gpupath_kernels.macenko import apply_tiles_device, fit_tiles_device  # noqa: PLC0415
+
+        results = fit_tiles_device(
+            arr, io=io, beta=beta, alpha=alpha, min_tissue_px=min_tissue_px, min_tissue_frac=min_tissue_frac
+        )
+        out = apply_tiles_device(arr, [r if isinstance(r, StainFit) else None for r in results], target)
+        unchanged = [f"tile {k}: {r}" for k, r in enumerate(results) if isinstance(r, str)]
+    else:
+        out = np.empty_like(arr)
+        unchanged = []
+        for k in range(arr.shape[0]):
+            result = _fit_or_reason(arr[k], io, beta, alpha, min_tissue_px, min_tissue_frac)
+            if isinstance(result, str):
+                out[k] = arr[k]
+                unchanged.append(f"tile {k}: {result}")
+            else:
+                out[k] = apply_macenko(arr[k], result, target=target)
     if unchanged:
         _log.warning(
             "normalize_batch(mode='tile'): %d of %d tiles left unchanged; %s",

@@ -4,7 +4,9 @@ Takes a :class:`~gpupath.slide.Slide`, returns a :class:`TissueMask`: a boolean 
 coarse grid (``downsample`` level-0 px per mask px, default about 8 µm per mask px), True where
 stained tissue is. Rule: HSV saturation above an Otsu threshold (floored so blank glass is never
 "tissue"), not glass-bright and not black, then small specks removed and holes filled.
-Runs on the array module of the overview (NumPy on the host, CuPy on the device).
+Runs on the array module of the overview (NumPy on the host, CuPy on the device). On the device
+the per-pixel features and the saturation histogram are one Numba CUDA kernel
+(``gpupath_kernels.tissue``); morphology and labelling are ``cupyx.scipy.ndimage``.
 
 Reference: N. Otsu, "A threshold selection method from gray-level histograms", IEEE SMC 1979.
 """
@@ -18,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from gpupath._coords import level0_origin
-from gpupath._xp import array_module, device_module, ndimage_module, to_host
+from gpupath._xp import array_module, device_module, is_device_array, ndimage_module, to_host
 from gpupath.slide import Slide
+from gpupath_kernels import tissue as tissue_kernels
 
 __all__ = ["TissueMask", "read_overview", "tissue_mask", "otsu_threshold", "compute_tissue"]
 
@@ -118,17 +121,31 @@ def tissue_mask(rgb: Any, *, min_saturation: float = 0.07, max_grey: float = 235
     Returns
     -------
     (H, W) bool on the input's device.
+
+    Notes
+    -----
+    A uint8 CuPy overview takes one Numba CUDA kernel pass for saturation, grey level,
+    candidates and the candidates' 256-bin saturation histogram (``gpupath_kernels.tissue``,
+    bit-identical to the NumPy expressions here); Otsu runs on the host on the 256 counts. The
+    same threshold and candidates as the host path, so the masks agree exactly.
     """
     if rgb.ndim != 3 or rgb.shape[-1] != 3:
         raise ValueError(f"rgb must be (H, W, 3), got shape {tuple(rgb.shape)}")
     xp = array_module(rgb)
     ndi = ndimage_module(xp)
-    f = rgb.astype(xp.float32)
-    vmax = f.max(axis=-1)
-    sat = (vmax - f.min(axis=-1)) / xp.maximum(vmax, 1.0)
-    grey = f.mean(axis=-1)
-    candidates = (grey < max_grey) & (grey > min_grey)
-    threshold = max(otsu_threshold(sat[candidates]) if bool(candidates.any()) else 1.0, min_saturation)
+    if is_device_array(rgb) and rgb.dtype == np.uint8:
+        # one fused kernel pass: saturation, grey, candidates and their saturation histogram
+        sat, _grey, candidates, hist = tissue_kernels.tissue_features(rgb, max_grey=max_grey, min_grey=min_grey)
+        counts = to_host(hist)  # 256 counts to the host for Otsu (one 2 KiB copy per overview)
+        otsu = tissue_kernels.otsu_from_histogram(counts) if counts.any() else 1.0
+    else:
+        f = rgb.astype(xp.float32)
+        vmax = f.max(axis=-1)
+        sat = (vmax - f.min(axis=-1)) / xp.maximum(vmax, 1.0)
+        grey = f.mean(axis=-1)
+        candidates = (grey < max_grey) & (grey > min_grey)
+        otsu = otsu_threshold(sat[candidates]) if bool(candidates.any()) else 1.0
+    threshold = max(otsu, min_saturation)
     mask = (sat > threshold) & candidates
     mask = ndi.binary_opening(mask, structure=xp.ones((2, 2), bool))
     mask = ndi.binary_fill_holes(mask)

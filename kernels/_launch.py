@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["simulator_enabled", "grid_1d", "cuda", "is_device_array", "device_array_module", "BenchCase"]
+__all__ = ["simulator_enabled", "grid_1d", "launch_1d", "current_stream", "cuda", "is_device_array",
+           "device_array_module", "BenchCase"]
 
 THREADS_PER_BLOCK = 256
 _SIM_BLOCKS, _SIM_THREADS = 2, 8  # simulator: every CUDA thread is a Python thread
@@ -40,6 +41,30 @@ def grid_1d(n: int) -> tuple[int, int]:
         return _SIM_BLOCKS, _SIM_THREADS
     blocks = max(1, min(-(-n // THREADS_PER_BLOCK), 65535))
     return blocks, THREADS_PER_BLOCK
+
+
+def current_stream(*arrays: Any) -> Any:
+    """Numba view of CuPy's current stream when any array is on the device (kernels then run in
+    order with CuPy's work, no host wait); 0 (the default stream) otherwise, e.g. in the simulator."""
+    if any(is_device_array(a) for a in arrays):
+        import cupy  # noqa: PLC0415
+
+        return cuda().external_stream(cupy.cuda.get_current_stream().ptr)
+    return 0
+
+
+def launch_1d(kernel: Any, n: int, *args: Any, max_blocks: int = 65535) -> None:
+    """Launch a grid-stride ``kernel(*args)`` over ``n`` items on CuPy's current stream.
+
+    Device arrays are passed as Numba views made with ``sync=False`` (the stream that produced
+    them is the one the kernel runs on, so no host synchronisation is needed).
+    """
+    blocks, threads = grid_1d(n)
+    blocks = min(blocks, max_blocks)
+    stream = current_stream(*args)
+    if stream != 0:
+        args = tuple(cuda().as_cuda_array(a, sync=False) if is_device_array(a) else a for a in args)
+    kernel[blocks, threads, stream](*args)
 
 
 def is_device_array(x: Any) -> bool:

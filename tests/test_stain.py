@@ -8,6 +8,7 @@ test-data folder (``GPUPATH_TEST_DATA``, default ``../shared/data`` beside the c
 from __future__ import annotations
 
 import logging
+import math
 import os
 import types
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 
 from gpupath._xp import array_module, cupy_or_none, gpu_available, to_host
+from gpupath_kernels.macenko import ANGLE_BOUND_RAD
 from gpupath.stain import (
     REFERENCE,
     StainFit,
@@ -116,21 +118,32 @@ def test_matches_torchstain_on_real_he(xp: types.ModuleType, cmu_tiles: np.ndarr
       theirs - ours is 1 when f < 0.5 and 0 otherwise, so it must lie in {0, 1} everywhere and
       average ~0.5 (measured 0.38..0.55 on these tiles; the float32 rendering moves no pixel out
       of {0, 1}). Any other difference means a different fit or a wrong concentration.
+    * CuPy input runs the device kernels, whose percentiles come from histograms: each stain
+      vector within ANGLE_BOUND_RAD = 3.8e-4 rad of the exact percentile's, so 1 - cos <= 7.4e-8
+      (measured <= 5.6e-8 on these tiles with the kernels' twins); max_conc then moves by up to
+      6e-4 relative (measured), 2e-3 allowed; a pixel by at most 1 more grey level, so the
+      difference lies in {-1, 0, 1, 2} (measured with the twins: still {0, 1}, mean moved
+      by <= 0.021).
     """
+    device = xp is not np
     tiles = [cmu_tiles[k] for k in range(len(cmu_tiles))] + [cmu_tiles]  # each tile, then the batch
     for rgb in tiles:
         theirs = _torchstain_macenko()
         theirs.fit(rgb)  # fit(I) reshapes to (-1, 3): a batch is one pool of pixels, as ours
         ours = fit_macenko(xp.asarray(rgb), io=IO, beta=0.15, alpha=1.0)
-        assert (1 - _cosines(ours.stain_matrix_od, theirs.HERef) < 1e-9).all()
-        np.testing.assert_allclose(ours.max_conc, theirs.maxCRef, rtol=1e-9)
+        if device:
+            assert (1 - _cosines(ours.stain_matrix_od, theirs.HERef) <= 1 - math.cos(ANGLE_BOUND_RAD) + 1e-12).all()
+            np.testing.assert_allclose(ours.max_conc, theirs.maxCRef, rtol=2e-3)
+        else:
+            assert (1 - _cosines(ours.stain_matrix_od, theirs.HERef) < 1e-9).all()
+            np.testing.assert_allclose(ours.max_conc, theirs.maxCRef, rtol=1e-9)
         assert ours.stain_matrix_od[0, 0] > ours.stain_matrix_od[0, 1]  # H first: larger red OD
 
     for rgb in cmu_tiles:  # torchstain's normalize() takes (H, W, 3) only
         want, _, _ = _torchstain_macenko().normalize(rgb, Io=IO, alpha=1, beta=0.15, stains=False)
         got = to_host(apply_macenko(xp.asarray(rgb), fit_macenko(xp.asarray(rgb)), target=REFERENCE))
         diff = want.astype(np.int16) - got.astype(np.int16)
-        assert set(np.unique(diff)) <= {0, 1}
+        assert set(np.unique(diff)) <= ({-1, 0, 1, 2} if device else {0, 1})
         assert 0.3 < diff.mean() < 0.7
 
 
@@ -204,7 +217,7 @@ def test_dtype_shape_device_preserved(xp: types.ModuleType, shape: tuple[int, ..
     rgb = xp.asarray(rgb_host)
     out = apply_macenko(rgb, fit_macenko(rgb))
     assert array_module(out) is xp and out.dtype == np.uint8 and out.shape == rgb.shape
-    if xp is not np:  # the device result equals the host one up to float rounding
+    if xp is not np:  # device (histogram percentiles) vs host fit: within 1 grey level (measured)
         host = apply_macenko(rgb_host, fit_macenko(rgb_host))
         assert np.abs(to_host(out).astype(np.int16) - host).max() <= 1
     if len(shape) == 4:

@@ -4,15 +4,21 @@
 (half-open, x right, y down), ``score`` in [0, 1], ``label`` (int16 index into the model's class
 names), and the level-0 origin of the tile each came from. :func:`to_global` maps per-tile
 results to level-0; :func:`own_by_centre` and :func:`suppress_near_duplicates` together make a
-nucleus that lies in the overlap of neighbouring tiles count once.
+nucleus that lies in the overlap of neighbouring tiles count once. Ownership is a Numba CUDA
+kernel (``gpupath_kernels.boxes``) when the detections are CuPy arrays; the greedy suppression is
+sequential by nature (each decision depends on the earlier ones) and stays on the host.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 from scipy.spatial import cKDTree
+
+from gpupath._xp import array_module, is_device_array
+from gpupath_kernels import boxes as boxes_kernels
 
 __all__ = ["Detections", "GridLayout", "to_global", "own_by_centre", "suppress_near_duplicates", "dedup_overlaps"]
 
@@ -134,7 +140,15 @@ def own_by_centre(det: Detections, layout: GridLayout, *, margin_l0_px: float = 
     Returns
     -------
     (kept detections, bool mask over the kept ones: True where suppression must look).
+
+    Notes
+    -----
+    Detections whose fields are CuPy arrays are decided by a Numba CUDA kernel
+    (``gpupath_kernels.boxes``, identical masks) and stay on the device; the result's arrays and
+    mask are then CuPy arrays too.
     """
+    if is_device_array(det.x0):
+        return _own_by_centre_device(det, layout, margin_l0_px=margin_l0_px)
     if len(det) == 0:
         return det, np.zeros(0, bool)
     col, row = _tile_cells(det, layout)
@@ -149,6 +163,25 @@ def own_by_centre(det: Detections, layout: GridLayout, *, margin_l0_px: float = 
     orphan = np.array([(c, r) not in layout.processed for c, r in zip(own_c.tolist(), own_r.tolist())], bool)
     keep = owned | near | orphan
     return det.take(np.flatnonzero(keep)), (near | orphan)[keep]
+
+
+def _own_by_centre_device(det: Detections, layout: GridLayout, *, margin_l0_px: float) -> tuple[Detections, Any]:
+    """:func:`own_by_centre` for detections held in CuPy arrays (the ownership kernel)."""
+    xp = array_module(det.x0)
+    if len(det) == 0:
+        return det, xp.zeros(0, bool)
+    col = xp.rint(det.tile_x / layout.stride_l0).astype(xp.int64)
+    row = xp.rint(det.tile_y / layout.stride_l0).astype(xp.int64)
+    bitmap = np.zeros((layout.n_rows, layout.n_cols), np.uint8)
+    for c, r in layout.processed:
+        if 0 <= c < layout.n_cols and 0 <= r < layout.n_rows:
+            bitmap[r, c] = 1
+    keep, look = boxes_kernels.own_by_centre(
+        det.cx.astype(xp.float64), det.cy.astype(xp.float64), col, row, stride_l0=layout.stride_l0,
+        overlap_l0=layout.overlap_l0, processed=xp.asarray(bitmap),  # the grid's bitmap: one small upload
+        margin_l0_px=margin_l0_px)
+    index = xp.flatnonzero(keep)
+    return det.take(index), look[index]
 
 
 def suppress_near_duplicates(det: Detections, *, min_distance_l0_px: float) -> Detections:

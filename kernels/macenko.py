@@ -1,0 +1,861 @@
+"""Macenko stain normalisation on a CUDA device: Numba kernels, their NumPy twins, wrappers.
+
+What it does
+    The per-pixel passes of :mod:`gpupath.stain`'s Macenko fit and re-rendering as four
+    hand-written kernels. Pixels come as a ``(G, P, 3)`` uint8 array of G *groups* of P pixels
+    (:func:`group_pixels`): one group per tile (per-tile fits) or one for the whole batch (one
+    pooled fit). The group is ``blockIdx.y`` of every launch, so a batch of N tiles is fitted
+    with one launch per pass, not N.
+
+    ``od_stats``                 OD, tissue mask, and per block: count, 3 sums, 6 second moments
+    ``angle_histogram``          stain-plane angle of tissue OD, histogram over [-pi, pi)
+    ``concentration_histogram``  least-squares H, E concentrations, histogram in a window;
+                                 :func:`concentrations_max` runs it twice (coarse, then refined)
+    ``apply``                    concentrations -> rescale -> target stains -> uint8, fused
+
+    OD is a 256-entry table per ``io`` built with gpupath.stain's own expression, so the
+    kernels' OD is bit-identical to the NumPy path's. The 3x3 covariance, eigenvectors, stain
+    vectors and pseudo-inverses are host NumPy (a few numbers per group); percentile look-ups
+    in the histograms (cumulative sums) are array expressions on the input's module.
+
+In and out
+    CuPy input: kernels on its device, results on that device. NumPy input: the kernels under
+    Numba's CUDA simulator when ``NUMBA_ENABLE_CUDASIM=1`` (CI), else the NumPy twins
+    (``*_ref``), which state what each kernel computes. Fits are :class:`gpupath.stain.StainFit`.
+
+Accuracy against the exact percentiles of gpupath.stain (see kernels/README.md, "macenko")
+    * Stain angles are bin midpoints of an :data:`N_ANGLE_BINS`-bin histogram over [-pi, pi):
+      each stain vector is within pi / N_ANGLE_BINS = 3.8e-4 rad (0.022 deg) of the one the
+      exact percentile gives on the same eigenvectors.
+    * max_conc: a coarse histogram over the range the OD table allows, then one over the
+      bins holding the two order statistics; error <= half a refined bin, returned per group
+      (typically ~1e-6 OD; never more than half a coarse bin, span / (2 N_CONC_BINS)).
+    * Sums of the covariance are per-block partials summed exactly on the host (``math.fsum``):
+      no float atomics, so a fit does not depend on block scheduling or on which other tiles
+      share the launch (bit-identical per-tile and single-tile fits).
+
+References
+    M. Macenko et al., ISBI 2009, 1107-1110. Histogram percentiles: e.g. CUB's
+    DeviceHistogram with a cumulative-sum look-up instead of a sort.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from gpupath import stain as _stain
+from gpupath._xp import to_host
+
+from . import _launch
+
+__all__ = [
+    "N_ANGLE_BINS",
+    "N_CONC_BINS",
+    "ANGLE_BOUND_RAD",
+    "ConcWindow",
+    "od_lut",
+    "group_pixels",
+    "od_stats",
+    "od_stats_ref",
+    "angle_histogram",
+    "angle_histogram_ref",
+    "angle_percentiles",
+    "concentration_histogram",
+    "concentration_histogram_ref",
+    "concentrations_max",
+    "concentrations_max_ref",
+    "apply",
+    "apply_ref",
+    "fit_macenko_device",
+    "fit_tiles_device",
+    "apply_macenko_device",
+    "apply_tiles_device",
+    "bench_cases",
+]
+
+N_ANGLE_BINS = 8192  # over [-pi, pi): bin 7.67e-4 rad; 32 KiB of shared uint32 per block
+N_CONC_BINS = 4096  # per stain and pass (+1 "below the window" bin): 2 x 4097 uint32 = 32 KiB
+ANGLE_LO_RAD = -math.pi
+ANGLE_BOUND_RAD = math.pi / N_ANGLE_BINS  # half a bin: |angle error| of each stain vector
+_N_STATS = 10  # count, sum r, g, b, rr, rg, rb, gg, gb, bb
+_PAIRS = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
+_PX_PER_THREAD_STATS = 16  # a block sums 4096 px into one partial row
+_PX_PER_THREAD_HIST = 64  # a block bins 16384 px per shared histogram it clears and flushes
+_MAX_GRID_Y = 65535  # CUDA's gridDim.y limit: more groups are launched in chunks
+_MAX_CONC_Q = 99.0
+
+cuda: Any = None  # numba.cuda, bound by _cuda() on first kernel build (the simulator swaps this global)
+
+
+def _cuda() -> Any:
+    global cuda  # noqa: PLW0603  kernels must see numba.cuda as a module global (simulator)
+    if cuda is None:
+        cuda = _launch.cuda()
+    return cuda
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@functools.cache
+def _od_stats_kernel() -> Any:
+    cu = _cuda()
+    from numba import float64  # noqa: PLC0415  (lazy: no numba at import)
+
+    tpb = _launch.THREADS_PER_BLOCK
+    n_stats = _N_STATS
+
+    @cu.jit
+    def od_stats_partial(px, lut, beta, partial):
+        # px (G, P, 3) u1; lut (256,) f8; partial (G, blocks, 10) f8: one row per block, no atomics
+        sh = cuda.shared.array((n_stats, tpb), float64)
+        grp = cuda.blockIdx.y
+        tid = cuda.threadIdx.x
+        n = 0.0
+        sr = 0.0
+        sg = 0.0
+        sb = 0.0
+        srr = 0.0
+        srg = 0.0
+        srb = 0.0
+        sgg = 0.0
+        sgb = 0.0
+        sbb = 0.0
+        for i in range(cuda.grid(1), px.shape[1], cuda.gridsize(1)):
+            r = lut[px[grp, i, 0]]
+            g = lut[px[grp, i, 1]]
+            b = lut[px[grp, i, 2]]
+            if r >= beta and g >= beta and b >= beta:  # tissue: OD >= beta in all channels
+                n += 1.0
+                sr += r
+                sg += g
+                sb += b
+                srr += r * r
+                srg += r * g
+                srb += r * b
+                sgg += g * g
+                sgb += g * b
+                sbb += b * b
+        sh[0, tid] = n
+        sh[1, tid] = sr
+        sh[2, tid] = sg
+        sh[3, tid] = sb
+        sh[4, tid] = srr
+        sh[5, tid] = srg
+        sh[6, tid] = srb
+        sh[7, tid] = sgg
+        sh[8, tid] = sgb
+        sh[9, tid] = sbb
+        cuda.syncthreads()
+        step = cuda.blockDim.x // 2  # tree reduction: fixed order, blockDim a power of two
+        while step > 0:
+            if tid < step:
+                for k in range(n_stats):
+                    sh[k, tid] += sh[k, tid + step]
+            cuda.syncthreads()
+            step //= 2
+        if tid == 0:
+            for k in range(n_stats):
+                partial[grp, cuda.blockIdx.x, k] = sh[k, 0]
+
+    return od_stats_partial
+
+
+@functools.cache
+def _angle_histogram_kernel(n_bins: int) -> Any:
+    cu = _cuda()
+    from numba import int64, uint32  # noqa: PLC0415
+
+    @cu.jit
+    def angle_histogram(px, lut, beta, lo, inv_width, plane, active, hist):
+        # plane (G, 3, 2) f8 (e1, e2 columns); active (G,) u1; hist (G, n_bins) i8, zeroed
+        grp = cuda.blockIdx.y
+        if active[grp] == 0:  # uniform over the block: before any barrier
+            return
+        sh = cuda.shared.array(n_bins, uint32)
+        tid = cuda.threadIdx.x
+        for k in range(tid, n_bins, cuda.blockDim.x):
+            sh[k] = 0
+        cuda.syncthreads()
+        a0, a1, a2 = plane[grp, 0, 0], plane[grp, 1, 0], plane[grp, 2, 0]
+        b0, b1, b2 = plane[grp, 0, 1], plane[grp, 1, 1], plane[grp, 2, 1]
+        for i in range(cuda.grid(1), px.shape[1], cuda.gridsize(1)):
+            r = lut[px[grp, i, 0]]
+            g = lut[px[grp, i, 1]]
+            b = lut[px[grp, i, 2]]
+            if r >= beta and g >= beta and b >= beta:
+                phi = math.atan2(r * b0 + g * b1 + b * b2, r * a0 + g * a1 + b * a2)
+                k = math.floor((phi - lo) * inv_width)
+                if k < 0:  # no min/max builtins: explicit clamps compile without a device
+                    k = 0
+                elif k >= n_bins:
+                    k = n_bins - 1
+                cuda.atomic.add(sh, k, uint32(1))
+        cuda.syncthreads()
+        for k in range(tid, n_bins, cuda.blockDim.x):
+            c = sh[k]
+            if c != 0:
+                cuda.atomic.add(hist, (grp, k), int64(c))
+
+    return angle_histogram
+
+
+@functools.cache
+def _concentration_histogram_kernel(n_bins: int) -> Any:
+    cu = _cuda()
+    from numba import int64, uint32  # noqa: PLC0415
+
+    row = n_bins + 1  # bin 0: below the window; 1..n_bins: the window
+    n_shared = 2 * row
+
+    @cu.jit
+    def concentration_histogram(px, lut, pinv, active, lo1, inv_w1, win_lo, win_hi, lo2, inv_w2, hist):
+        # pinv (G, 2, 3) f8; lo1 .. inv_w2 (G, 2) (win_* i8); hist (G, 2, n_bins + 1) i8, zeroed
+        grp = cuda.blockIdx.y
+        if active[grp] == 0:
+            return
+        sh = cuda.shared.array(n_shared, uint32)
+        tid = cuda.threadIdx.x
+        for k in range(tid, n_shared, cuda.blockDim.x):
+            sh[k] = 0
+        cuda.syncthreads()
+        below0 = 0
+        below1 = 0
+        for i in range(cuda.grid(1), px.shape[1], cuda.gridsize(1)):
+            r = lut[px[grp, i, 0]]
+            g = lut[px[grp, i, 1]]
+            b = lut[px[grp, i, 2]]
+            for j in range(2):
+                x = pinv[grp, j, 0] * r + pinv[grp, j, 1] * g + pinv[grp, j, 2] * b
+                k1 = math.floor((x - lo1[grp, j]) * inv_w1[grp, j])
+                if k1 < 0:
+                    k1 = 0
+                elif k1 >= n_bins:
+                    k1 = n_bins - 1
+                if k1 < win_lo[grp, j]:
+                    if j == 0:
+                        below0 += 1
+                    else:
+                        below1 += 1
+                elif k1 <= win_hi[grp, j]:
+                    k2 = math.floor((x - lo2[grp, j]) * inv_w2[grp, j])
+                    if k2 < 0:
+                        k2 = 0
+                    elif k2 >= n_bins:
+                        k2 = n_bins - 1
+                    cuda.atomic.add(sh, j * row + 1 + k2, uint32(1))
+        if below0 != 0:
+            cuda.atomic.add(sh, 0, uint32(below0))
+        if below1 != 0:
+            cuda.atomic.add(sh, row, uint32(below1))
+        cuda.syncthreads()
+        for k in range(tid, n_shared, cuda.blockDim.x):
+            c = sh[k]
+            if c != 0:
+                cuda.atomic.add(hist, (grp, k // row, k % row), int64(c))
+
+    return concentration_histogram
+
+
+@functools.cache
+def _apply_kernel() -> Any:
+    cu = _cuda()
+    from numba import float32  # noqa: PLC0415
+
+    @cu.jit
+    def apply(px, lut, mt, io_out, pinv, scale, active, out):
+        # lut (256,) f4; mt (3, 2) f4 target stains; io_out f4; pinv (G, 2, 3) f4; scale (G, 2) f4
+        grp = cuda.blockIdx.y
+        one = float32(1.0)
+        lo = float32(-1.0)
+        hi = float32(256.0)
+        p00, p01, p02 = pinv[grp, 0, 0], pinv[grp, 0, 1], pinv[grp, 0, 2]
+        p10, p11, p12 = pinv[grp, 1, 0], pinv[grp, 1, 1], pinv[grp, 1, 2]
+        s0, s1 = scale[grp, 0], scale[grp, 1]
+        for i in range(cuda.grid(1), px.shape[1], cuda.gridsize(1)):
+            if active[grp] == 0:  # a tile without a fit is copied unchanged
+                for c in range(3):
+                    out[grp, i, c] = px[grp, i, c]
+                continue
+            r = lut[px[grp, i, 0]]
+            g = lut[px[grp, i, 1]]
+            b = lut[px[grp, i, 2]]
+            c0 = (p00 * r + p01 * g + p02 * b) * s0
+            c1 = (p10 * r + p11 * g + p12 * b) * s1
+            for c in range(3):
+                y = io_out * math.exp(-(c0 * mt[c, 0] + c1 * mt[c, 1])) - one
+                if y < lo:  # clip before the integer conversion (inf -> 255): same result
+                    y = lo
+                elif y > hi:
+                    y = hi
+                v = round(y)  # round(): llrint, half to even, as np.rint
+                if v < 0:
+                    v = 0
+                elif v > 255:
+                    v = 255
+                out[grp, i, c] = v
+
+    return apply
+
+
+def _run(kernel: Any, px: Any, px_per_thread: int, shared: tuple, grouped: tuple) -> int:
+    """Launch ``kernel(px, *shared, *grouped)`` on a (blocks, G) grid; returns blocks.
+
+    ``grouped`` arrays have G rows and are sliced with ``px`` when G exceeds gridDim.y.
+    Indices: Numba's ``cuda.grid(1)`` and array indexing are int64 (intp), so inputs with
+    nbytes >= 2**31 need no separate index type.
+    """
+    n_groups, n_px = px.shape[0], px.shape[1]
+    blocks, threads = _launch.grid_1d(max(1, -(-n_px // px_per_thread)))
+    assert threads <= _launch.THREADS_PER_BLOCK and threads & (threads - 1) == 0  # tree reduction
+    stream = _launch.current_stream(px)
+    for g0 in range(0, n_groups, _MAX_GRID_Y):
+        g1 = min(g0 + _MAX_GRID_Y, n_groups)
+        kernel[(blocks, g1 - g0), threads, stream](px[g0:g1], *shared, *(a[g0:g1] for a in grouped))
+    return blocks
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def od_lut(io: float, dtype: Any) -> np.ndarray:
+    """OD of grey levels 0..255 in ``dtype``: gpupath.stain's expression, hence its exact values."""
+    return _stain._od(np.arange(256, dtype=np.uint8), io, dtype)
+
+
+def group_pixels(rgb: ArrayLike, *, per_tile: bool) -> Any:
+    """(G, P, 3) C-contiguous uint8 on the input's module: G = N tiles if ``per_tile``, else 1.
+
+    ``rgb`` is (H, W, 3) or (N, H, W, 3); a non-contiguous view is copied once (kernels index
+    (group, pixel, channel) of a dense array).
+    """
+    xp = _launch.device_array_module(rgb)
+    arr = xp.ascontiguousarray(rgb)
+    if arr.ndim == 3:
+        arr = arr[None]
+    n, h, w, _ = arr.shape
+    return arr.reshape(n, h * w, 3) if per_tile else arr.reshape(1, n * h * w, 3)
+
+
+def _use_kernels(px: Any) -> bool:
+    return _launch.is_device_array(px) or _launch.simulator_enabled()
+
+
+def _active(active: ArrayLike | None, n_groups: int) -> np.ndarray:
+    return np.ones(n_groups, np.uint8) if active is None else np.asarray(active, dtype=np.uint8)
+
+
+def _order_stat_bins(hist: Any, ranks: np.ndarray) -> np.ndarray:
+    """Bin holding the rank-th smallest value (0-based): hist (..., B) ints, ranks (..., R) host."""
+    xp = _launch.device_array_module(hist)
+    cum = xp.cumsum(hist, axis=-1)
+    r = xp.asarray(np.asarray(ranks, dtype=np.int64))
+    return to_host((cum[..., None, :] <= r[..., :, None]).sum(axis=-1))  # host: (..., R) bin indices
+
+
+def _ranks(n: np.ndarray, q: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Order statistics k0, k1 and weight of np.percentile's linear interpolation (n >= 1)."""
+    n = np.maximum(np.asarray(n, dtype=np.int64), 1)
+    h = (q / 100.0) * (n - 1)
+    k0 = np.floor(h)
+    return k0.astype(np.int64), np.minimum(k0 + 1, n - 1).astype(np.int64), h - k0
+
+
+def _percentile_from_hist(hist: Any, n: np.ndarray, q: float, lo: Any, width: Any) -> np.ndarray:
+    """np.percentile(values, q) to within width / 2 from their histogram (bin midpoints)."""
+    k0, k1, frac = _ranks(n, q)
+    bins = _order_stat_bins(hist, np.stack([k0, k1], axis=-1))
+    mid = lo[..., None] + (bins + 0.5) * width[..., None]
+    return mid[..., 0] + frac * (mid[..., 1] - mid[..., 0])
+
+
+# --------------------------------------------------------------------------- od_stats
+
+
+def od_stats(px: Any, *, io: float = 240.0, beta: float = 0.15) -> np.ndarray:
+    """Tissue count, OD sums and second moments per group.
+
+    Parameters
+    ----------
+    px : (G, P, 3) uint8, CuPy or NumPy (see :func:`group_pixels`)
+    io, beta : float
+        As in :func:`gpupath.stain.fit_macenko`.
+
+    Returns
+    -------
+    stats : (G, 10) float64 host ndarray
+        count, sum of OD r, g, b, sums of rr, rg, rb, gg, gb, bb over tissue pixels.
+
+    Notes
+    -----
+    The kernel writes one row per block (tree-reduced in shared memory); the rows come to the
+    host (G x blocks x 80 bytes) and are summed exactly (``math.fsum``), so the result does
+    not depend on block order.
+    """
+    if not _use_kernels(px):
+        return od_stats_ref(px, io=io, beta=beta)
+    xp = _launch.device_array_module(px)
+    lut = xp.asarray(od_lut(io, np.float64))
+    blocks, _ = _launch.grid_1d(max(1, -(-px.shape[1] // _PX_PER_THREAD_STATS)))
+    partial = xp.zeros((px.shape[0], blocks, _N_STATS), np.float64)
+    launched = _run(_od_stats_kernel(), px, _PX_PER_THREAD_STATS, (lut, float(beta)), (partial,))
+    assert launched == blocks
+    part = to_host(partial)  # host: per-block partials, summed exactly (order-free)
+    rows = np.ascontiguousarray(part.transpose(0, 2, 1)).reshape(-1, blocks)  # (G * 10, blocks)
+    return np.fromiter((math.fsum(r) for r in rows), np.float64, rows.shape[0]).reshape(-1, _N_STATS)
+
+
+def od_stats_ref(px: ArrayLike, *, io: float = 240.0, beta: float = 0.15) -> np.ndarray:
+    """NumPy twin of :func:`od_stats` (host)."""
+    od = od_lut(io, np.float64)[to_host(px)]  # (G, P, 3)
+    out = np.zeros((od.shape[0], _N_STATS))
+    for g in range(od.shape[0]):
+        t = od[g][(od[g] >= beta).all(axis=1)]
+        out[g, 0] = t.shape[0]
+        out[g, 1:4] = t.sum(axis=0)
+        out[g, 4:] = [(t[:, a] * t[:, b]).sum() for a, b in _PAIRS]
+    return out
+
+
+def _planes(stats: np.ndarray) -> np.ndarray:
+    """(G, 3, 2) principal and second eigenvector of each group's tissue-OD covariance (host).
+
+    Same sign rules as gpupath.stain. Covariance from raw moments: (S2 - s s^T / n) / (n - 1),
+    equal to the centred form of the NumPy path to ~1e-15 relative for OD of order 1.
+    """
+    n = np.maximum(stats[:, 0], 2.0)[:, None, None]
+    s = stats[:, 1:4]
+    s2 = np.empty((stats.shape[0], 3, 3))
+    for k, (a, b) in enumerate(_PAIRS):
+        s2[:, a, b] = s2[:, b, a] = stats[:, 4 + k]
+    cov = (s2 - s[:, :, None] * s[:, None, :] / n) / (n - 1)
+    _, vecs = np.linalg.eigh(cov)  # ascending eigenvalues
+    e1, e2 = vecs[:, :, 2], vecs[:, :, 1]
+    e1 = np.where((e1.sum(axis=1) < 0)[:, None], -e1, e1)
+    lead = np.take_along_axis(e2, np.abs(e2).argmax(axis=1)[:, None], axis=1)
+    e2 = np.where(lead < 0, -e2, e2)
+    return np.stack([e1, e2], axis=2)
+
+
+# --------------------------------------------------------------------------- angle histogram
+
+
+def angle_histogram(
+    px: Any, plane: np.ndarray, *, io: float = 240.0, beta: float = 0.15,
+    active: ArrayLike | None = None, n_bins: int = N_ANGLE_BINS,
+) -> Any:
+    """Histogram of the stain-plane angle phi = atan2(od . e2, od . e1) of tissue pixels.
+
+    Parameters
+    ----------
+    px : (G, P, 3) uint8, CuPy or NumPy
+    plane : (G, 3, 2) float64 host array
+        Columns e1, e2 (unit vectors) per group.
+    active : (G,) bool, optional
+        Groups to bin; others get zero rows.
+    n_bins : int
+        Bins over [-pi, pi), width 2 pi / n_bins rad.
+
+    Returns
+    -------
+    hist : (G, n_bins) int64 on px's module
+    """
+    if not _use_kernels(px):
+        return angle_histogram_ref(px, plane, io=io, beta=beta, active=active, n_bins=n_bins)
+    xp = _launch.device_array_module(px)
+    hist = xp.zeros((px.shape[0], n_bins), np.int64)
+    shared = (xp.asarray(od_lut(io, np.float64)), float(beta), ANGLE_LO_RAD, n_bins / (2 * math.pi))
+    grouped = (xp.asarray(np.ascontiguousarray(plane, np.float64)), xp.asarray(_active(active, px.shape[0])), hist)
+    _run(_angle_histogram_kernel(n_bins), px, _PX_PER_THREAD_HIST, shared, grouped)
+    return hist
+
+
+def angle_histogram_ref(
+    px: ArrayLike, plane: np.ndarray, *, io: float = 240.0, beta: float = 0.15,
+    active: ArrayLike | None = None, n_bins: int = N_ANGLE_BINS,
+) -> np.ndarray:
+    """NumPy twin of :func:`angle_histogram` (host)."""
+    od = od_lut(io, np.float64)[to_host(px)]
+    act = _active(active, od.shape[0])
+    hist = np.zeros((od.shape[0], n_bins), np.int64)
+    for g in np.flatnonzero(act):
+        t = od[g][(od[g] >= beta).all(axis=1)]
+        e1, e2 = plane[g, :, 0], plane[g, :, 1]
+        phi = np.arctan2(t[:, 0] * e2[0] + t[:, 1] * e2[1] + t[:, 2] * e2[2],
+                         t[:, 0] * e1[0] + t[:, 1] * e1[1] + t[:, 2] * e1[2])
+        k = np.clip(np.floor((phi - ANGLE_LO_RAD) * (n_bins / (2 * math.pi))), 0, n_bins - 1)
+        hist[g] = np.bincount(k.astype(np.int64), minlength=n_bins)
+    return hist
+
+
+def angle_percentiles(hist: Any, n_tissue: np.ndarray, alpha: float) -> np.ndarray:
+    """(G, 2) host angles (rad) at the alpha and 100 - alpha percentiles, within half a bin."""
+    n_bins = hist.shape[-1]
+    width = np.full(hist.shape[0], 2 * math.pi / n_bins)
+    lo = np.full(hist.shape[0], ANGLE_LO_RAD)
+    return np.stack([_percentile_from_hist(hist, n_tissue, q, lo, width) for q in (alpha, 100.0 - alpha)], axis=1)
+
+
+# --------------------------------------------------------------------------- concentrations
+
+
+@dataclass(frozen=True, slots=True)
+class ConcWindow:
+    """Bins of a concentration histogram pass; all arrays (G, 2) host, per group and stain.
+
+    Pass-1 bin k1 = clip(floor((x - lo1) * inv_w1), 0, n_bins - 1). Values with k1 < bin_lo
+    count in the "below" bin; values with bin_lo <= k1 <= bin_hi go to refined bin
+    clip(floor((x - lo2) * inv_w2), 0, n_bins - 1); larger values are not counted.
+    """
+
+    lo1: np.ndarray
+    inv_w1: np.ndarray
+    bin_lo: np.ndarray  # int64, inclusive
+    bin_hi: np.ndarray  # int64, inclusive
+    lo2: np.ndarray
+    inv_w2: np.ndarray
+    n_bins: int
+
+
+def concentration_histogram(
+    px: Any, pinv: np.ndarray, window: ConcWindow, *, io: float = 240.0, active: ArrayLike | None = None
+) -> Any:
+    """(G, 2, n_bins + 1) int64 on px's module: [..., 0] below the window, [..., 1:] the window.
+
+    ``pinv`` (G, 2, 3) float64 host: least-squares operator of each group's stain matrix;
+    concentrations of all pixels (tissue or not, as in the reference) are binned.
+    """
+    if not _use_kernels(px):
+        return concentration_histogram_ref(px, pinv, window, io=io, active=active)
+    xp = _launch.device_array_module(px)
+    hist = xp.zeros((px.shape[0], 2, window.n_bins + 1), np.int64)
+    f8 = lambda a: xp.asarray(np.ascontiguousarray(a, dtype=np.float64))  # noqa: E731
+    i8 = lambda a: xp.asarray(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
+    w = window
+    grouped = (f8(pinv), xp.asarray(_active(active, px.shape[0])), f8(w.lo1), f8(w.inv_w1),
+               i8(w.bin_lo), i8(w.bin_hi), f8(w.lo2), f8(w.inv_w2), hist)
+    _run(_concentration_histogram_kernel(w.n_bins), px, _PX_PER_THREAD_HIST,
+         (xp.asarray(od_lut(io, np.float64)),), grouped)
+    return hist
+
+
+def concentration_histogram_ref(
+    px: ArrayLike, pinv: np.ndarray, window: ConcWindow, *, io: float = 240.0, active: ArrayLike | None = None
+) -> np.ndarray:
+    """NumPy twin of :func:`concentration_histogram` (host)."""
+    od = od_lut(io, np.float64)[to_host(px)]
+    w, nb = window, window.n_bins
+    hist = np.zeros((od.shape[0], 2, nb + 1), np.int64)
+    for g in np.flatnonzero(_active(active, od.shape[0])):
+        for j in range(2):
+            p = pinv[g, j]
+            x = od[g, :, 0] * p[0] + od[g, :, 1] * p[1] + od[g, :, 2] * p[2]
+            k1 = np.clip(np.floor((x - w.lo1[g, j]) * w.inv_w1[g, j]), 0, nb - 1)
+            inside = (k1 >= w.bin_lo[g, j]) & (k1 <= w.bin_hi[g, j])
+            k2 = np.clip(np.floor((x[inside] - w.lo2[g, j]) * w.inv_w2[g, j]), 0, nb - 1).astype(np.int64)
+            hist[g, j, 0] = int((k1 < w.bin_lo[g, j]).sum())
+            hist[g, j, 1:] = np.bincount(k2, minlength=nb)
+    return hist
+
+
+def _pinv(stain_matrix_od: np.ndarray) -> np.ndarray:
+    """(G, 2, 3) least-squares operators (M^T M)^-1 M^T of (G, 3, 2) stain matrices, as gpupath.stain."""
+    mt = np.swapaxes(stain_matrix_od, 1, 2)
+    return np.linalg.solve(mt @ stain_matrix_od, mt)
+
+
+def concentrations_max(
+    px: Any, pinv: np.ndarray, *, io: float = 240.0, active: ArrayLike | None = None,
+    q: float = _MAX_CONC_Q, n_bins: int = N_CONC_BINS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """q-th percentile of each group's H and E concentrations over all its pixels.
+
+    Parameters
+    ----------
+    px : (G, P, 3) uint8, CuPy or NumPy
+    pinv : (G, 2, 3) float64 host
+        Least-squares operator of each group's stain matrix.
+    active : (G,) bool, optional
+    q : float
+        Percentile, 0..100.
+    n_bins : int
+        Bins per pass and stain.
+
+    Returns
+    -------
+    max_conc, bound : (G, 2) float64 host arrays
+        The percentile and a bound on its distance from np.percentile(..., q) (linear
+        interpolation) of the same concentrations. Inactive groups: unspecified values.
+
+    Notes
+    -----
+    Pass 1 bins over the range that OD in [od_lut.min(), od_lut.max()] allows under ``pinv``
+    (no data-dependent min/max pass); pass 2 re-bins only the pass-1 bins from the one holding
+    order statistic k0 to the one holding k1 = k0 + 1, ``n_bins`` refined bins over them.
+    Both order statistics are taken at refined bin midpoints: bound = half a refined bin.
+    """
+    return _concentrations_max(px, pinv, io, active, q, n_bins, _use_kernels(px))
+
+
+def _concentrations_max(
+    px: Any, pinv: np.ndarray, io: float, active: ArrayLike | None, q: float, n_bins: int, kern: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    n_groups, n_px = px.shape[0], px.shape[1]
+    hist_fn = concentration_histogram if kern else concentration_histogram_ref
+    lut = od_lut(io, np.float64)
+    lo1 = np.minimum(pinv * lut.min(), pinv * lut.max()).sum(axis=2)  # (G, 2)
+    hi1 = np.maximum(pinv * lut.min(), pinv * lut.max()).sum(axis=2)
+    w1 = np.maximum(hi1 - lo1, 1e-12) / n_bins  # inactive groups (pinv 0): any positive width
+    inv_w1 = 1.0 / w1
+    k0, k1, frac = _ranks(np.array(n_px), q)
+    ranks = np.broadcast_to(np.array([k0, k1]), (n_groups, 2, 2))
+    full = ConcWindow(lo1, inv_w1, np.zeros((n_groups, 2), np.int64), np.full((n_groups, 2), n_bins - 1),
+                      lo1, inv_w1, n_bins)
+    bins = _order_stat_bins(hist_fn(px, pinv, full, io=io, active=active)[..., 1:], ranks)  # (G, 2, 2)
+    lo2 = lo1 + bins[..., 0] * w1
+    w2 = (bins[..., 1] - bins[..., 0] + 1) * w1 / n_bins
+    fine = ConcWindow(lo1, inv_w1, bins[..., 0], bins[..., 1], lo2, 1.0 / w2, n_bins)
+    hist2 = hist_fn(px, pinv, fine, io=io, active=active)
+    below = to_host(hist2[..., 0])  # host: (G, 2) counts below the window
+    bins2 = _order_stat_bins(hist2[..., 1:], ranks - below[..., None])
+    mid = lo2[..., None] + (bins2 + 0.5) * w2[..., None]
+    return mid[..., 0] + frac * (mid[..., 1] - mid[..., 0]), w2 / 2
+
+
+def concentrations_max_ref(px: ArrayLike, pinv: np.ndarray, *, io: float = 240.0, q: float = _MAX_CONC_Q) -> np.ndarray:
+    """Exact twin of :func:`concentrations_max`: np.percentile of the concentrations, (G, 2)."""
+    od = od_lut(io, np.float64)[to_host(px)]
+    return np.stack([np.percentile(od[g] @ pinv[g].T, q, axis=0) for g in range(od.shape[0])])
+
+
+# --------------------------------------------------------------------------- apply
+
+
+def _apply_params(
+    pinv: np.ndarray, scale: np.ndarray, target_matrix: np.ndarray, io_in: float, io_out: float
+) -> tuple[np.ndarray, ...]:
+    """float32 parameters, cast from float64 exactly as gpupath.stain.apply_macenko casts them."""
+    f4 = np.float32
+    return (od_lut(io_in, f4), np.ascontiguousarray(target_matrix, f4), f4(io_out),
+            np.ascontiguousarray(pinv, f4), np.ascontiguousarray(scale, f4))
+
+
+def apply(
+    px: Any, pinv: np.ndarray, scale: np.ndarray, target_matrix: np.ndarray, *,
+    io_in: float, io_out: float, active: ArrayLike | None = None,
+) -> Any:
+    """Re-render pixels: (G, P, 3) uint8 on px's module.
+
+    Per group g, in float32: C = pinv[g] od (od at ``io_in``), C *= scale[g], out =
+    rint(io_out * exp(-target_matrix C) - 1) clipped to [0, 255]. Inactive groups are copied.
+    ``pinv`` (G, 2, 3), ``scale`` (G, 2) (target / source max_conc), ``target_matrix`` (3, 2),
+    all float64 host.
+    """
+    if not _use_kernels(px):
+        return apply_ref(px, pinv, scale, target_matrix, io_in=io_in, io_out=io_out, active=active)
+    xp = _launch.device_array_module(px)
+    lut, mt, io32, pinv32, scale32 = _apply_params(pinv, scale, target_matrix, io_in, io_out)
+    out = xp.empty_like(px)
+    grouped = (xp.asarray(pinv32), xp.asarray(scale32), xp.asarray(_active(active, px.shape[0])), out)
+    _run(_apply_kernel(), px, 1, (xp.asarray(lut), xp.asarray(mt), io32), grouped)
+    return out
+
+
+def apply_ref(
+    px: ArrayLike, pinv: np.ndarray, scale: np.ndarray, target_matrix: np.ndarray, *,
+    io_in: float, io_out: float, active: ArrayLike | None = None,
+) -> np.ndarray:
+    """NumPy twin of :func:`apply` (host), float32 throughout."""
+    px = to_host(px)
+    lut, mt, io32, pinv32, scale32 = _apply_params(pinv, scale, target_matrix, io_in, io_out)
+    out = px.copy()
+    for g in np.flatnonzero(_active(active, px.shape[0])):
+        od = lut[px[g]]
+        r, gr, b = od[:, 0], od[:, 1], od[:, 2]
+        p, s = pinv32[g], scale32[g]
+        c0 = (p[0, 0] * r + p[0, 1] * gr + p[0, 2] * b) * s[0]
+        c1 = (p[1, 0] * r + p[1, 1] * gr + p[1, 2] * b) * s[1]
+        for c in range(3):
+            y = io32 * np.exp(-(c0 * mt[c, 0] + c1 * mt[c, 1])) - np.float32(1)
+            out[g, :, c] = np.clip(np.rint(y), 0, 255)
+    return out
+
+
+# --------------------------------------------------------------------------- stage wrappers
+
+
+def _fit_groups(
+    px: Any, *, io: float, beta: float, alpha: float, min_tissue_px: int, min_tissue_frac: float,
+    use_kernels: bool | None = None,
+) -> list[_stain.StainFit | str]:
+    """A fit, or gpupath.stain's sentence saying why there is none, per group of ``px``.
+
+    ``use_kernels=False`` runs the same host logic on the NumPy twins (tests at full size).
+    """
+    kern = _use_kernels(px) if use_kernels is None else use_kernels
+    n_groups, n_px = px.shape[0], px.shape[1]
+    stats = (od_stats if kern else od_stats_ref)(px, io=io, beta=beta)
+    n_tissue = stats[:, 0].astype(np.int64)
+    need = max(min_tissue_px, math.ceil(min_tissue_frac * n_px))
+    results: list[_stain.StainFit | str | None] = [
+        None if n_tissue[g] >= need
+        else _stain._reason_too_few(int(n_tissue[g]), n_px, beta, need, min_tissue_px, min_tissue_frac)
+        for g in range(n_groups)
+    ]
+    active = np.array([r is None for r in results])
+    if not active.any():
+        return results  # type: ignore[return-value]
+    plane = _planes(stats)
+    hist = (angle_histogram if kern else angle_histogram_ref)(px, plane, io=io, beta=beta, active=active)
+    phi = angle_percentiles(hist, n_tissue, alpha)  # (G, 2): alpha, 100 - alpha
+    for g in np.flatnonzero(active):
+        if phi[g, 1] - phi[g, 0] < _stain._MIN_ANGLE_SPREAD_RAD:
+            results[g] = _stain._reason_not_separable(alpha, int(n_tissue[g]), phi[g, 0], phi[g, 1])
+            active[g] = False
+    if not active.any():
+        return results  # type: ignore[return-value]
+    v = plane @ np.stack([np.cos(phi), np.sin(phi)], axis=1)  # (G, 3, 2): v_lo, v_hi
+    h_is_lo = v[:, 0, 0] > v[:, 0, 1]  # hematoxylin: larger red OD (ties: v_hi)
+    stains = np.where(h_is_lo[:, None, None], v, v[:, :, ::-1])
+    pinv = np.zeros((n_groups, 2, 3))
+    pinv[active] = _pinv(stains[active])
+    max_conc, _ = _concentrations_max(px, pinv, io, active, _MAX_CONC_Q, N_CONC_BINS, kern)
+    for g in np.flatnonzero(active):
+        if not (max_conc[g] > _stain._MIN_MAX_CONC).all():
+            results[g] = _stain._reason_sparse(max_conc[g], int(n_tissue[g]), n_px)
+        else:
+            results[g] = _stain.StainFit(stain_matrix_od=stains[g], max_conc=max_conc[g], io=io)
+    return results  # type: ignore[return-value]
+
+
+def _check_fits(*fits: object) -> None:
+    if not all(isinstance(f, _stain.StainFit) for f in fits):
+        raise TypeError(f"source, target: expected StainFit, got {', '.join(type(f).__name__ for f in fits)}")
+
+
+def fit_macenko_device(
+    rgb: ArrayLike, *, io: float = 240.0, beta: float = 0.15, alpha: float = 1.0,
+    min_tissue_px: int = _stain.MIN_TISSUE_PX, min_tissue_frac: float = _stain.MIN_TISSUE_FRAC,
+) -> _stain.StainFit:
+    """:func:`gpupath.stain.fit_macenko` with the per-pixel passes in kernels (one pooled fit).
+
+    Parameters, Returns and Raises as :func:`gpupath.stain.fit_macenko` (same messages).
+
+    Notes
+    -----
+    Differs from the NumPy path only by the histogram percentiles: stain vectors within
+    :data:`ANGLE_BOUND_RAD` (0.022 deg), max_conc within half a refined bin of the exact
+    percentile under the fitted vectors (see :func:`concentrations_max`).
+    """
+    arr = _stain._as_array(rgb)
+    _stain._check_rgb(arr, "rgb", (3, 4))
+    _stain._check_fit_params(io, beta, alpha, min_tissue_px, min_tissue_frac)
+    (result,) = _fit_groups(group_pixels(arr, per_tile=False), io=io, beta=beta, alpha=alpha,
+                            min_tissue_px=min_tissue_px, min_tissue_frac=min_tissue_frac)
+    if isinstance(result, str):
+        raise ValueError(f"fit_macenko: image of shape {tuple(arr.shape)}: {result}")
+    return result
+
+
+def fit_tiles_device(
+    tiles: ArrayLike, *, io: float = 240.0, beta: float = 0.15, alpha: float = 1.0,
+    min_tissue_px: int = _stain.MIN_TISSUE_PX, min_tissue_frac: float = _stain.MIN_TISSUE_FRAC,
+) -> list[_stain.StainFit | str]:
+    """One fit per tile of (N, H, W, 3) uint8 ``tiles``, one launch per pass for the batch.
+
+    Returns a list of N entries: a :class:`~gpupath.stain.StainFit`, or the sentence saying why
+    that tile has none (as gpupath.stain words it). Raises as :func:`fit_macenko_device` for
+    bad arguments.
+    """
+    arr = _stain._as_array(tiles)
+    _stain._check_rgb(arr, "tiles", (4,))
+    _stain._check_fit_params(io, beta, alpha, min_tissue_px, min_tissue_frac)
+    return _fit_groups(group_pixels(arr, per_tile=True), io=io, beta=beta, alpha=alpha,
+                       min_tissue_px=min_tissue_px, min_tissue_frac=min_tissue_frac)
+
+
+def _apply_groups(arr: Any, sources: Sequence[_stain.StainFit | None], target: _stain.StainFit, per_tile: bool) -> Any:
+    px = group_pixels(arr, per_tile=per_tile)
+    active = np.array([s is not None for s in sources])
+    if not active.any():
+        return arr.copy()
+    io_in = {s.io for s in sources if s is not None}
+    if len(io_in) > 1:  # one OD table per launch
+        raise ValueError(f"sources: expected one io for all fits, got {sorted(io_in)}")
+    pinv = np.zeros((len(sources), 2, 3))
+    scale = np.zeros((len(sources), 2))
+    fitted = [s for s in sources if s is not None]
+    pinv[active] = _pinv(np.stack([s.stain_matrix_od for s in fitted]))
+    scale[active] = np.stack([target.max_conc / s.max_conc for s in fitted])
+    out = apply(px, pinv, scale, target.stain_matrix_od, io_in=io_in.pop(), io_out=target.io, active=active)
+    return out.reshape(arr.shape)
+
+
+def apply_macenko_device(rgb: ArrayLike, source: _stain.StainFit, target: _stain.StainFit = _stain.REFERENCE) -> Any:
+    """:func:`gpupath.stain.apply_macenko` as one fused kernel: uint8, same shape and device as ``rgb``.
+
+    Bit-identical to the NumPy path up to float32 rounding (``exp``, FMA): a pixel whose value
+    lies within an ulp of a rounding boundary may differ by 1 grey level.
+    """
+    _check_fits(source, target)
+    arr = _stain._as_array(rgb)
+    _stain._check_rgb(arr, "rgb", (3, 4))
+    return _apply_groups(arr, [source], target, per_tile=False)
+
+
+def apply_tiles_device(
+    tiles: ArrayLike, sources: Sequence[_stain.StainFit | None], target: _stain.StainFit = _stain.REFERENCE
+) -> Any:
+    """Re-render each tile of (N, H, W, 3) uint8 ``tiles`` from its own fit, one launch.
+
+    ``sources[k]`` is tile k's fit, or None to copy the tile unchanged; all fits share one ``io``.
+    """
+    arr = _stain._as_array(tiles)
+    _stain._check_rgb(arr, "tiles", (4,))
+    if len(sources) != arr.shape[0]:
+        raise ValueError(f"sources: expected one fit (or None) per tile, {arr.shape[0]}, got {len(sources)}")
+    _check_fits(target, *(s for s in sources if s is not None))
+    return _apply_groups(arr, list(sources), target, per_tile=True)
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def _bench_pixels(rng: np.random.Generator, n_px: int) -> tuple[np.ndarray]:
+    """(1, n_px, 3) uint8 H&E-like pixels (Beer-Lambert under the reference stains)."""
+    conc = rng.uniform(0.0, 1.5, (n_px, 2)) * (rng.random((n_px, 1)) > 0.2)  # ~20 % background
+    od = conc @ _stain.REFERENCE.stain_matrix_od.T
+    return (np.clip(np.rint(240.0 * np.exp(-od) - 1), 0, 255).astype(np.uint8)[None],)
+
+
+def _bench_apply_params() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ref = _stain.REFERENCE
+    return _pinv(ref.stain_matrix_od[None]), (ref.max_conc / (1.1 * ref.max_conc))[None], ref.stain_matrix_od
+
+
+def bench_cases() -> list[_launch.BenchCase]:
+    """od_stats and apply for bench/bench_kernels.py; bytes_moved = bytes read + written."""
+    pinv, scale, mt = _bench_apply_params()
+    return [
+        _launch.BenchCase(
+            name="macenko_od_stats",
+            make_input=_bench_pixels,
+            run=od_stats,
+            run_twin=od_stats_ref,
+            bytes_moved=lambda args: args[0].nbytes,  # + G x blocks x 80 B of partials, negligible
+        ),
+        _launch.BenchCase(
+            name="macenko_apply",
+            make_input=_bench_pixels,
+            run=lambda px: apply(px, pinv, scale, mt, io_in=240.0, io_out=240.0),
+            run_twin=lambda px: apply_ref(px, pinv, scale, mt, io_in=240.0, io_out=240.0),
+            bytes_moved=lambda args: 2 * args[0].nbytes,
+        ),
+    ]

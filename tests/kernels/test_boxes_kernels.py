@@ -1,0 +1,204 @@
+"""Centre-ownership kernel vs its NumPy twin and vs gpupath.detect.boxes.own_by_centre.
+
+Runs the Numba kernel under the CUDA simulator on NumPy arrays (no GPU), and on CuPy arrays when a
+GPU is present (``gpu`` mark). Tolerance everywhere: exact (the same float64 operations in the same
+order, then integer comparisons).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+
+import gpupath.detect.boxes as boxes_stage
+from conftest import data_file
+from gpupath.detect.boxes import Detections, GridLayout, to_global
+from gpupath.detect.classic import ClassicParams, detect_nuclei
+from gpupath.slide import open_slide
+from gpupath_kernels import _launch
+from gpupath_kernels.boxes import own_by_centre, own_by_centre_ref
+
+STRIDE, OVERLAP = 448.0, 64.0   # level-0 px; boundaries at 32 + 448 k
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    put: Callable[[np.ndarray], Any]
+    get: Callable[[Any], np.ndarray]
+
+
+@pytest.fixture(params=["sim", pytest.param("cupy", marks=pytest.mark.gpu)])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    if request.param == "sim":
+        if not _launch.simulator_enabled():
+            pytest.skip("CUDA simulator off (a GPU is present): the cupy case runs the kernel")
+        return Backend("sim", np.asarray, np.asarray)
+    cupy = pytest.importorskip("cupy")
+    return Backend("cupy", cupy.asarray, cupy.asnumpy)
+
+
+def random_case(rng: np.random.Generator, m: int, n_cols: int, n_rows: int) -> dict[str, np.ndarray]:
+    """Centres over (and a little beyond) the grid, each reported by its owner or a neighbour;
+    a quarter of them exactly on an ownership boundary or a margin's edge."""
+    cx = rng.uniform(-50, STRIDE * n_cols + 50, m)
+    cy = rng.uniform(-50, STRIDE * n_rows + 50, m)
+    on_line = rng.random(m) < 0.25
+    k = rng.integers(0, max(n_cols, n_rows) + 1, m)
+    cx[on_line] = k[on_line] * STRIDE + OVERLAP / 2 + rng.choice([-5.0, 0.0, 5.0], int(on_line.sum()))
+    col = np.clip(np.floor(cx / STRIDE) + rng.integers(-1, 2, m), 0, n_cols - 1).astype(np.int64)
+    row = np.clip(np.floor(cy / STRIDE) + rng.integers(-1, 2, m), 0, n_rows - 1).astype(np.int64)
+    processed = (rng.random((n_rows, n_cols)) < 0.7).astype(np.uint8)
+    return {"cx": cx, "cy": cy, "col": col, "row": row, "processed": processed}
+
+
+def run_both(backend: Backend, case: dict[str, np.ndarray], margin: float) -> None:
+    kw = {"stride_l0": STRIDE, "overlap_l0": OVERLAP, "margin_l0_px": margin}
+    keep, look = own_by_centre(*(backend.put(case[k]) for k in ("cx", "cy", "col", "row")),
+                               processed=backend.put(case["processed"]), **kw)
+    want_keep, want_look = own_by_centre_ref(case["cx"], case["cy"], case["col"], case["row"],
+                                             processed=case["processed"], **kw)
+    keep, look = backend.get(keep), backend.get(look)
+    assert keep.dtype == bool and look.dtype == bool
+    np.testing.assert_array_equal(keep, want_keep)  # exact
+    np.testing.assert_array_equal(look, want_look)
+
+
+@pytest.mark.parametrize("m, n_cols, n_rows", [(0, 1, 1), (1, 1, 1), (5, 3, 2), (300, 4, 5)])  # 300 > one block
+@pytest.mark.parametrize("margin", [0.0, 5.0])
+def test_masks_match_twin(backend: Backend, m: int, n_cols: int, n_rows: int, margin: float) -> None:
+    case = random_case(np.random.default_rng(m + n_cols), m, n_cols, n_rows)
+    run_both(backend, case, margin)
+
+
+def test_non_contiguous_inputs(backend: Backend) -> None:
+    case = random_case(np.random.default_rng(11), 80, 4, 3)
+    strided = {k: v[::2] for k, v in case.items() if k != "processed"}
+    strided["processed"] = np.asfortranarray(case["processed"])[:, ::-1]
+    assert not strided["cx"].flags.c_contiguous and not strided["processed"].flags.c_contiguous
+    run_both(backend, strided, 5.0)
+
+
+def test_twin_is_the_stage() -> None:
+    """The twin on a bitmap answers as gpupath.detect.boxes.own_by_centre on the set of tiles."""
+    from test_boxes import ALL_TILES, seen_by_tiles
+
+    rng = np.random.default_rng(2)
+    processed = ALL_TILES - {(1, 0), (2, 2)}
+    seen = seen_by_tiles(rng.uniform(0, 1800, (120, 2)), rng=rng, jitter=0.4, processed=processed)
+    layout = GridLayout(stride_l0=STRIDE, overlap_l0=OVERLAP, n_cols=4, n_rows=4, processed=processed)
+    kept, look = boxes_stage.own_by_centre(seen, layout, margin_l0_px=5.0)
+    bitmap = np.zeros((4, 4), np.uint8)
+    for c, r in processed:
+        bitmap[r, c] = 1
+    keep, look_all = own_by_centre_ref(seen.cx.astype(np.float64), seen.cy.astype(np.float64),
+                                       np.rint(seen.tile_x / STRIDE), np.rint(seen.tile_y / STRIDE),
+                                       stride_l0=STRIDE, overlap_l0=OVERLAP, processed=bitmap, margin_l0_px=5.0)
+    np.testing.assert_array_equal(seen.take(np.flatnonzero(keep)).cx, kept.cx)
+    np.testing.assert_array_equal(look_all[keep], look)
+
+
+def real_detections() -> tuple[Detections, GridLayout]:
+    """Classic detections on a 3 x 3 grid of overlapping 64 px tiles of the CMU-1 crop (level 0)."""
+    slide = open_slide(data_file("cmu-1-small-region.svs"))
+    size, stride = 64, 48
+    origins = [(1000 + c * stride, 1200 + r * stride) for r in range(3) for c in range(3)]
+    tiles = np.stack([slide.read_rgb(o, 0, (size, size)) for o in origins])
+    found = detect_nuclei(tiles, mpp=0.5, params=ClassicParams(radius_um=(1.5, 3.0), n_scales=2, threshold=0.05))
+    ox = np.array([o[0] for o in origins], np.int64) - 1000  # grid origin at (0, 0)
+    oy = np.array([o[1] for o in origins], np.int64) - 1200
+    det = to_global(tile_index=found.tile_index, cx_px=found.cx_px, cy_px=found.cy_px, radius_px=found.radius_px,
+                    score=found.score, label=np.zeros(len(found.score), np.int16), origin_x=ox.astype(float),
+                    origin_y=oy.astype(float), tile_x=ox, tile_y=oy, l0_per_px=1.0)
+    processed = frozenset((c, r) for r in range(3) for c in range(3)) - {(1, 1)}
+    return det, GridLayout(stride_l0=stride, overlap_l0=size - stride, n_cols=3, n_rows=3, processed=processed)
+
+
+def test_stage_device_path_on_real_detections(monkeypatch: pytest.MonkeyPatch) -> None:
+    """own_by_centre's device branch (bitmap, cells, kernel, selection), run on NumPy under the simulator."""
+    if not _launch.simulator_enabled():
+        pytest.skip("CUDA simulator off: test_stage_on_cupy_detections covers the device branch")
+    det, layout = real_detections()
+    assert len(det) >= 10
+    host_kept, host_look = boxes_stage.own_by_centre(det, layout, margin_l0_px=2.0)
+    assert 0 < len(host_kept) < len(det)  # the overlaps saw some nuclei twice
+    monkeypatch.setattr(boxes_stage, "is_device_array", lambda x: True)
+    kept, look = boxes_stage.own_by_centre(det, layout, margin_l0_px=2.0)
+    np.testing.assert_array_equal(kept.cx, host_kept.cx)
+    np.testing.assert_array_equal(kept.tile_x, host_kept.tile_x)
+    np.testing.assert_array_equal(look, host_look)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"cy": np.zeros(3)}, "one length"),
+    ({"processed": np.zeros((0, 2), np.uint8)}, "non-empty"),
+    ({"processed": np.zeros(4, np.uint8)}, "bitmap"),
+    ({"stride_l0": 0.0}, "stride_l0 > 0"),
+    ({"margin_l0_px": -1.0}, "margin_l0_px >= 0"),
+])
+def test_bad_input(kwargs: dict[str, Any], match: str) -> None:
+    args = {"cx": np.zeros(2), "cy": np.zeros(2), "col": np.zeros(2, np.int64), "row": np.zeros(2, np.int64),
+            "stride_l0": STRIDE, "overlap_l0": OVERLAP, "processed": np.ones((2, 2), np.uint8)} | kwargs
+    with pytest.raises(ValueError, match=match):
+        own_by_centre(args.pop("cx"), args.pop("cy"), args.pop("col"), args.pop("row"), **args)
+
+
+def test_bench_case_runs_its_twin() -> None:
+    from gpupath_kernels.boxes import bench_cases
+
+    (case,) = bench_cases()
+    args = case.make_input(np.random.default_rng(0), 10_000)
+    keep, look = case.run_twin(*args)
+    assert keep.shape == (100,) and (look <= keep).all() and case.bytes_moved(args) == 100 * 34
+
+
+_PTX_CHECK = textwrap.dedent("""
+    import os, types
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "0"
+    try:
+        from numba import cuda, types as T
+        from numba.cuda.cudadrv import nvvm
+        nvvm.NVVM()
+    except Exception as exc:  # no libNVVM here: nothing to compile with
+        print("NO_NVVM", exc)
+        raise SystemExit(0)
+    import numba.cuda.dispatcher as dispatcher
+    # device functions are compiled for the current device's capability; there is no device
+    dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=(9, 0))
+    from gpupath_kernels import boxes
+    f64, i64 = T.Array(T.float64, 1, "A"), T.Array(T.int64, 1, "A")
+    for idx64 in (False, True):
+        ptx, _ = cuda.compile_ptx(boxes._own_kernel(idx64).py_func, (f64, f64, i64, i64, T.float64, T.float64,
+                                  T.float64, T.Array(T.uint8, 2, "A"), T.uint8[::1], T.uint8[::1]), cc=(9, 0))
+        assert "div.rn.f64" in ptx, "IEEE division, as NumPy"
+    print("OK")
+""")
+
+
+def test_kernel_compiles_for_the_gpu() -> None:
+    """Type inference and PTX for sm_90 (the simulator runs Python and checks no types)."""
+    proc = subprocess.run([sys.executable, "-c", _PTX_CHECK], capture_output=True, text=True, timeout=300)
+    if proc.stdout.startswith("NO_NVVM"):
+        pytest.skip(f"no libNVVM to compile with: {proc.stdout.strip()}")
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+
+
+@pytest.mark.gpu
+def test_stage_on_cupy_detections() -> None:
+    import cupy
+    from dataclasses import fields
+
+    det, layout = real_detections()
+    host_kept, host_look = boxes_stage.own_by_centre(det, layout, margin_l0_px=2.0)
+    dev_det = Detections(*(cupy.asarray(getattr(det, f.name)) for f in fields(Detections)))
+    kept, look = boxes_stage.own_by_centre(dev_det, layout, margin_l0_px=2.0)
+    assert isinstance(kept.cx, cupy.ndarray) and isinstance(look, cupy.ndarray)
+    np.testing.assert_array_equal(cupy.asnumpy(kept.cx), host_kept.cx)
+    np.testing.assert_array_equal(cupy.asnumpy(look), host_look)

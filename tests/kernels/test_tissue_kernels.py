@@ -1,0 +1,192 @@
+"""Tissue kernel (saturation, grey, candidates, histogram) vs its NumPy twin, and Otsu from the histogram.
+
+Runs the Numba kernel under the CUDA simulator on NumPy arrays (no GPU), and on CuPy arrays when a
+GPU is present (``gpu`` mark). Inputs are small: the simulator runs every CUDA thread as a Python
+thread. Tolerance everywhere: exact (the kernel's float32 operations are the twin's, see
+gpupath_kernels.tissue).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+
+import gpupath.tissue as tissue_stage
+from conftest import data_file
+from gpupath.slide import open_slide
+from gpupath_kernels import _launch
+from gpupath_kernels.tissue import N_BINS, otsu_from_histogram, tissue_features, tissue_features_ref
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    put: Callable[[np.ndarray], Any]   # host array -> the kernel's input
+    get: Callable[[Any], np.ndarray]   # kernel output -> host array
+
+
+@pytest.fixture(params=["sim", pytest.param("cupy", marks=pytest.mark.gpu)])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    if request.param == "sim":
+        if not _launch.simulator_enabled():
+            pytest.skip("CUDA simulator off (a GPU is present): the cupy case runs the kernel")
+        return Backend("sim", np.asarray, np.asarray)
+    cupy = pytest.importorskip("cupy")
+    return Backend("cupy", cupy.asarray, cupy.asnumpy)
+
+
+def random_rgb(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """Uniform uint8 RGB plus the corner cases: black, white, glass, pure red (saturation exactly 1)."""
+    rgb = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    specials = np.array([[0, 0, 0], [255, 255, 255], [236, 236, 236], [200, 0, 0], [26, 25, 25]], np.uint8)
+    flat = rgb.reshape(-1, 3)
+    k = min(len(flat), len(specials))
+    flat[:k] = specials[:k]
+    return rgb
+
+
+def assert_features_equal(got: tuple[Any, ...], want: tuple[np.ndarray, ...], backend: Backend) -> None:
+    sat, grey, cand, hist = (backend.get(a) for a in got)
+    w_sat, w_grey, w_cand, w_hist = want
+    assert sat.dtype == np.float32 and grey.dtype == np.float32 and cand.dtype == bool and hist.dtype == np.int64
+    np.testing.assert_array_equal(sat, w_sat)      # exact: same float32 ops, correctly rounded division
+    np.testing.assert_array_equal(grey, w_grey)    # exact: integer sum / 3, one rounding
+    np.testing.assert_array_equal(cand, w_cand)
+    np.testing.assert_array_equal(hist, w_hist)    # exact: integer counts
+    assert hist.shape == (N_BINS,)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (24, 30)])  # 24 x 30 = 720 px: more than one 256-thread block
+def test_features_match_twin(backend: Backend, shape: tuple[int, int]) -> None:
+    rgb = random_rgb(np.random.default_rng(sum(shape)), shape)
+    assert_features_equal(tissue_features(backend.put(rgb)), tissue_features_ref(rgb), backend)
+
+
+def test_features_with_other_grey_bounds(backend: Backend) -> None:
+    rgb = random_rgb(np.random.default_rng(7), (9, 11))
+    got = tissue_features(backend.put(rgb), max_grey=200.5, min_grey=60.25)
+    assert_features_equal(got, tissue_features_ref(rgb, max_grey=200.5, min_grey=60.25), backend)
+
+
+def test_features_non_contiguous_input(backend: Backend) -> None:
+    rgba = random_rgb(np.random.default_rng(3), (20, 26))
+    rgba = np.concatenate([rgba, np.zeros((20, 26, 1), np.uint8)], axis=-1)
+    rgb = rgba[1::2, ::-2, :3]  # row step 2, reversed columns, channel stride 1 of 4
+    assert not rgb.flags.c_contiguous
+    assert_features_equal(tissue_features(backend.put(rgb)), tissue_features_ref(rgb), backend)
+
+
+def test_features_on_real_overview(backend: Backend) -> None:
+    slide = open_slide(data_file("cmu-1-small-region.svs"))
+    overview, _ = tissue_stage.read_overview(slide, 96.0)  # (31, 24, 3): tissue and glass
+    assert overview.shape == (31, 24, 3)
+    got = tissue_features(backend.put(overview))
+    want = tissue_features_ref(overview)
+    assert_features_equal(got, want, backend)
+    # the threshold from the kernel's histogram is the host stage's threshold, exactly
+    sat, _, cand, _ = want
+    assert otsu_from_histogram(backend.get(got[3])) == tissue_stage.otsu_threshold(sat[cand])
+
+
+def test_tissue_mask_device_path_matches_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tissue_mask's device branch (kernel + host Otsu), run on NumPy under the simulator."""
+    if not _launch.simulator_enabled():
+        pytest.skip("CUDA simulator off: test_device_mask_is_host_mask covers the device branch")
+    slide = open_slide(data_file("cmu-1-small-region.svs"))
+    overview, _ = tissue_stage.read_overview(slide, 96.0)
+    host = tissue_stage.tissue_mask(overview)
+    monkeypatch.setattr(tissue_stage, "is_device_array", lambda x: True)
+    via_kernel = tissue_stage.tissue_mask(overview)
+    np.testing.assert_array_equal(via_kernel, host)
+    assert 0.1 < host.mean() < 0.9
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_otsu_from_histogram_is_the_host_threshold(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    lo, hi = rng.uniform(0.02, 0.3), rng.uniform(0.4, 0.9)
+    values = np.concatenate([rng.normal(lo, 0.03, 400), rng.normal(hi, 0.05, 300)]).clip(0, 1).astype(np.float32)
+    hist, _ = np.histogram(values, bins=N_BINS, range=(0.0, 1.0))
+    assert otsu_from_histogram(hist) == tissue_stage.otsu_threshold(values)
+
+
+def test_otsu_plateau_takes_its_middle() -> None:
+    # two spikes with empty bins between: every split between them is equally good
+    values = np.r_[np.full(50, 0.1015625), np.full(50, 0.5015625)]  # in bins 26 and 128
+    hist, _ = np.histogram(values, bins=N_BINS, range=(0.0, 1.0))
+    # the plateau is bins 26..127; its middle bin is 76
+    assert otsu_from_histogram(hist) == tissue_stage.otsu_threshold(values) == (76 + 0.5) / 256
+
+
+@pytest.mark.parametrize("rgb, error, match", [
+    (np.zeros((4, 4), np.uint8), ValueError, r"\(H, W, 3\)"),
+    (np.zeros((4, 4, 4), np.uint8), ValueError, r"\(H, W, 3\)"),
+    (np.zeros((4, 4, 3), np.float32), TypeError, "uint8"),
+])
+def test_bad_input(rgb: np.ndarray, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        tissue_features(rgb)
+
+
+def test_bad_histogram() -> None:
+    with pytest.raises(ValueError, match=r"\(256,\)"):
+        otsu_from_histogram(np.zeros(10))
+
+
+def test_bench_cases_run_their_twin() -> None:
+    from gpupath_kernels.tissue import bench_cases
+
+    (case,) = bench_cases()
+    args = case.make_input(np.random.default_rng(0), 100)
+    assert args[0].dtype == np.uint8 and case.bytes_moved(args) > 0
+    assert case.run_twin(*args)[3].sum() <= args[0].shape[0] * args[0].shape[1]
+
+
+_PTX_CHECK = textwrap.dedent("""
+    import os, types
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "0"
+    try:
+        from numba import cuda, types as T
+        from numba.cuda.cudadrv import nvvm
+        nvvm.NVVM()
+    except Exception as exc:  # no libNVVM here: nothing to compile with
+        print("NO_NVVM", exc)
+        raise SystemExit(0)
+    import numba.cuda.dispatcher as dispatcher
+    # device functions are compiled for the current device's capability; there is no device
+    dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=(9, 0))
+    from gpupath_kernels import tissue
+    for idx64 in (False, True):
+        kernel = tissue._features_kernel(idx64)
+        ptx, _ = cuda.compile_ptx(kernel.py_func, (T.Array(T.uint8, 3, "A"), T.float32, T.float32,
+                                  T.float32[:, ::1], T.float32[:, ::1], T.uint8[:, ::1], T.int64[::1]), cc=(9, 0))
+        assert "atom.shared.add.u32" in ptx and "div.rn.f32" in ptx, "shared atomics, IEEE division"
+    print("OK")
+""")
+
+
+def test_kernel_compiles_for_the_gpu() -> None:
+    """Type inference and PTX for sm_90 (the simulator runs Python and checks no types)."""
+    proc = subprocess.run([sys.executable, "-c", _PTX_CHECK], capture_output=True, text=True, timeout=300)
+    if proc.stdout.startswith("NO_NVVM"):
+        pytest.skip(f"no libNVVM to compile with: {proc.stdout.strip()}")
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+
+
+@pytest.mark.gpu
+def test_device_mask_is_host_mask() -> None:
+    import cupy
+
+    slide = open_slide(data_file("cmu-1-small-region.svs"))
+    overview, _ = tissue_stage.read_overview(slide, 16.0)
+    host = tissue_stage.tissue_mask(overview)
+    dev = tissue_stage.tissue_mask(cupy.asarray(overview))
+    assert isinstance(dev, cupy.ndarray)
+    np.testing.assert_array_equal(cupy.asnumpy(dev), host)  # same features and threshold: same mask

@@ -168,8 +168,8 @@ def run(
     magnification: Annotated[Optional[float], typer.Option(help="Target magnification instead of --target-mpp (20 -> 0.5 µm/px).")] = None,
     tile: Annotated[int, typer.Option(help=_TILE_HELP)] = 256,
     overlap: Annotated[int, typer.Option(help="Overlap between neighbouring tiles, px at the target resolution.")] = 32,
-    stain: Annotated[str, typer.Option(help="macenko | none (none: tiles are not normalised; the slide's stain "
-                                            "vectors are still estimated for the detector's colour deconvolution)")] = "macenko",
+    stain: Annotated[str, typer.Option(help="macenko | vahadane | none (none: tiles are not normalised; the slide's "
+                                            "stain vectors are still estimated for the detector's colour deconvolution)")] = "macenko",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     backend: Annotated[str, typer.Option(help="auto | cucim | openslide | tifffile")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Tiles per batch.")] = 32,

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from gpupath import stain
+from gpupath import stain, vahadane
 from gpupath._resize import resize_batch
 from gpupath._version import __version__
 from gpupath._xp import gpu_available
@@ -60,7 +60,7 @@ class RunParams:
     """Everything that changes a run's results (stored in provenance)."""
 
     tile: TileSpec = TileSpec()
-    stain: Literal["none", "macenko"] = "macenko"
+    stain: Literal["none", "macenko", "vahadane"] = "macenko"
     device: Literal["cpu", "cuda"] = "cpu"
     backend: BackendName = "auto"
     mpp_override: float | None = None      # level-0 µm/px to use instead of the slide's metadata
@@ -70,8 +70,8 @@ class RunParams:
     detector: ClassicParams = ClassicParams()
 
     def __post_init__(self) -> None:
-        if self.stain not in ("none", "macenko"):
-            raise ConfigError(f"stain must be none or macenko, got {self.stain!r}")
+        if self.stain not in ("none", "macenko", "vahadane"):
+            raise ConfigError(f"stain must be none, macenko or vahadane, got {self.stain!r}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.backend not in ("auto", "cucim", "openslide", "tifffile"):
@@ -182,12 +182,23 @@ def _prefetched(slide: Slide, grid: TileGrid, params: RunParams) -> Iterator[tup
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+# method -> (fit, apply, target the tiles are normalised to)
+_NORMALISERS = {
+    "macenko": (stain.fit_macenko, stain.apply_macenko, stain.REFERENCE),
+    "vahadane": (vahadane.fit_vahadane, vahadane.apply_vahadane, vahadane.VAHADANE_REFERENCE),
+}
+
+
 def _fit_slide_stain(slide: Slide, grid: TileGrid, params: RunParams) -> tuple[stain.StainFit | None, str]:
-    """Macenko fit on the most tissue-rich tiles (up to STAIN_SAMPLE_TILES of them)."""
+    """Stain fit on the most tissue-rich tiles (up to STAIN_SAMPLE_TILES of them).
+
+    With ``stain="none"`` a Macenko fit still gives the detector the slide's own stain basis.
+    """
     order = np.argsort(-grid.tissue_fraction, kind="stable")
     sample = np.sort(order[: STAIN_SAMPLE_TILES])
+    fit = _NORMALISERS.get(params.stain, _NORMALISERS["macenko"])[0]
     try:
-        return stain.fit_macenko(_read_batch(slide, grid, sample, params).pixels), ""
+        return fit(_read_batch(slide, grid, sample, params).pixels), ""
     except ValueError as exc:
         return None, f"stain fit failed ({exc}); tiles not normalised, Ruifrok H&E basis used"
 
@@ -239,9 +250,10 @@ def _process_slide(path: str | Path, out_dir: Path, params: RunParams, *,
                 warnings.append(f"dark background (median grey {tissue.median_grey:.0f}): looks like fluorescence, "
                                 "for which the H&E nuclei detector is not made")
             result.warning = "; ".join(warnings)
+            normalise = fit is not None and params.stain in _NORMALISERS
             basis = RUIFROK_HE_OD if fit is None else fit.stain_matrix_od
-            if params.stain == "macenko" and fit is not None:
-                basis = stain.REFERENCE.stain_matrix_od
+            if normalise:
+                basis = _NORMALISERS[params.stain][2].stain_matrix_od  # tiles are rendered in the target's stains
             t = timer.add("stain_fit", t)
             parts: list[Detections] = []
             per_tile = np.zeros(len(grid), np.int64)
@@ -252,8 +264,9 @@ def _process_slide(path: str | Path, out_dir: Path, params: RunParams, *,
                 timer.seconds["read"] = timer.seconds.get("read", 0.0) + read_s
                 t = time.perf_counter()
                 tiles = batch.pixels
-                if params.stain == "macenko" and fit is not None:
-                    tiles = stain.apply_macenko(tiles, fit)
+                if normalise:
+                    _, apply, target = _NORMALISERS[params.stain]
+                    tiles = apply(tiles, fit, target=target)
                 t = timer.add("normalize", t)
                 found = detect_nuclei(tiles, mpp=grid.tile_mpp, params=params.detector, stain_matrix_od=basis)
                 parts.append(to_global(

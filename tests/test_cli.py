@@ -109,7 +109,7 @@ def test_mpp_override_for_slide_without_usable_mpp(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("args, expected", [
     (["--overlap", "200"], "overlap_px must be in [0, tile_px/2)"),
-    (["--stain", "reinhard"], "stain must be none or macenko"),
+    (["--stain", "reinhard"], "stain must be none, macenko or vahadane"),
     (["--target-mpp", "0.5", "--magnification", "20"], "not both"),
     (["--backend", "bioformats"], "backend must be"),
     (["--target-mpp", "0"], "target_mpp must be a positive number"),

@@ -51,16 +51,16 @@ def truth_centres(slide: Path) -> np.ndarray:
     return np.c_[nuclei["x_px"], nuclei["y_px"]]
 
 
-@pytest.mark.parametrize("target_mpp", [0.25, 0.5])
-def test_known_nuclei_recall_precision(synthetic: Path, tmp_path: Path, target_mpp: float) -> None:
-    params = RunParams(tile=TileSpec(tile_px=256, overlap_px=32, target_mpp=target_mpp))
+@pytest.mark.parametrize("target_mpp, stain", [(0.25, "macenko"), (0.5, "macenko"), (0.5, "vahadane"), (0.5, "none")])
+def test_known_nuclei_recall_precision(synthetic: Path, tmp_path: Path, target_mpp: float, stain: str) -> None:
+    params = RunParams(tile=TileSpec(tile_px=256, overlap_px=32, target_mpp=target_mpp), stain=stain)
     res = process_slide(synthetic, tmp_path, params)
     assert res.status == "ok", res.error
     det = detections_of(tmp_path, res.slide_id)
     truth = truth_centres(synthetic)
     ti, fi = one_to_one(truth, np.c_[det["cx"], det["cy"]], MATCH_PX)
     recall, precision = len(ti) / len(truth), len(fi) / len(det["cx"])
-    assert recall >= 0.9 and precision >= 0.9, f"recall {recall:.3f}, precision {precision:.3f} at {target_mpp} µm/px"
+    assert recall >= 0.9 and precision >= 0.9, f"recall {recall:.3f}, precision {precision:.3f} at {target_mpp} µm/px, {stain}"
 
 
 @pytest.mark.parametrize("target_mpp", [0.25, 0.5])

@@ -19,6 +19,7 @@ import math
 import subprocess
 import sys
 import time
+import tomllib
 import types
 from pathlib import Path
 
@@ -44,13 +45,12 @@ STAINS_B = np.array([[0.550, 0.150], [0.780, 0.800], [0.300, 0.580]])
 STAINS_A /= np.linalg.norm(STAINS_A, axis=0)
 STAINS_B /= np.linalg.norm(STAINS_B, axis=0)
 
-PEER = "staintools-2.1.2"
-PEER_PINS = [  # staintools itself goes in with --no-deps: it asks for the GUI opencv-python, not SPAMS
-    "spams-bin==2.6.14",  # SPAMS binary wheel (the `spams` sdist needs a compiler and BLAS headers)
-    "opencv-python-headless==5.0.0.93",
-    "matplotlib==3.11.2",  # imported by staintools/__init__ (visualisation), unused here
-    "numpy==2.4.6",
-]
+# the peer's pins live in pyproject.toml's `peers-staintools` extra (one place to change them)
+_PEER_EXTRA = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())[
+    "project"]["optional-dependencies"]["peers-staintools"]
+PEER_SPEC = next(p for p in _PEER_EXTRA if p.startswith("staintools=="))  # installed with --no-deps
+PEER = PEER_SPEC.replace("==", "-")
+PEER_PINS = [p for p in _PEER_EXTRA if p != PEER_SPEC]
 PEER_DIR = Path(__file__).resolve().parents[1] / ".cache" / "peers" / PEER
 PEER_TARGET_TILE = 1  # index in CMU_TILES_XY of the tile both normalisers render to
 PEER_ITER = 3000  # SPAMS trainDL iterations (mini-batches) for the peer, see _PEER_SCRIPT
@@ -301,7 +301,7 @@ def peer_python() -> Path:
     t0 = time.perf_counter()
     _run([sys.executable, "-m", "venv", "--clear", str(PEER_DIR)], "python -m venv")
     pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
-    _run([*pip, "--no-deps", "staintools==2.1.2"], "pip install --no-deps staintools==2.1.2")
+    _run([*pip, "--no-deps", PEER_SPEC], f"pip install --no-deps {PEER_SPEC}")
     _run([*pip, *PEER_PINS], f"pip install {' '.join(PEER_PINS)}")
     _run([str(python), "-c", "import staintools, spams"], "import staintools, spams")
     marker.write_text(json.dumps({**want, "build_s": round(time.perf_counter() - t0, 1)}))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import platform
 import statistics
 import sys
@@ -49,6 +50,17 @@ def _time(fn: Any, args: tuple[Any, ...], repeat: int, sync: Any) -> float:
     return statistics.median(times)
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:  # not Linux: fall back to what platform knows
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _gpu() -> tuple[Any, str, float] | None:
     """(cupy, device name, peak bandwidth in bytes/s) or None."""
     try:
@@ -72,7 +84,7 @@ def main() -> int:
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     gpu = _gpu()
-    host = f"{platform.processor() or platform.machine()}, {platform.python_version()}"
+    host = f"{_cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     print(f"# {datetime.now(timezone.utc).isoformat(timespec='seconds')}  host: {host}  "
           f"GPU: {gpu[1] if gpu else 'none (twins only)'}")
     print(f"{'kernel':28s} {'input':24s} {'twin Mpx/s':>11s} {'GPU Mpx/s':>10s} {'GPU/twin':>9s} {'BW frac':>8s}")

@@ -13,10 +13,8 @@ What it does
                                  :func:`concentrations_max` runs it twice (coarse, then refined)
     ``apply``                    concentrations -> rescale -> target stains -> uint8, fused
 
-    OD is a 256-entry table per ``io`` built with gpupath.stain's own expression, so the
-    kernels' OD is bit-identical to the NumPy path's. The 3x3 covariance, eigenvectors, stain
-    vectors and pseudo-inverses are host NumPy (a few numbers per group); percentile look-ups
-    in the histograms (cumulative sums) are array expressions on the input's module.
+    OD is a 256-entry table built with gpupath.stain's expression (bit-identical OD). The 3x3
+    covariance, eigenvectors and pseudo-inverses are host NumPy (a few numbers per group).
 
 In and out
     CuPy input: kernels on its device, results on that device. NumPy input: the kernels under
@@ -30,18 +28,15 @@ Accuracy against the exact percentiles of gpupath.stain (see kernels/README.md, 
     * max_conc: a coarse histogram over the range the OD table allows, then one over the
       bins holding the two order statistics; error <= half a refined bin, returned per group
       (typically ~1e-6 OD; never more than half a coarse bin, span / (2 N_CONC_BINS)).
-    * Sums of the covariance are per-block partials summed exactly on the host (``math.fsum``):
-      no float atomics, so a fit does not depend on block scheduling or on which other tiles
-      share the launch (bit-identical per-tile and single-tile fits).
+    * Covariance sums: per-block partials summed exactly on the host (``math.fsum``), so a fit
+      does not depend on block scheduling or on the other tiles of the launch.
 
 References
-    M. Macenko et al., ISBI 2009, 1107-1110. Histogram percentiles: e.g. CUB's
-    DeviceHistogram with a cumulative-sum look-up instead of a sort.
+    M. Macenko et al., ISBI 2009, 1107-1110.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,6 +49,24 @@ from gpupath import stain as _stain
 from gpupath._xp import to_host
 
 from . import _launch
+from ._macenko_kernels import (  # noqa: F401  (kernels and the constants they are built around)
+    _N_STATS,
+    _PAIRS,
+    _PX_PER_THREAD_STATS,
+    _PX_PER_THREAD_HIST,
+    _cuda,
+    _od_stats_kernel,
+    _angle_histogram_kernel,
+    _concentration_histogram_kernel,
+    _apply_kernel,
+    od_lut,
+    group_pixels,
+    _use_kernels,
+    _active,
+    _order_stat_bins,
+    _ranks,
+    _percentile_from_hist,
+)
 
 __all__ = [
     "N_ANGLE_BINS",
@@ -84,225 +97,8 @@ N_ANGLE_BINS = 8192  # over [-pi, pi): bin 7.67e-4 rad; 32 KiB of shared uint32 
 N_CONC_BINS = 4096  # per stain and pass (+1 "below the window" bin): 2 x 4097 uint32 = 32 KiB
 ANGLE_LO_RAD = -math.pi
 ANGLE_BOUND_RAD = math.pi / N_ANGLE_BINS  # half a bin: |angle error| of each stain vector
-_N_STATS = 10  # count, sum r, g, b, rr, rg, rb, gg, gb, bb
-_PAIRS = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
-_PX_PER_THREAD_STATS = 16  # a block sums 4096 px into one partial row
-_PX_PER_THREAD_HIST = 64  # a block bins 16384 px per shared histogram it clears and flushes
 _MAX_GRID_Y = 65535  # CUDA's gridDim.y limit: more groups are launched in chunks
 _MAX_CONC_Q = 99.0
-
-cuda: Any = None  # numba.cuda, bound by _cuda() on first kernel build (the simulator swaps this global)
-
-
-def _cuda() -> Any:
-    global cuda  # noqa: PLW0603  kernels must see numba.cuda as a module global (simulator)
-    if cuda is None:
-        cuda = _launch.cuda()
-    return cuda
-
-
-# --------------------------------------------------------------------------- kernels
-
-
-@functools.cache
-def _od_stats_kernel() -> Any:
-    cu = _cuda()
-    from numba import float64  # noqa: PLC0415  (lazy: no numba at import)
-
-    tpb = _launch.THREADS_PER_BLOCK
-    n_stats = _N_STATS
-
-    @cu.jit
-    def od_stats_partial(px, lut, beta, partial):
-        # px (G, P, 3) u1; lut (256,) f8; partial (G, blocks, 10) f8: one row per block, no atomics
-        sh = cuda.shared.array((n_stats, tpb), float64)
-        grp = cuda.blockIdx.y
-        tid = cuda.threadIdx.x
-        n = 0.0
-        sr = 0.0
-        sg = 0.0
-        sb = 0.0
-        srr = 0.0
-        srg = 0.0
-        srb = 0.0
-        sgg = 0.0
-        sgb = 0.0
-        sbb = 0.0
-        for i in range(cuda.grid(1), px.shape[1], cuda.gridsize(1)):
-            r = lut[px[grp, i, 0]]
-            g = lut[px[grp, i, 1]]
-            b = lut[px[grp, i, 2]]
-            if r >= beta and g >= beta and b >= beta:  # tissue: OD >= beta in all channels
-                n += 1.0
-                sr += r
-                sg += g
-                sb += b
-                srr += r * r
-                srg += r * g
-                srb += r * b
-                sgg += g * g
-                sgb += g * b
-                sbb += b * b
-        sh[0, tid] = n
-        sh[1, tid] = sr
-        sh[2, tid] = sg
-        sh[3, tid] = sb
-        sh[4, tid] = srr
-        sh[5, tid] = srg
-        sh[6, tid] = srb
-        sh[7, tid] = sgg
-        sh[8, tid] = sgb
-        sh[9, tid] = sbb
-        cuda.syncthreads()
-        step = cuda.blockDim.x // 2  # tree reduction: fixed order, blockDim a power of two
-        while step > 0:
-            if tid < step:
-                for k in range(n_stats):
-                    sh[k, tid] += sh[k, tid + step]
-            cuda.syncthreads()
-            step //= 2
-        if tid == 0:
-            for k in range(n_stats):
-                partial[grp, cuda.blockIdx.x, k] = sh[k, 0]
-
-    return od_stats_partial
-
-
-@functools.cache
-def _angle_histogram_kernel(n_bins: int) -> Any:
-    cu = _cuda()
-    from numba import int64, uint32  # noqa: PLC0415
-
-    @cu.jit
-    def angle_histogram(px, lut, beta, lo, inv_width, plane, active, hist):
-        # plane (G, 3, 2) f8 (e1, e2 columns); active (G,) u1; hist (G, n_bins) i8, zeroed
-        grp = cuda.blockIdx.y
-        if active[grp] == 0:  # uniform over the block: before any barrier
-            return
-        sh = cuda.shared.array(n_bins, uint32)
-        tid = cuda.threadIdx.x
-        for k in range(tid, n_bins, cuda.blockDim.x):
-            sh[k] = 0
-        cuda.syncthreads()
-        a0, a1, a2 = plane[grp, 0, 0], plane[grp, 1, 0], plane[grp, 2, 0]
-        b0, b1, b2 = plane[grp, 0, 1], plane[grp, 1, 1], plane[grp, 2, 1]
-        for i in range(cuda.grid(1), px.shape[1], cuda.gridsize(1)):
-            r = lut[px[grp, i, 0]]
-            g = lut[px[grp, i, 1]]
-            b = lut[px[grp, i, 2]]
-            if r >= beta and g >= beta and b >= beta:
-                phi = math.atan2(r * b0 + g * b1 + b * b2, r * a0 + g * a1 + b * a2)
-                k = math.floor((phi - lo) * inv_width)
-                if k < 0:  # no min/max builtins: explicit clamps compile without a device
-                    k = 0
-                elif k >= n_bins:
-                    k = n_bins - 1
-                cuda.atomic.add(sh, k, uint32(1))
-        cuda.syncthreads()
-        for k in range(tid, n_bins, cuda.blockDim.x):
-            c = sh[k]
-            if c != 0:
-                cuda.atomic.add(hist, (grp, k), int64(c))
-
-    return angle_histogram
-
-
-@functools.cache
-def _concentration_histogram_kernel(n_bins: int) -> Any:
-    cu = _cuda()
-    from numba import int64, uint32  # noqa: PLC0415
-
-    row = n_bins + 1  # bin 0: below the window; 1..n_bins: the window
-    n_shared = 2 * row
-
-    @cu.jit
-    def concentration_histogram(px, lut, pinv, active, lo1, inv_w1, win_lo, win_hi, lo2, inv_w2, hist):
-        # pinv (G, 2, 3) f8; lo1 .. inv_w2 (G, 2) (win_* i8); hist (G, 2, n_bins + 1) i8, zeroed
-        grp = cuda.blockIdx.y
-        if active[grp] == 0:
-            return
-        sh = cuda.shared.array(n_shared, uint32)
-        tid = cuda.threadIdx.x
-        for k in range(tid, n_shared, cuda.blockDim.x):
-            sh[k] = 0
-        cuda.syncthreads()
-        below0 = 0
-        below1 = 0
-        for i in range(cuda.grid(1), px.shape[1], cuda.gridsize(1)):
-            r = lut[px[grp, i, 0]]
-            g = lut[px[grp, i, 1]]
-            b = lut[px[grp, i, 2]]
-            for j in range(2):
-                x = pinv[grp, j, 0] * r + pinv[grp, j, 1] * g + pinv[grp, j, 2] * b
-                k1 = math.floor((x - lo1[grp, j]) * inv_w1[grp, j])
-                if k1 < 0:
-                    k1 = 0
-                elif k1 >= n_bins:
-                    k1 = n_bins - 1
-                if k1 < win_lo[grp, j]:
-                    if j == 0:
-                        below0 += 1
-                    else:
-                        below1 += 1
-                elif k1 <= win_hi[grp, j]:
-                    k2 = math.floor((x - lo2[grp, j]) * inv_w2[grp, j])
-                    if k2 < 0:
-                        k2 = 0
-                    elif k2 >= n_bins:
-                        k2 = n_bins - 1
-                    cuda.atomic.add(sh, j * row + 1 + k2, uint32(1))
-        if below0 != 0:
-            cuda.atomic.add(sh, 0, uint32(below0))
-        if below1 != 0:
-            cuda.atomic.add(sh, row, uint32(below1))
-        cuda.syncthreads()
-        for k in range(tid, n_shared, cuda.blockDim.x):
-            c = sh[k]
-            if c != 0:
-                cuda.atomic.add(hist, (grp, k // row, k % row), int64(c))
-
-    return concentration_histogram
-
-
-@functools.cache
-def _apply_kernel() -> Any:
-    cu = _cuda()
-    from numba import float32  # noqa: PLC0415
-
-    @cu.jit
-    def apply(px, lut, mt, io_out, pinv, scale, active, out):
-        # lut (256,) f4; mt (3, 2) f4 target stains; io_out f4; pinv (G, 2, 3) f4; scale (G, 2) f4
-        grp = cuda.blockIdx.y
-        one = float32(1.0)
-        lo = float32(-1.0)
-        hi = float32(256.0)
-        p00, p01, p02 = pinv[grp, 0, 0], pinv[grp, 0, 1], pinv[grp, 0, 2]
-        p10, p11, p12 = pinv[grp, 1, 0], pinv[grp, 1, 1], pinv[grp, 1, 2]
-        s0, s1 = scale[grp, 0], scale[grp, 1]
-        for i in range(cuda.grid(1), px.shape[1], cuda.gridsize(1)):
-            if active[grp] == 0:  # a tile without a fit is copied unchanged
-                for c in range(3):
-                    out[grp, i, c] = px[grp, i, c]
-                continue
-            r = lut[px[grp, i, 0]]
-            g = lut[px[grp, i, 1]]
-            b = lut[px[grp, i, 2]]
-            c0 = (p00 * r + p01 * g + p02 * b) * s0
-            c1 = (p10 * r + p11 * g + p12 * b) * s1
-            for c in range(3):
-                y = io_out * math.exp(-(c0 * mt[c, 0] + c1 * mt[c, 1])) - one
-                if y < lo:  # clip before the integer conversion (inf -> 255): same result
-                    y = lo
-                elif y > hi:
-                    y = hi
-                v = round(y)  # round(): llrint, half to even, as np.rint
-                if v < 0:
-                    v = 0
-                elif v > 255:
-                    v = 255
-                out[grp, i, c] = v
-
-    return apply
 
 
 def _run(kernel: Any, px: Any, px_per_thread: int, shared: tuple, grouped: tuple) -> int:
@@ -320,60 +116,6 @@ def _run(kernel: Any, px: Any, px_per_thread: int, shared: tuple, grouped: tuple
         g1 = min(g0 + _MAX_GRID_Y, n_groups)
         kernel[(blocks, g1 - g0), threads, stream](px[g0:g1], *shared, *(a[g0:g1] for a in grouped))
     return blocks
-
-
-# --------------------------------------------------------------------------- shared helpers
-
-
-def od_lut(io: float, dtype: Any) -> np.ndarray:
-    """OD of grey levels 0..255 in ``dtype``: gpupath.stain's expression, hence its exact values."""
-    return _stain._od(np.arange(256, dtype=np.uint8), io, dtype)
-
-
-def group_pixels(rgb: ArrayLike, *, per_tile: bool) -> Any:
-    """(G, P, 3) C-contiguous uint8 on the input's module: G = N tiles if ``per_tile``, else 1.
-
-    ``rgb`` is (H, W, 3) or (N, H, W, 3); a non-contiguous view is copied once (kernels index
-    (group, pixel, channel) of a dense array).
-    """
-    xp = _launch.device_array_module(rgb)
-    arr = xp.ascontiguousarray(rgb)
-    if arr.ndim == 3:
-        arr = arr[None]
-    n, h, w, _ = arr.shape
-    return arr.reshape(n, h * w, 3) if per_tile else arr.reshape(1, n * h * w, 3)
-
-
-def _use_kernels(px: Any) -> bool:
-    return _launch.is_device_array(px) or _launch.simulator_enabled()
-
-
-def _active(active: ArrayLike | None, n_groups: int) -> np.ndarray:
-    return np.ones(n_groups, np.uint8) if active is None else np.asarray(active, dtype=np.uint8)
-
-
-def _order_stat_bins(hist: Any, ranks: np.ndarray) -> np.ndarray:
-    """Bin holding the rank-th smallest value (0-based): hist (..., B) ints, ranks (..., R) host."""
-    xp = _launch.device_array_module(hist)
-    cum = xp.cumsum(hist, axis=-1)
-    r = xp.asarray(np.asarray(ranks, dtype=np.int64))
-    return to_host((cum[..., None, :] <= r[..., :, None]).sum(axis=-1))  # host: (..., R) bin indices
-
-
-def _ranks(n: np.ndarray, q: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Order statistics k0, k1 and weight of np.percentile's linear interpolation (n >= 1)."""
-    n = np.maximum(np.asarray(n, dtype=np.int64), 1)
-    h = (q / 100.0) * (n - 1)
-    k0 = np.floor(h)
-    return k0.astype(np.int64), np.minimum(k0 + 1, n - 1).astype(np.int64), h - k0
-
-
-def _percentile_from_hist(hist: Any, n: np.ndarray, q: float, lo: Any, width: Any) -> np.ndarray:
-    """np.percentile(values, q) to within width / 2 from their histogram (bin midpoints)."""
-    k0, k1, frac = _ranks(n, q)
-    bins = _order_stat_bins(hist, np.stack([k0, k1], axis=-1))
-    mid = lo[..., None] + (bins + 0.5) * width[..., None]
-    return mid[..., 0] + frac * (mid[..., 1] - mid[..., 0])
 
 
 # --------------------------------------------------------------------------- od_stats

@@ -50,7 +50,7 @@ from gpupath._xp import to_host
 
 from . import _launch
 from ._macenko_kernels import (  # kernels, the constants they are built around, host helpers
-    _N_STATS, _PAIRS, _PX_PER_THREAD_STATS, _PX_PER_THREAD_HIST, _cuda, _od_stats_kernel,
+    _N_STATS, _PAIRS, _PX_PER_THREAD_STATS, _PX_PER_THREAD_HIST, _od_stats_kernel,
     _angle_histogram_kernel, _concentration_histogram_kernel, _apply_kernel, od_lut, group_pixels,
     _use_kernels, _active, _order_stat_bins, _ranks, _percentile_from_hist
 )

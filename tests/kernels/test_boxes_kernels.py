@@ -7,11 +7,6 @@ order, then integer comparisons).
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,26 +18,10 @@ from gpupath.detect.boxes import Detections, GridLayout, to_global
 from gpupath.detect.classic import ClassicParams, detect_nuclei
 from gpupath.slide import open_slide
 from gpupath_kernels import _launch
+from kernel_helpers import Backend, assert_compiles_for_gpu, backend  # noqa: F401  (backend: fixture)
 from gpupath_kernels.boxes import own_by_centre, own_by_centre_ref
 
 STRIDE, OVERLAP = 448.0, 64.0   # level-0 px; boundaries at 32 + 448 k
-
-
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    put: Callable[[np.ndarray], Any]
-    get: Callable[[Any], np.ndarray]
-
-
-@pytest.fixture(params=["sim", pytest.param("cupy", marks=pytest.mark.gpu)])
-def backend(request: pytest.FixtureRequest) -> Backend:
-    if request.param == "sim":
-        if not _launch.simulator_enabled():
-            pytest.skip("CUDA simulator off (a GPU is present): the cupy case runs the kernel")
-        return Backend("sim", np.asarray, np.asarray)
-    cupy = pytest.importorskip("cupy")
-    return Backend("cupy", cupy.asarray, cupy.asnumpy)
 
 
 def random_case(rng: np.random.Generator, m: int, n_cols: int, n_rows: int) -> dict[str, np.ndarray]:
@@ -159,35 +138,19 @@ def test_bench_case_runs_its_twin() -> None:
     assert keep.shape == (100,) and (look <= keep).all() and case.bytes_moved(args) == 100 * 34
 
 
-_PTX_CHECK = textwrap.dedent("""
-    import os, types
-    os.environ["NUMBA_ENABLE_CUDASIM"] = "0"
-    try:
-        from numba import cuda, types as T
-        from numba.cuda.cudadrv import nvvm
-        nvvm.NVVM()
-    except Exception as exc:  # no libNVVM here: nothing to compile with
-        print("NO_NVVM", exc)
-        raise SystemExit(0)
-    import numba.cuda.dispatcher as dispatcher
-    # device functions are compiled for the current device's capability; there is no device
-    dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=(9, 0))
-    from gpupath_kernels import boxes
+_PTX_BODY = """    from gpupath_kernels import boxes
     f64, i64 = T.Array(T.float64, 1, "A"), T.Array(T.int64, 1, "A")
     for idx64 in (False, True):
         ptx, _ = cuda.compile_ptx(boxes._own_kernel(idx64).py_func, (f64, f64, i64, i64, T.float64, T.float64,
                                   T.float64, T.Array(T.uint8, 2, "A"), T.uint8[::1], T.uint8[::1]), cc=(9, 0))
         assert "div.rn.f64" in ptx, "IEEE division, as NumPy"
     print("OK")
-""")
+"""
 
 
 def test_kernel_compiles_for_the_gpu() -> None:
     """Type inference and PTX for sm_90 (the simulator runs Python and checks no types)."""
-    proc = subprocess.run([sys.executable, "-c", _PTX_CHECK], capture_output=True, text=True, timeout=300)
-    if proc.stdout.startswith("NO_NVVM"):
-        pytest.skip(f"no libNVVM to compile with: {proc.stdout.strip()}")
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+    assert_compiles_for_gpu(_PTX_BODY)
 
 
 @pytest.mark.gpu

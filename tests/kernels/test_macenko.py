@@ -15,19 +15,13 @@ is present (``gpu`` mark). Simulator inputs are small (every CUDA thread is a Py
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
-import textwrap
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pytest
 
 from conftest import data_file
 from gpupath import stain
-from gpupath_kernels import _launch
+from kernel_helpers import Backend, assert_compiles_for_gpu, backend  # noqa: F401  (backend: fixture)
 from gpupath_kernels import macenko as mk
 
 IO, BETA = 240.0, 0.15
@@ -36,23 +30,6 @@ CROPS_XY = [(1100, 700), (950, 2050)]  # level-0 (x, y) of 24 x 24 px crops: 93 
 CROP_PX = 24
 STAINS = np.array([[0.650, 0.268], [0.704, 0.570], [0.286, 0.776]])  # near Ruifrok's H&E, unit columns
 STAINS /= np.linalg.norm(STAINS, axis=0)
-
-
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    put: Callable[[np.ndarray], Any]  # host array -> the kernel's input
-    get: Callable[[Any], np.ndarray]  # kernel output -> host array
-
-
-@pytest.fixture(params=["sim", pytest.param("cupy", marks=pytest.mark.gpu)])
-def backend(request: pytest.FixtureRequest) -> Backend:
-    if request.param == "sim":
-        if not _launch.simulator_enabled():
-            pytest.skip("CUDA simulator off (a GPU is present): the cupy case runs the kernels")
-        return Backend("sim", np.asarray, np.asarray)
-    cupy = pytest.importorskip("cupy")
-    return Backend("cupy", cupy.asarray, cupy.asnumpy)
 
 
 @pytest.fixture(scope="module")
@@ -409,17 +386,7 @@ def test_bench_cases_run_their_twin() -> None:
         np.testing.assert_allclose(np.asarray(case.run(*args)), case.run_twin(*args), rtol=1e-12)
 
 
-_PTX_CHECK = textwrap.dedent("""
-    import os
-    os.environ["NUMBA_ENABLE_CUDASIM"] = "0"
-    try:
-        from numba import cuda, types as T
-        from numba.cuda.cudadrv import nvvm
-        nvvm.NVVM()
-    except Exception as exc:  # no libNVVM here: nothing to compile with
-        print("NO_NVVM", exc)
-        raise SystemExit(0)
-    from gpupath_kernels import macenko as mk
+_PTX_BODY = """    from gpupath_kernels import macenko as mk
     u1, f8, i8, f4 = T.uint8[:, :, ::1], T.float64[::1], T.int64, T.float32
     f8_2, f8_3, i8_2 = T.float64[:, ::1], T.float64[:, :, ::1], T.int64[:, ::1]
     flags = T.uint8[::1]
@@ -438,15 +405,12 @@ _PTX_CHECK = textwrap.dedent("""
         if name in ("angle", "conc"):
             assert "atom.shared.add.u32" in ptx, name + ": shared-memory histogram"
     print("OK")
-""")
+"""
 
 
 def test_kernels_compile_for_the_gpu() -> None:
     """Type inference and PTX for sm_90 (the simulator runs Python and checks no types)."""
-    proc = subprocess.run([sys.executable, "-c", _PTX_CHECK], capture_output=True, text=True, timeout=300)
-    if proc.stdout.startswith("NO_NVVM"):
-        pytest.skip(f"no libNVVM to compile with: {proc.stdout.strip()}")
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+    assert_compiles_for_gpu(_PTX_BODY)
 
 
 # --------------------------------------------------------------------------- GPU only

@@ -7,11 +7,7 @@ simulator runs every CUDA thread as a Python thread. Tolerances are stated at ea
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,6 +18,7 @@ import gpupath.detect.classic as classic
 from conftest import data_file
 from gpupath.slide import open_slide
 from gpupath_kernels import _launch
+from kernel_helpers import Backend, assert_compiles_for_gpu, backend  # noqa: F401  (backend: fixture)
 from gpupath_kernels.nuclei import (
     best_log_response,
     best_log_response_ref,
@@ -38,23 +35,6 @@ H_ROW = classic._deconvolution_matrix(classic.RUIFROK_HE_OD)[:, 0]
 SIGMAS = (1.0, 1.6, 2.5)      # px; radii up to 10 px, so 16 x 20 tiles exercise both borders
 HEMA_ATOL = 1e-5              # float32 OD of up to 5.5 times |h_row| <= 2: a few ulp (measured 2.4e-7 sim)
 RESP_ATOL = 1e-5              # float32 taps and sums vs SciPy's float64 sums (measured 1.2e-7 sim)
-
-
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    put: Callable[[np.ndarray], Any]
-    get: Callable[[Any], np.ndarray]
-
-
-@pytest.fixture(params=["sim", pytest.param("cupy", marks=pytest.mark.gpu)])
-def backend(request: pytest.FixtureRequest) -> Backend:
-    if request.param == "sim":
-        if not _launch.simulator_enabled():
-            pytest.skip("CUDA simulator off (a GPU is present): the cupy case runs the kernels")
-        return Backend("sim", np.asarray, np.asarray)
-    cupy = pytest.importorskip("cupy")
-    return Backend("cupy", cupy.asarray, cupy.asnumpy)
 
 
 def real_tiles() -> np.ndarray:
@@ -230,20 +210,7 @@ def test_bench_cases_run_their_twins() -> None:
         assert case.run_twin(*args) is not None
 
 
-_PTX_CHECK = textwrap.dedent("""
-    import os, types
-    os.environ["NUMBA_ENABLE_CUDASIM"] = "0"
-    try:
-        from numba import cuda, types as T
-        from numba.cuda.cudadrv import nvvm
-        nvvm.NVVM()
-    except Exception as exc:  # no libNVVM here: nothing to compile with
-        print("NO_NVVM", exc)
-        raise SystemExit(0)
-    import numba.cuda.dispatcher as dispatcher
-    # device functions are compiled for the current device's capability; there is no device
-    dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=(9, 0))
-    from gpupath_kernels import nuclei
+_PTX_BODY = """    from gpupath_kernels import nuclei
     f32a, f32c = T.Array(T.float32, 3, "A"), T.float32[:, :, ::1]
     for idx64 in (False, True):
         k = nuclei._kernels(idx64)
@@ -259,15 +226,12 @@ _PTX_CHECK = textwrap.dedent("""
         cuda.compile_ptx(k["peaks"].py_func, (T.Array(T.float64, 3, "A"), T.int64, T.float64, T.uint8[:, :, ::1]),
                          cc=(9, 0))
     print("OK")
-""")
+"""
 
 
 def test_kernels_compile_for_the_gpu() -> None:
     """Type inference and PTX for sm_90 (the simulator runs Python and checks no types)."""
-    proc = subprocess.run([sys.executable, "-c", _PTX_CHECK], capture_output=True, text=True, timeout=300)
-    if proc.stdout.startswith("NO_NVVM"):
-        pytest.skip(f"no libNVVM to compile with: {proc.stdout.strip()}")
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+    assert_compiles_for_gpu(_PTX_BODY)
 
 
 @pytest.mark.gpu

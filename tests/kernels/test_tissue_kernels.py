@@ -8,11 +8,6 @@ gpupath_kernels.tissue).
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,24 +17,8 @@ import gpupath.tissue as tissue_stage
 from conftest import data_file
 from gpupath.slide import open_slide
 from gpupath_kernels import _launch
+from kernel_helpers import Backend, assert_compiles_for_gpu, backend  # noqa: F401  (backend: fixture)
 from gpupath_kernels.tissue import N_BINS, otsu_from_histogram, tissue_features, tissue_features_ref
-
-
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    put: Callable[[np.ndarray], Any]   # host array -> the kernel's input
-    get: Callable[[Any], np.ndarray]   # kernel output -> host array
-
-
-@pytest.fixture(params=["sim", pytest.param("cupy", marks=pytest.mark.gpu)])
-def backend(request: pytest.FixtureRequest) -> Backend:
-    if request.param == "sim":
-        if not _launch.simulator_enabled():
-            pytest.skip("CUDA simulator off (a GPU is present): the cupy case runs the kernel")
-        return Backend("sim", np.asarray, np.asarray)
-    cupy = pytest.importorskip("cupy")
-    return Backend("cupy", cupy.asarray, cupy.asnumpy)
 
 
 def random_rgb(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
@@ -149,35 +128,19 @@ def test_bench_cases_run_their_twin() -> None:
     assert case.run_twin(*args)[3].sum() <= args[0].shape[0] * args[0].shape[1]
 
 
-_PTX_CHECK = textwrap.dedent("""
-    import os, types
-    os.environ["NUMBA_ENABLE_CUDASIM"] = "0"
-    try:
-        from numba import cuda, types as T
-        from numba.cuda.cudadrv import nvvm
-        nvvm.NVVM()
-    except Exception as exc:  # no libNVVM here: nothing to compile with
-        print("NO_NVVM", exc)
-        raise SystemExit(0)
-    import numba.cuda.dispatcher as dispatcher
-    # device functions are compiled for the current device's capability; there is no device
-    dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=(9, 0))
-    from gpupath_kernels import tissue
+_PTX_BODY = """    from gpupath_kernels import tissue
     for idx64 in (False, True):
         kernel = tissue._features_kernel(idx64)
         ptx, _ = cuda.compile_ptx(kernel.py_func, (T.Array(T.uint8, 3, "A"), T.float32, T.float32,
                                   T.float32[:, ::1], T.float32[:, ::1], T.uint8[:, ::1], T.int64[::1]), cc=(9, 0))
         assert "atom.shared.add.u32" in ptx and "div.rn.f32" in ptx, "shared atomics, IEEE division"
     print("OK")
-""")
+"""
 
 
 def test_kernel_compiles_for_the_gpu() -> None:
     """Type inference and PTX for sm_90 (the simulator runs Python and checks no types)."""
-    proc = subprocess.run([sys.executable, "-c", _PTX_CHECK], capture_output=True, text=True, timeout=300)
-    if proc.stdout.startswith("NO_NVVM"):
-        pytest.skip(f"no libNVVM to compile with: {proc.stdout.strip()}")
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+    assert_compiles_for_gpu(_PTX_BODY)
 
 
 @pytest.mark.gpu

@@ -26,6 +26,7 @@ from gpupath.stain import (
     normalize_batch,
     od_from_rgb,
 )
+from stain_helpers import beer_lambert, synthetic_conc
 
 IO = 240.0
 CMU_SMALL = "cmu-1-small-region.svs"
@@ -65,23 +66,6 @@ def cmu_tiles() -> np.ndarray:
         return np.stack(
             [np.asarray(slide.read_region(xy, 0, (TILE_PX, TILE_PX)).convert("RGB")) for xy in CMU_TILES_XY]
         )
-
-
-def _beer_lambert(stains: np.ndarray, conc: np.ndarray, io: float = IO) -> np.ndarray:
-    """uint8 RGB of concentrations (..., 2) under stains (3, 2): the inverse of OD = -ln((I+1)/io)."""
-    return np.clip(np.rint(io * np.exp(-conc @ stains.T) - 1), 0, 255).astype(np.uint8)
-
-
-def _synthetic_conc(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    """(*shape, 2) concentrations: 20 % faint background, 25 % pure H, 25 % pure E, 30 % mixed."""
-    kind = rng.choice(4, size=shape, p=[0.20, 0.25, 0.25, 0.30])
-    conc = np.empty((*shape, 2))
-    conc[..., 0] = np.where(kind == 1, rng.uniform(0.5, 1.5, shape), rng.uniform(0.3, 1.2, shape))
-    conc[..., 1] = np.where(kind == 2, rng.uniform(0.6, 1.5, shape), rng.uniform(0.3, 1.2, shape))
-    conc[kind == 1, 1] = 0.0
-    conc[kind == 2, 0] = 0.0
-    conc[kind == 0] = rng.uniform(0.0, 0.05, (int((kind == 0).sum()), 2))
-    return conc
 
 
 def _cosines(fitted: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -159,7 +143,7 @@ def test_reference_is_macenkos_standard() -> None:
 
 def test_fit_recovers_known_stains_and_self_normalisation_is_identity(xp: types.ModuleType) -> None:
     rng = np.random.default_rng(20090628)
-    rgb = _beer_lambert(STAINS_A, _synthetic_conc(rng, (200, 300)))
+    rgb = beer_lambert(STAINS_A, synthetic_conc(rng, (200, 300)))
     fit = fit_macenko(xp.asarray(rgb))
     # measured cosines 0.999994 / 0.999993 (1 - cos ~7e-6): only uint8 quantisation separates
     # fit and truth; 1e-4 leaves a 10x margin and still fails for a misplaced percentile
@@ -186,8 +170,8 @@ def test_fit_is_deterministic_under_pixel_order(xp: types.ModuleType, cmu_tiles:
 def test_tile_mode_undoes_per_tile_stains_slide_mode_does_not(xp: types.ModuleType) -> None:
     """Two tiles with the same concentrations under different stains: per-tile fits map both
     to the same rendering; one pooled fit cannot, as each tile's stains differ from the pool's."""
-    conc = _synthetic_conc(np.random.default_rng(3), (128, 128))
-    tiles = xp.asarray(np.stack([_beer_lambert(STAINS_A, conc), _beer_lambert(STAINS_B, conc)]))
+    conc = synthetic_conc(np.random.default_rng(3), (128, 128))
+    tiles = xp.asarray(np.stack([beer_lambert(STAINS_A, conc), beer_lambert(STAINS_B, conc)]))
     per_tile = to_host(normalize_batch(tiles, method="macenko", mode="tile")).astype(np.int16)
     pooled = to_host(normalize_batch(tiles, method="macenko", mode="slide")).astype(np.int16)
     gap_tile = np.abs(per_tile[0] - per_tile[1]).mean()
@@ -212,8 +196,8 @@ def test_slide_mode_uses_given_fit(xp: types.ModuleType, cmu_tiles: np.ndarray) 
 
 @pytest.mark.parametrize("shape", [(1, 64, 64, 3), (3, 40, 56, 3), (64, 48, 3)])
 def test_dtype_shape_device_preserved(xp: types.ModuleType, shape: tuple[int, ...]) -> None:
-    conc = _synthetic_conc(np.random.default_rng(11), shape[:-1])
-    rgb_host = _beer_lambert(STAINS_A, conc)
+    conc = synthetic_conc(np.random.default_rng(11), shape[:-1])
+    rgb_host = beer_lambert(STAINS_A, conc)
     rgb = xp.asarray(rgb_host)
     out = apply_macenko(rgb, fit_macenko(rgb))
     assert array_module(out) is xp and out.dtype == np.uint8 and out.shape == rgb.shape
@@ -237,7 +221,7 @@ def test_method_none_returns_input_unchanged(xp: types.ModuleType) -> None:
 def test_blank_tile_in_tile_mode_is_returned_unchanged_and_logged(
     xp: types.ModuleType, caplog: pytest.LogCaptureFixture
 ) -> None:
-    tissue = _beer_lambert(STAINS_A, _synthetic_conc(np.random.default_rng(5), (64, 64)))
+    tissue = beer_lambert(STAINS_A, synthetic_conc(np.random.default_rng(5), (64, 64)))
     blank = np.full_like(tissue, 255)
     tiles = xp.asarray(np.stack([tissue, blank]))
     with caplog.at_level(logging.WARNING, logger="gpupath.stain"):
@@ -250,7 +234,7 @@ def test_blank_tile_in_tile_mode_is_returned_unchanged_and_logged(
 
 def test_fit_without_enough_tissue_raises(xp: types.ModuleType) -> None:
     rgb = np.full((64, 64, 3), 250, dtype=np.uint8)
-    rgb[:10, :10] = _beer_lambert(STAINS_A, np.full((10, 10, 2), 0.8))  # 100 tissue px
+    rgb[:10, :10] = beer_lambert(STAINS_A, np.full((10, 10, 2), 0.8))  # 100 tissue px
     with pytest.raises(ValueError, match=r"too few tissue pixels: 100 of 4096 .* need at least 500"):
         fit_macenko(xp.asarray(rgb))
     with pytest.raises(ValueError, match=r"too few tissue pixels: 0 of 8192"):
@@ -258,7 +242,7 @@ def test_fit_without_enough_tissue_raises(xp: types.ModuleType) -> None:
 
 
 def test_single_colour_tissue_is_not_separable(xp: types.ModuleType) -> None:
-    rgb = _beer_lambert(STAINS_A, np.full((40, 40, 2), 0.7))
+    rgb = beer_lambert(STAINS_A, np.full((40, 40, 2), 0.7))
     with pytest.raises(ValueError, match="stains not separable"):
         fit_macenko(xp.asarray(rgb))
 

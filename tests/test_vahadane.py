@@ -26,12 +26,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import data_file
+from gpupath_kernels.vahadane import nn_lasso_ref, vahadane_apply_ref
 
 from gpupath._xp import array_module, cupy_or_none, gpu_available, to_host
 from gpupath.slide import open_slide
 from gpupath.stain import StainFit
-from gpupath.vahadane import CONC_LAM, VAHADANE_REFERENCE, _learn_stains, apply_vahadane, fit_vahadane
-from gpupath_kernels.vahadane import nn_lasso_ref, vahadane_apply_ref
+from gpupath.vahadane import (
+    CONC_LAM,
+    VAHADANE_REFERENCE,
+    _learn_stains,
+    apply_vahadane,
+    fit_vahadane,
+)
+from stain_helpers import beer_lambert, synthetic_conc
 
 IO = 240.0
 CMU_SMALL = "cmu-1-small-region.svs"
@@ -72,23 +79,6 @@ def cmu_tiles() -> np.ndarray:
         return np.stack([slide.read_rgb(xy, 0, (TILE_PX, TILE_PX)) for xy in CMU_TILES_XY])
 
 
-def _beer_lambert(stains: np.ndarray, conc: np.ndarray, io: float = IO) -> np.ndarray:
-    """uint8 RGB of concentrations (..., 2) under stains (3, 2): the inverse of OD = -ln((I+1)/io)."""
-    return np.clip(np.rint(io * np.exp(-conc @ stains.T) - 1), 0, 255).astype(np.uint8)
-
-
-def _synthetic_conc(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    """(*shape, 2) sparse concentrations: 20 % faint background, 25 % pure H, 25 % pure E, 30 % mixed."""
-    kind = rng.choice(4, size=shape, p=[0.20, 0.25, 0.25, 0.30])
-    conc = np.empty((*shape, 2))
-    conc[..., 0] = np.where(kind == 1, rng.uniform(0.5, 1.5, shape), rng.uniform(0.3, 1.2, shape))
-    conc[..., 1] = np.where(kind == 2, rng.uniform(0.6, 1.5, shape), rng.uniform(0.3, 1.2, shape))
-    conc[kind == 1, 1] = 0.0
-    conc[kind == 2, 0] = 0.0
-    conc[kind == 0] = rng.uniform(0.0, 0.05, (int((kind == 0).sum()), 2))
-    return conc
-
-
 def _angles_deg(fitted: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Angle in degrees between matching columns of two (3, 2) matrices."""
     cos = (fitted * truth).sum(0) / np.linalg.norm(fitted, axis=0) / np.linalg.norm(truth, axis=0)
@@ -106,7 +96,7 @@ def test_fit_recovers_known_stains(xp: types.ModuleType, stains: np.ndarray) -> 
     bias of sparse NMF): measured 1.1..1.5 degrees at lam = 0.1 (staintools on the same images:
     2.1..3.0) and 0.12..0.16 degrees at lam = 0.01, where uint8 quantisation is what is left.
     """
-    rgb = xp.asarray(_beer_lambert(stains, _synthetic_conc(np.random.default_rng(1), (200, 300))))
+    rgb = xp.asarray(beer_lambert(stains, synthetic_conc(np.random.default_rng(1), (200, 300))))
     fit = fit_vahadane(rgb)
     w = fit.stain_matrix_od
     assert (np.cos(np.radians(_angles_deg(w, stains))) > 0.99).all()  # the issue's criterion
@@ -126,7 +116,7 @@ def test_self_normalisation_is_near_identity(xp: types.ModuleType) -> None:
     """
     rng = np.random.default_rng(1)
     for stains in (STAINS_A, STAINS_B):
-        rgb = _beer_lambert(stains, _synthetic_conc(rng, (200, 300)))
+        rgb = beer_lambert(stains, synthetic_conc(rng, (200, 300)))
         for lam, mean_max, max_max in ((0.1, 2.0, 8), (0.01, 1.0, 3)):
             fit = fit_vahadane(xp.asarray(rgb), lam=lam)
             diff = np.abs(to_host(apply_vahadane(xp.asarray(rgb), fit, target=fit)).astype(np.int16) - rgb)
@@ -134,8 +124,8 @@ def test_self_normalisation_is_near_identity(xp: types.ModuleType) -> None:
 
 
 def test_two_stainings_of_the_same_tissue_normalise_alike(xp: types.ModuleType) -> None:
-    conc = _synthetic_conc(np.random.default_rng(3), (128, 128))
-    a, b = _beer_lambert(STAINS_A, conc), _beer_lambert(STAINS_B, conc)
+    conc = synthetic_conc(np.random.default_rng(3), (128, 128))
+    a, b = beer_lambert(STAINS_A, conc), beer_lambert(STAINS_B, conc)
     out = [to_host(apply_vahadane(xp.asarray(x), fit_vahadane(xp.asarray(x)))).astype(np.int16) for x in (a, b)]
     assert np.abs(a.astype(np.int16) - b).mean() > 10  # measured 13.9 before normalisation
     assert np.abs(out[0] - out[1]).mean() < 1.0  # measured 0.35 after
@@ -158,7 +148,7 @@ def test_host_path_is_the_twin(cmu_tiles: np.ndarray) -> None:
 
 @pytest.mark.parametrize("shape", [(1, 64, 64, 3), (3, 40, 56, 3), (64, 48, 3)])
 def test_dtype_shape_device_preserved(xp: types.ModuleType, shape: tuple[int, ...]) -> None:
-    rgb_host = _beer_lambert(STAINS_A, _synthetic_conc(np.random.default_rng(11), shape[:-1]))
+    rgb_host = beer_lambert(STAINS_A, synthetic_conc(np.random.default_rng(11), shape[:-1]))
     rgb = xp.asarray(rgb_host)
     fit = fit_vahadane(rgb)
     out = apply_vahadane(rgb, fit)
@@ -218,23 +208,23 @@ def test_reference_is_the_fit_of_cmu1_small_region() -> None:
 
 def test_fit_without_enough_tissue_raises(xp: types.ModuleType) -> None:
     rgb = np.full((64, 64, 3), 250, dtype=np.uint8)
-    rgb[:10, :10] = _beer_lambert(STAINS_A, np.full((10, 10, 2), 0.8))  # 100 tissue px
+    rgb[:10, :10] = beer_lambert(STAINS_A, np.full((10, 10, 2), 0.8))  # 100 tissue px
     with pytest.raises(ValueError, match=r"fit_vahadane: .*too few tissue pixels: 100 of 4096 .* need at least 500"):
         fit_vahadane(xp.asarray(rgb))
 
 
 def test_single_stain_is_not_separable(xp: types.ModuleType) -> None:
-    one_colour = _beer_lambert(STAINS_A, np.full((40, 40, 2), 0.7))
+    one_colour = beer_lambert(STAINS_A, np.full((40, 40, 2), 0.7))
     with pytest.raises(ValueError, match=r"stains not separable: one of the two fitted stains is zero in all 1600"):
         fit_vahadane(xp.asarray(one_colour))
     conc = np.zeros((40, 40, 2))
     conc[..., 0] = np.linspace(0.2, 1.5, 1600).reshape(40, 40)  # hematoxylin only, varying amount
     with pytest.raises(ValueError, match=r"stains not separable"):
-        fit_vahadane(xp.asarray(_beer_lambert(STAINS_A, conc)))
+        fit_vahadane(xp.asarray(beer_lambert(STAINS_A, conc)))
 
 
 def test_bad_arguments_raise() -> None:
-    rgb = _beer_lambert(STAINS_A, _synthetic_conc(np.random.default_rng(0), (32, 32)))
+    rgb = beer_lambert(STAINS_A, synthetic_conc(np.random.default_rng(0), (32, 32)))
     with pytest.raises(TypeError, match=r"rgb: expected uint8 RGB, got dtype float32"):
         fit_vahadane(rgb.astype(np.float32))
     with pytest.raises(ValueError, match=r"expected shape \(H, W, 3\) or \(N, H, W, 3\), got \(32, 32, 4\)"):

@@ -153,15 +153,29 @@ def _prefetched(slide: Slide, grid: TileGrid, params: RunParams) -> Iterator[tup
 
     device_ctx = _current_device_context(params.device)
 
-    def job(index: np.ndarray) -> tuple[np.ndarray, TileBatch, float]:
+    def job(index: np.ndarray) -> tuple[np.ndarray, TileBatch, Any, float]:
         t0 = time.perf_counter()
+        ready = None
         with device_ctx():  # the reader thread decodes onto the caller's GPU (dask-cuda: one GPU per worker)
             tiles = _read_batch(slide, grid, index, params)
-        return index, tiles, time.perf_counter() - t0
+            if params.device == "cuda":
+                import cupy  # noqa: PLC0415
+
+                ready = cupy.cuda.Event(block=False, disable_timing=True)
+                ready.record()  # on the reader thread's current stream, after the batch's copies and resize
+        return index, tiles, ready, time.perf_counter() - t0
+
+    def handed_over(done: tuple[np.ndarray, TileBatch, Any, float]) -> tuple[np.ndarray, TileBatch, float]:
+        index, tiles, ready, seconds = done
+        if ready is not None:  # the consumer's stream waits (on the device, not the host) for the reader's work
+            import cupy  # noqa: PLC0415
+
+            cupy.cuda.get_current_stream().wait_event(ready)
+        return index, tiles, seconds
 
     if params.prefetch_batches == 0:
         for index in batches:
-            yield job(index)
+            yield handed_over(job(index))
         return
     pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpupath-read")
     pending: list[cf.Future] = []
@@ -172,7 +186,7 @@ def _prefetched(slide: Slide, grid: TileGrid, params: RunParams) -> Iterator[tup
             if len(pending) >= params.prefetch_batches + 1:
                 break
         while pending:
-            yield pending.pop(0).result()
+            yield handed_over(pending.pop(0).result())
             nxt = next(it, None)
             if nxt is not None:
                 pending.append(pool.submit(job, nxt))

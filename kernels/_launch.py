@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["simulator_enabled", "grid_1d", "launch_1d", "current_stream", "cuda", "is_device_array",
+__all__ = ["simulator_enabled", "grid_1d", "launch_1d", "kernel_args", "current_stream", "cuda", "is_device_array",
            "device_array_module", "BenchCase"]
 
 THREADS_PER_BLOCK = 256
@@ -62,9 +62,19 @@ def launch_1d(kernel: Any, n: int, *args: Any, max_blocks: int = 65535) -> None:
     blocks, threads = grid_1d(n)
     blocks = min(blocks, max_blocks)
     stream = current_stream(*args)
-    if stream != 0:
-        args = tuple(cuda().as_cuda_array(a, sync=False) if is_device_array(a) else a for a in args)
-    kernel[blocks, threads, stream](*args)
+    kernel[blocks, threads, stream](*kernel_args(stream, args))
+
+
+def kernel_args(stream: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Device arrays as Numba views made with ``sync=False``.
+
+    Handing CuPy arrays to a Numba kernel as they are makes Numba synchronise on the stream each
+    one names in ``__cuda_array_interface__`` (a host wait per argument per launch); the kernel
+    runs on that same stream (``stream``), so ordering already holds without it.
+    """
+    if stream == 0:
+        return args
+    return tuple(cuda().as_cuda_array(a, sync=False) if is_device_array(a) else a for a in args)
 
 
 def is_device_array(x: Any) -> bool:

@@ -101,7 +101,8 @@ def _run(kernel: Any, px: Any, px_per_thread: int, shared: tuple, grouped: tuple
     stream = _launch.current_stream(px)
     for g0 in range(0, n_groups, _MAX_GRID_Y):
         g1 = min(g0 + _MAX_GRID_Y, n_groups)
-        kernel[(blocks, g1 - g0), threads, stream](px[g0:g1], *shared, *(a[g0:g1] for a in grouped))
+        args = (px[g0:g1], *shared, *(a[g0:g1] for a in grouped))
+        kernel[(blocks, g1 - g0), threads, stream](*_launch.kernel_args(stream, args))
     return blocks
 
 

@@ -118,7 +118,7 @@ def _kernels(idx64: bool) -> dict[str, Any]:
     global cuda  # noqa: PLW0603  (see the comment at the top of the module)
     cuda = _launch.cuda()
     idx_t = numba.int64 if idx64 else numba.int32
-    f32, f64 = numba.float32, numba.float64
+    f32 = numba.float32
 
     @cuda.jit(device=True)
     def unravel(i, plane, width):
@@ -208,7 +208,7 @@ def _kernels(idx64: bool) -> dict[str, Any]:
             flag = 0
             if r >= 1 and r < height - 1 and c >= 1 and c < width - 1:
                 v = best[t, r, c]
-                if f64(v) > threshold:
+                if v > threshold:  # in best's precision, as the host's NumPy comparison
                     flag = 1
                     for rr in range(clamp(r - half, height), clamp(r + half, height) + 1):
                         for cc in range(clamp(c - half, width), clamp(c + half, width) + 1):
@@ -446,7 +446,7 @@ def peak_mask(best: ArrayLike, *, window_px: int, threshold: float) -> Any:
     out = xp.empty(best.shape, xp.uint8)
     if out.size:
         _launch.launch_1d(_kernels(best.nbytes >= 2**31)["peaks"], out.size, best, int(window_px) // 2,
-                          float(threshold), out)
+                          best.dtype.type(threshold), out)
     return out.view(xp.bool_)
 
 

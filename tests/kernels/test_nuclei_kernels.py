@@ -126,6 +126,17 @@ def test_peak_mask_matches_twin_with_ties(backend: Backend, shape: tuple[int, in
         np.testing.assert_array_equal(got, peak_mask_ref(x, window_px=window, threshold=0.25))  # exact
 
 
+@pytest.mark.parametrize("threshold", [0.3, 0.1])
+def test_peak_at_exactly_the_threshold_compares_in_the_array_precision(backend: Backend, threshold: float) -> None:
+    # float32(0.3) > 0.3 is False in NumPy (the Python float is cast to float32) but True in
+    # float64: the kernel must compare as the host does
+    best = np.zeros((1, 5, 5), np.float32)
+    best[0, 2, 2] = np.float32(threshold)
+    got = backend.get(peak_mask(backend.put(best), window_px=3, threshold=threshold))
+    np.testing.assert_array_equal(got, peak_mask_ref(best, window_px=3, threshold=threshold))
+    assert not got.any()
+
+
 def test_peak_mask_non_contiguous(backend: Backend) -> None:
     best = smooth_field(np.random.default_rng(8), (2, 40, 20))[:, ::2, :]
     got = backend.get(peak_mask(backend.put(best), window_px=3, threshold=0.1))

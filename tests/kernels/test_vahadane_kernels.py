@@ -24,6 +24,7 @@ from gpupath.vahadane import CONC_LAM, VAHADANE_REFERENCE
 from gpupath_kernels import _launch
 from gpupath_kernels import vahadane as kv
 from conftest import data_file
+from kernel_helpers import assert_compiles_for_gpu
 
 RUIFROK_HE = np.array([[0.650, 0.072], [0.704, 0.990], [0.286, 0.105]])  # Ruifrok & Johnston 2001
 RUIFROK_HE /= np.linalg.norm(RUIFROK_HE, axis=0)
@@ -268,3 +269,22 @@ def test_kernels_on_cupy_match_twins(cmu_rgb: np.ndarray) -> None:
     want = kv.vahadane_apply_ref(rgb[::3], src, tgt, scale, kw["lam"], 240.0, 230.0)
     diff = np.abs(got.astype(np.int16) - want)
     assert diff.max() <= 1 and (diff == 0).mean() >= 0.999
+
+
+_PTX_BODY = """
+from gpupath_kernels import vahadane
+k = vahadane._kernels()
+f8, u1 = T.float64, T.uint8
+for od_t in (T.float32[:, ::1], T.float64[:, ::1]):
+    cuda.compile_ptx(k.nn_lasso.py_func, (od_t, f8, f8, f8, f8, f8, f8, f8, T.float64[:, ::1]), cc=(9, 0))
+    ptx, _ = cuda.compile_ptx(k.gram.py_func, (od_t, T.float64[:, ::1], T.float64[::1]), cc=(9, 0))
+    assert "atom.global.add.f64" in ptx or "red.global.add.f64" in ptx, "float64 atomics"
+ptx, _ = cuda.compile_ptx(k.apply.py_func, (u1[:, ::1], *(f8,) * 17, u1[:, ::1]), cc=(9, 0))
+assert "ld.local" not in ptx and "st.local" not in ptx, "apply: local memory"
+print("OK")
+"""
+
+
+def test_kernels_compile_for_the_gpu() -> None:
+    """Type inference and PTX for sm_90 (the simulator runs Python and checks no types)."""
+    assert_compiles_for_gpu(_PTX_BODY)

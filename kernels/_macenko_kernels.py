@@ -290,3 +290,13 @@ def _percentile_from_hist(hist: Any, n: np.ndarray, q: float, lo: Any, width: An
     bins = _order_stat_bins(hist, np.stack([k0, k1], axis=-1))
     mid = lo[..., None] + (bins + 0.5) * width[..., None]
     return mid[..., 0] + frac * (mid[..., 1] - mid[..., 0])
+
+
+_STATIC_SHARED_BYTES = 48 * 1024  # CUDA's static shared-memory limit per block
+
+
+def _check_shared_bins(n_bins: int, bytes_per_bin: int, what: str) -> None:
+    """A shared-memory histogram must fit the 48 KiB static limit (ptxas accepts more; the launch fails)."""
+    if not 1 <= n_bins * bytes_per_bin <= _STATIC_SHARED_BYTES:
+        raise ValueError(f"{what}: {n_bins} bins x {bytes_per_bin} B exceed the {_STATIC_SHARED_BYTES} B of "
+                         "static shared memory per block")

@@ -52,7 +52,7 @@ from . import _launch
 from ._macenko_kernels import (  # kernels, the constants they are built around, host helpers
     _N_STATS, _PAIRS, _PX_PER_THREAD_STATS, _PX_PER_THREAD_HIST, _od_stats_kernel,
     _angle_histogram_kernel, _concentration_histogram_kernel, _apply_kernel, od_lut, group_pixels,
-    _use_kernels, _active, _order_stat_bins, _ranks, _percentile_from_hist
+    _use_kernels, _active, _order_stat_bins, _ranks, _percentile_from_hist, _check_shared_bins
 )
 
 __all__ = [
@@ -200,6 +200,7 @@ def angle_histogram(
     if not _use_kernels(px):
         return angle_histogram_ref(px, plane, io=io, beta=beta, active=active, n_bins=n_bins)
     xp = _launch.device_array_module(px)
+    _check_shared_bins(n_bins, 4, "angle_histogram")
     hist = xp.zeros((px.shape[0], n_bins), np.int64)
     shared = (xp.asarray(od_lut(io, np.float64)), float(beta), ANGLE_LO_RAD, n_bins / (2 * math.pi))
     grouped = (xp.asarray(np.ascontiguousarray(plane, np.float64)), xp.asarray(_active(active, px.shape[0])), hist)
@@ -265,6 +266,7 @@ def concentration_histogram(
     if not _use_kernels(px):
         return concentration_histogram_ref(px, pinv, window, io=io, active=active)
     xp = _launch.device_array_module(px)
+    _check_shared_bins(window.n_bins + 1, 8, "concentration_histogram")
     hist = xp.zeros((px.shape[0], 2, window.n_bins + 1), np.int64)
     f8 = lambda a: xp.asarray(np.ascontiguousarray(a, dtype=np.float64))  # noqa: E731
     i8 = lambda a: xp.asarray(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731

@@ -467,3 +467,9 @@ def test_gpu_tile_mode_is_deterministic(cmu_tiles: np.ndarray) -> None:
     for k in (0, 3):
         want = stain.apply_macenko(tiles[k], stain.fit_macenko(tiles[k]))
         np.testing.assert_array_equal(cupy.asnumpy(a[k]), cupy.asnumpy(want))
+
+
+def test_histograms_refuse_more_bins_than_shared_memory_holds() -> None:
+    px = np.zeros((1, 4, 3), np.uint8)
+    with pytest.raises(ValueError, match="exceed the 49152 B of static shared memory"):
+        mk.angle_histogram(px, np.eye(3)[None, :, :2], n_bins=20000)

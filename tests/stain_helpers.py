@@ -4,6 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 
+CMU_SMALL = "cmu-1-small-region.svs"
+# level-0 (x, y) of 256 x 256 px tiles of cmu-1-small-region.svs, 31 % .. 76 % tissue
+CMU_TILES_XY = [(1000, 600), (1200, 1200), (900, 2000), (1300, 2600), (800, 300), (1500, 1800), (1600, 1000)]
+TILE_PX = 256
+
+# known stains (unit OD vectors, R G B): set A near Ruifrok's H&E, set B a bluer H / pinker E
+STAINS_A = np.array([[0.650, 0.268], [0.704, 0.570], [0.286, 0.776]])
+STAINS_B = np.array([[0.550, 0.150], [0.780, 0.800], [0.300, 0.580]])
+STAINS_A /= np.linalg.norm(STAINS_A, axis=0)
+STAINS_B /= np.linalg.norm(STAINS_B, axis=0)
+
 
 def beer_lambert(stains: np.ndarray, conc: np.ndarray, io: float = 240.0) -> np.ndarray:
     """uint8 RGB of concentrations (..., 2) under stains (3, 2): the inverse of OD = -ln((I+1)/io)."""

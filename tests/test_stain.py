@@ -9,15 +9,23 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import data_file
+from gpupath_kernels.macenko import ANGLE_BOUND_RAD
+from stain_helpers import (
+    CMU_SMALL,
+    CMU_TILES_XY,
+    STAINS_A,
+    STAINS_B,
+    TILE_PX,
+    beer_lambert,
+    synthetic_conc,
+)
 
 from gpupath._xp import array_module, cupy_or_none, gpu_available, to_host
-from gpupath_kernels.macenko import ANGLE_BOUND_RAD
 from gpupath.stain import (
     REFERENCE,
     StainFit,
@@ -26,24 +34,8 @@ from gpupath.stain import (
     normalize_batch,
     od_from_rgb,
 )
-from stain_helpers import beer_lambert, synthetic_conc
 
 IO = 240.0
-CMU_SMALL = "cmu-1-small-region.svs"
-# level-0 (x, y) of 256 x 256 px tiles of cmu-1-small-region.svs, 31 % .. 76 % tissue
-CMU_TILES_XY = [(1000, 600), (1200, 1200), (900, 2000), (1300, 2600), (800, 300), (1500, 1800), (1600, 1000)]
-TILE_PX = 256
-
-# known stains (unit OD vectors, R G B): set A near Ruifrok's H&E, set B a bluer H / pinker E
-STAINS_A = np.array([[0.650, 0.268], [0.704, 0.570], [0.286, 0.776]])
-STAINS_B = np.array([[0.550, 0.150], [0.780, 0.800], [0.300, 0.580]])
-STAINS_A /= np.linalg.norm(STAINS_A, axis=0)
-STAINS_B /= np.linalg.norm(STAINS_B, axis=0)
-
-
-def _test_data_dir() -> Path:
-    default = Path(__file__).resolve().parents[2] / "shared" / "data"
-    return Path(os.environ.get("GPUPATH_TEST_DATA", default))
 
 
 @pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
@@ -58,11 +50,8 @@ def xp(request: pytest.FixtureRequest) -> types.ModuleType:
 @pytest.fixture(scope="module")
 def cmu_tiles() -> np.ndarray:
     """(7, 256, 256, 3) uint8 real H&E tiles read with OpenSlide."""
-    path = _test_data_dir() / CMU_SMALL
-    if not path.is_file():
-        pytest.skip(f"real H&E slide {path} is missing (set GPUPATH_TEST_DATA to the folder holding {CMU_SMALL})")
     openslide = pytest.importorskip("openslide")
-    with openslide.OpenSlide(str(path)) as slide:
+    with openslide.OpenSlide(str(data_file(CMU_SMALL))) as slide:
         return np.stack(
             [np.asarray(slide.read_region(xy, 0, (TILE_PX, TILE_PX)).convert("RGB")) for xy in CMU_TILES_XY]
         )

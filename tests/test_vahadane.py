@@ -27,6 +27,15 @@ import numpy as np
 import pytest
 from conftest import data_file
 from gpupath_kernels.vahadane import nn_lasso_ref, vahadane_apply_ref
+from stain_helpers import (
+    CMU_SMALL,
+    CMU_TILES_XY,
+    STAINS_A,
+    STAINS_B,
+    TILE_PX,
+    beer_lambert,
+    synthetic_conc,
+)
 
 from gpupath._xp import array_module, cupy_or_none, gpu_available, to_host
 from gpupath.slide import open_slide
@@ -38,19 +47,8 @@ from gpupath.vahadane import (
     apply_vahadane,
     fit_vahadane,
 )
-from stain_helpers import beer_lambert, synthetic_conc
 
 IO = 240.0
-CMU_SMALL = "cmu-1-small-region.svs"
-# level-0 (x, y) of 256 x 256 px tiles of cmu-1-small-region.svs, 31 % .. 76 % tissue (as test_stain)
-CMU_TILES_XY = [(1000, 600), (1200, 1200), (900, 2000), (1300, 2600), (800, 300), (1500, 1800), (1600, 1000)]
-TILE_PX = 256
-
-# known stains (unit OD vectors, R G B): set A near Ruifrok's H&E, set B a bluer H / pinker E
-STAINS_A = np.array([[0.650, 0.268], [0.704, 0.570], [0.286, 0.776]])
-STAINS_B = np.array([[0.550, 0.150], [0.780, 0.800], [0.300, 0.580]])
-STAINS_A /= np.linalg.norm(STAINS_A, axis=0)
-STAINS_B /= np.linalg.norm(STAINS_B, axis=0)
 
 # the peer's pins live in pyproject.toml's `peers-staintools` extra (one place to change them)
 _PEER_EXTRA = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())[

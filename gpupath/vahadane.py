@@ -145,11 +145,14 @@ def _code(od: Any, w: np.ndarray, lam: float) -> Any:
 
 
 def _gram(v: Any, h: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Host ``(H^T H, V^T H)`` of (P, 3) and (P, 2) arrays on either device."""
-    if is_device_array(v):
-        hh, vh = _kv.gram(v, h)
-        return to_host(hh), to_host(vh)  # host: nine sums for the 3x2 W update
-    return _kv.gram_ref(v, h)
+    """Host ``(H^T H, V^T H)``, (2, 2) and (3, 2), of (P, 3) and (P, 2) float64 arrays on either device.
+
+    Two small GEMMs on the arrays' module (cuBLAS on a GPU: the same sums run to run, which
+    float atomics would not give, so fits are reproducible) and one copy of nine numbers back.
+    """
+    xp = array_module(v)
+    sums = to_host(xp.concatenate([(h.T @ h).ravel(), (v.T @ h).ravel()]))  # host: the 3x2 W update
+    return sums[:4].reshape(2, 2), sums[4:].reshape(3, 2)
 
 
 def _learn_stains(v: Any, lam: float, n_iter: int, tol: float) -> tuple[np.ndarray, np.ndarray, int]:

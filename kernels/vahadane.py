@@ -1,4 +1,4 @@
-"""Numba CUDA kernels for Vahadane stain separation: sparse coding, Gram sums, fused apply.
+"""Numba CUDA kernels for Vahadane stain separation: sparse coding and fused apply.
 
 Kernels (compiled lazily, on first launch; grid-stride loops; results in ``out`` arrays)
     * ``nn_lasso``: the H update of the dictionary learning. For every pixel (one thread each)
@@ -7,8 +7,6 @@ Kernels (compiled lazily, on first launch; grid-stride loops; results in ``out``
       is the unconstrained one when that is positive, else the better of the two one-stain
       solutions (see :func:`nn_lasso_ref`), which is what ISTA/FISTA steps with soft-threshold
       and clipping converge to, without a step size or an iteration count.
-    * ``gram``: the sums the W update needs, ``H^T H`` (2, 2) and ``V^T H`` (3, 2), as block
-      partials in shared memory and float64 atomics into a 9-vector.
     * ``vahadane_apply``: uint8 RGB -> OD -> ``nn_lasso`` concentrations under the source stains
       -> per-stain scale -> OD under the target stains -> ``io * exp(-OD) - 1``, rint, clip,
       uint8, in one pass.
@@ -41,8 +39,6 @@ from . import _launch
 __all__ = [
     "nn_lasso",
     "nn_lasso_ref",
-    "gram",
-    "gram_ref",
     "vahadane_apply",
     "vahadane_apply_ref",
     "bench_cases",
@@ -64,7 +60,6 @@ def _kernels() -> types.SimpleNamespace:
     """Compile-on-first-use kernels; Numba specialises each on its argument types."""
     global cuda  # noqa: PLW0603  (see the comment at its definition)
     cuda = _launch.cuda()
-    tpb = _launch.THREADS_PER_BLOCK  # shared-memory width; launches use <= this many threads
 
     @cuda.jit(device=True)
     def solve2(v0, v1, v2, w00, w10, w20, w01, w11, w21, lam):
@@ -106,48 +101,6 @@ def _kernels() -> types.SimpleNamespace:
             out[i, 1] = h1
 
     @cuda.jit
-    def gram_k(od, h, out):
-        # out[0:3] = sum h0 h0, h0 h1, h1 h1; out[3 + 2 r + k] = sum od[:, r] h[:, k]
-        part = cuda.shared.array((9, tpb), np.float64)
-        tid = cuda.threadIdx.x
-        s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = s8 = 0.0
-        for i in range(cuda.grid(1), od.shape[0], cuda.gridsize(1)):
-            h0 = h[i, 0]
-            h1 = h[i, 1]
-            v0 = float(od[i, 0])
-            v1 = float(od[i, 1])
-            v2 = float(od[i, 2])
-            s0 += h0 * h0
-            s1 += h0 * h1
-            s2 += h1 * h1
-            s3 += v0 * h0
-            s4 += v0 * h1
-            s5 += v1 * h0
-            s6 += v1 * h1
-            s7 += v2 * h0
-            s8 += v2 * h1
-        part[0, tid] = s0
-        part[1, tid] = s1
-        part[2, tid] = s2
-        part[3, tid] = s3
-        part[4, tid] = s4
-        part[5, tid] = s5
-        part[6, tid] = s6
-        part[7, tid] = s7
-        part[8, tid] = s8
-        cuda.syncthreads()
-        stride = cuda.blockDim.x // 2  # block size is a power of two (checked by the wrapper)
-        while stride > 0:
-            if tid < stride:
-                for k in range(9):
-                    part[k, tid] += part[k, tid + stride]
-            cuda.syncthreads()
-            stride //= 2
-        if tid == 0:
-            for k in range(9):
-                cuda.atomic.add(out, k, part[k, 0])
-
-    @cuda.jit
     def apply_k(rgb, s00, s10, s20, s01, s11, s21, lam, k0, k1, t00, t10, t20, t01, t11, t21, io_s, io_t, out):
         for i in range(cuda.grid(1), rgb.shape[0], cuda.gridsize(1)):
             v0 = math.log(io_s / (float(rgb[i, 0]) + 1.0))
@@ -163,7 +116,7 @@ def _kernels() -> types.SimpleNamespace:
             out[i, 1] = to_uint8(y1)
             out[i, 2] = to_uint8(y2)
 
-    return types.SimpleNamespace(nn_lasso=nn_lasso_k, gram=gram_k, apply=apply_k)
+    return types.SimpleNamespace(nn_lasso=nn_lasso_k, apply=apply_k)
 
 
 # --------------------------------------------------------------------------- NumPy twins
@@ -211,13 +164,6 @@ def nn_lasso_ref(od: np.ndarray, stain_matrix_od: np.ndarray, lam: float) -> np.
         h0 = np.where(both, i0, h0)
         h1 = np.where(both, i1, h1)
     return np.stack([h0, h1], axis=1)
-
-
-def gram_ref(od: np.ndarray, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(H^T H, V^T H)`` in float64: (2, 2) and (3, 2), for ``od`` (P, 3) and ``h`` (P, 2)."""
-    v = np.asarray(od, dtype=np.float64)
-    hh = np.asarray(h, dtype=np.float64)
-    return hh.T @ hh, v.T @ hh
 
 
 def vahadane_apply_ref(
@@ -276,8 +222,6 @@ def _launchable(x: Any) -> Any:
 
 def _run(kernel: Any, n: int, *args: Any) -> None:
     """Grid-stride launch over ``n`` pixels on CuPy's current stream (see ``_launch.launch_1d``)."""
-    threads = _launch.grid_1d(n)[1]
-    assert threads & (threads - 1) == 0 and threads <= _launch.THREADS_PER_BLOCK  # gram's tree reduction
     _launch.launch_1d(kernel, n, *args)
 
 
@@ -308,32 +252,6 @@ def nn_lasso(od: Any, stain_matrix_od: Any, lam: float) -> Any:
     if od.shape[0]:
         _run(_kernels().nn_lasso, od.shape[0], _launchable(od), *w.T.ravel().tolist(), lam, out)
     return out
-
-
-def gram(od: Any, h: Any) -> tuple[Any, Any]:
-    """Launch the Gram sums of the W update; see :func:`gram_ref`.
-
-    Parameters
-    ----------
-    od : (P, 3) float32 or float64 array, CuPy or NumPy (simulator)
-    h : (P, 2) float32 or float64 array, same module and P
-
-    Returns
-    -------
-    hh, vh : (2, 2) and (3, 2) float64 arrays, same module as ``od``
-        ``H^T H`` and ``V^T H``. Block partials are added with float64 atomics, so on a GPU
-        the summation order (and the last bits) may change from run to run.
-    """
-    _check_pixels(od, "od", 3, _FLOATS)
-    _check_pixels(h, "h", 2, _FLOATS)
-    if h.shape[0] != od.shape[0]:
-        raise ValueError(f"h: expected {od.shape[0]} rows like od, got {h.shape[0]}")
-    xp = _launch.device_array_module(od)
-    out = xp.zeros(9, dtype=np.float64)
-    if od.shape[0]:
-        _run(_kernels().gram, od.shape[0], _launchable(od), _launchable(h), out)
-    hh = xp.stack([out[0:2], out[1:3]])  # [[h0h0, h0h1], [h0h1, h1h1]]
-    return hh, out[3:].reshape(3, 2)
 
 
 def vahadane_apply(

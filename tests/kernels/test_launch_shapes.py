@@ -32,8 +32,7 @@ def test_tissue_features_shared_histogram(gpu_like_grid: None) -> None:
         np.testing.assert_array_equal(np.asarray(got), want)
 
 
-def test_vahadane_gram_atomics(gpu_like_grid: None) -> None:
-    rng = np.random.default_rng(2)
-    od, h = rng.uniform(0, 2, (300, 3)), rng.uniform(0, 1, (300, 2))
-    for got, want in zip(kv.gram(od, h), kv.gram_ref(od, h)):
-        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12)
+def test_vahadane_coding_grid_stride(gpu_like_grid: None) -> None:
+    od = np.random.default_rng(2).uniform(0, 2, (300, 3))
+    w = np.array([[0.65, 0.07], [0.70, 0.99], [0.29, 0.11]])
+    np.testing.assert_allclose(kv.nn_lasso(od, w, 0.1), kv.nn_lasso_ref(od, w, 0.1), rtol=1e-12, atol=1e-12)

@@ -246,6 +246,21 @@ def od_lut(io: float, dtype: Any) -> np.ndarray:
     return _stain._od(np.arange(256, dtype=np.uint8), io, dtype)
 
 
+def od_lut_on(xp: Any, io: float, dtype: Any) -> Any:
+    """:func:`od_lut` on ``xp``'s device: NumPy as is; CuPy uploaded once per device, io and dtype."""
+    if xp is np:
+        return od_lut(io, dtype)
+    return _device_od_lut(xp.cuda.Device().id, float(io), np.dtype(dtype).str)
+
+
+@functools.lru_cache(maxsize=32)
+def _device_od_lut(device: int, io: float, dtype: str) -> Any:
+    import cupy  # noqa: PLC0415
+
+    with cupy.cuda.Device(device):
+        return cupy.asarray(od_lut(io, np.dtype(dtype)))
+
+
 def group_pixels(rgb: ArrayLike, *, per_tile: bool) -> Any:
     """(G, P, 3) C-contiguous uint8 on the input's module: G = N tiles if ``per_tile``, else 1.
 

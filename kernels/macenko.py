@@ -52,7 +52,7 @@ from . import _launch
 from ._macenko_kernels import (  # kernels, the constants they are built around, host helpers
     _N_STATS, _PAIRS, _PX_PER_THREAD_STATS, _PX_PER_THREAD_HIST, _od_stats_kernel,
     _angle_histogram_kernel, _concentration_histogram_kernel, _apply_kernel, od_lut, group_pixels,
-    _use_kernels, _active, _order_stat_bins, _ranks, _percentile_from_hist, _check_shared_bins
+    _use_kernels, _active, _order_stat_bins, _ranks, _percentile_from_hist, _check_shared_bins, od_lut_on
 )
 
 __all__ = [
@@ -132,7 +132,7 @@ def od_stats(px: Any, *, io: float = 240.0, beta: float = 0.15) -> np.ndarray:
     if not _use_kernels(px):
         return od_stats_ref(px, io=io, beta=beta)
     xp = _launch.device_array_module(px)
-    lut = xp.asarray(od_lut(io, np.float64))
+    lut = od_lut_on(xp, io, np.float64)
     blocks, _ = _launch.grid_1d(max(1, -(-px.shape[1] // _PX_PER_THREAD_STATS)))
     partial = xp.zeros((px.shape[0], blocks, _N_STATS), np.float64)
     launched = _run(_od_stats_kernel(), px, _PX_PER_THREAD_STATS, (lut, float(beta)), (partial,))
@@ -202,7 +202,7 @@ def angle_histogram(
     xp = _launch.device_array_module(px)
     _check_shared_bins(n_bins, 4, "angle_histogram")
     hist = xp.zeros((px.shape[0], n_bins), np.int64)
-    shared = (xp.asarray(od_lut(io, np.float64)), float(beta), ANGLE_LO_RAD, n_bins / (2 * math.pi))
+    shared = (od_lut_on(xp, io, np.float64), float(beta), ANGLE_LO_RAD, n_bins / (2 * math.pi))
     grouped = (xp.asarray(np.ascontiguousarray(plane, np.float64)), xp.asarray(_active(active, px.shape[0])), hist)
     _run(_angle_histogram_kernel(n_bins), px, _PX_PER_THREAD_HIST, shared, grouped)
     return hist
@@ -274,7 +274,7 @@ def concentration_histogram(
     grouped = (f8(pinv), xp.asarray(_active(active, px.shape[0])), f8(w.lo1), f8(w.inv_w1),
                i8(w.bin_lo), i8(w.bin_hi), f8(w.lo2), f8(w.inv_w2), hist)
     _run(_concentration_histogram_kernel(w.n_bins), px, _PX_PER_THREAD_HIST,
-         (xp.asarray(od_lut(io, np.float64)),), grouped)
+         (od_lut_on(xp, io, np.float64),), grouped)
     return hist
 
 
@@ -393,10 +393,10 @@ def apply(
     if not _use_kernels(px):
         return apply_ref(px, pinv, scale, target_matrix, io_in=io_in, io_out=io_out, active=active)
     xp = _launch.device_array_module(px)
-    lut, mt, io32, pinv32, scale32 = _apply_params(pinv, scale, target_matrix, io_in, io_out)
+    _, mt, io32, pinv32, scale32 = _apply_params(pinv, scale, target_matrix, io_in, io_out)
     out = xp.empty_like(px)
     grouped = (xp.asarray(pinv32), xp.asarray(scale32), xp.asarray(_active(active, px.shape[0])), out)
-    _run(_apply_kernel(), px, 1, (xp.asarray(lut), xp.asarray(mt), io32), grouped)
+    _run(_apply_kernel(), px, 1, (od_lut_on(xp, io_in, np.float32), xp.asarray(mt), io32), grouped)
     return out
 
 

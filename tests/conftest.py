@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from gpupath._xp import gpu_available
+from gpupath._xp import cupy_or_none, gpu_available
 
 # Device kernels: on a machine without a GPU, run them under Numba's CUDA simulator. This must be
 # set before numba is first imported, hence here, at the top of the first conftest.
@@ -37,3 +39,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
+def xp(request: pytest.FixtureRequest) -> types.ModuleType:
+    """The array module a stage test runs on: NumPy always, CuPy where a GPU is present."""
+    if request.param == "numpy":
+        return np
+    if not gpu_available():
+        pytest.skip("cupy backend: no usable CUDA device (gpupath._xp.gpu_available() is False)")
+    return cupy_or_none()

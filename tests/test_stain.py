@@ -25,7 +25,7 @@ from stain_helpers import (
     synthetic_conc,
 )
 
-from gpupath._xp import array_module, cupy_or_none, gpu_available, to_host
+from gpupath._xp import array_module, to_host
 from gpupath.stain import (
     REFERENCE,
     StainFit,
@@ -36,15 +36,6 @@ from gpupath.stain import (
 )
 
 IO = 240.0
-
-
-@pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
-def xp(request: pytest.FixtureRequest) -> types.ModuleType:
-    if request.param == "numpy":
-        return np
-    if not gpu_available():
-        pytest.skip("cupy backend: no usable CUDA device (gpupath._xp.gpu_available() is False)")
-    return cupy_or_none()
 
 
 @pytest.fixture(scope="module")

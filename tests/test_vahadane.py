@@ -37,7 +37,7 @@ from stain_helpers import (
     synthetic_conc,
 )
 
-from gpupath._xp import array_module, cupy_or_none, gpu_available, to_host
+from gpupath._xp import array_module, to_host
 from gpupath.slide import open_slide
 from gpupath.stain import StainFit
 from gpupath.vahadane import (
@@ -59,15 +59,6 @@ PEER_PINS = [p for p in _PEER_EXTRA if p != PEER_SPEC]
 PEER_DIR = Path(__file__).resolve().parents[1] / ".cache" / "peers" / PEER
 PEER_TARGET_TILE = 1  # index in CMU_TILES_XY of the tile both normalisers render to
 PEER_ITER = 3000  # SPAMS trainDL iterations (mini-batches) for the peer, see _PEER_SCRIPT
-
-
-@pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
-def xp(request: pytest.FixtureRequest) -> types.ModuleType:
-    if request.param == "numpy":
-        return np
-    if not gpu_available():
-        pytest.skip("cupy backend: no usable CUDA device (gpupath._xp.gpu_available() is False)")
-    return cupy_or_none()
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ case "${1:-}" in
   run)
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 GPUPATH_TEST_DATA="$PWD/.data"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
-    python3 bench/gpu_proof/proof.py --out "$OUT" --data "$PWD/.data" ${SIZE:+--size "$SIZE"}
+    python3 bench/gpu_proof/proof.py --out "$OUT" --data "$PWD/.data" ${SIZE:+--size "$SIZE"} ${STEPS:+--steps "$STEPS"}
     ;;
   *) echo "usage: device.sh load K | run" >&2; exit 2 ;;
 esac

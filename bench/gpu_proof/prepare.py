@@ -2,8 +2,10 @@
 
     python bench/gpu_proof/prepare.py [--dry-run]
 
-The device image has torch, CuPy, Numba, numba-cuda, pyarrow, tifffile, typer, rich, SciPy but
-not cuCIM, nvImageCodec, imagecodecs, OpenSlide or gpupath. This downloads their cp312 manylinux
+The device image has torch, CuPy, Numba, numba-cuda, NumPy, SciPy, pyarrow, tifffile, typer,
+rich, Pillow, threadpoolctl and onnxruntime, but not cuCIM, nvImageCodec, imagecodecs, OpenSlide,
+torchstain or gpupath. Run it in the venv of the README's test command: the versions to carry
+are read from it. This downloads their cp312 manylinux
 wheels (same versions as this environment), builds gpupath's own wheel, copies the real test
 slides, and packs everything into loads of at most 60 MiB under ``.whl/`` (the device tool
 carries 64 MiB per call), splitting any wheel that is larger into parts. ``.whl/plan.json``

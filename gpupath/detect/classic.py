@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from gpupath._xp import array_module, is_device_array, ndimage_module, to_host
+from gpupath._xp import array_module, is_device_array, to_host
 from gpupath.stain import od_from_rgb
 from gpupath_kernels import nuclei as nuclei_kernels
 
@@ -106,7 +106,6 @@ def detect_nuclei(tiles: Any, *, mpp: float, params: ClassicParams = ClassicPara
     if not mpp > 0:
         raise ValueError(f"mpp must be positive, got {mpp}")
     xp = array_module(tiles)
-    ndi = ndimage_module(xp)
     n = tiles.shape[0]
     if n == 0:
         z = np.zeros(0)
@@ -122,24 +121,9 @@ def detect_nuclei(tiles: Any, *, mpp: float, params: ClassicParams = ClassicPara
         best, best_scale = nuclei_kernels.best_log_response(h, sigmas.tolist())
         peak = nuclei_kernels.peak_mask(best, window_px=window, threshold=params.threshold)
     else:
-        best = None
-        best_scale = None
-        for i, s in enumerate(sigmas):
-            sig = (0.0, float(s), float(s))  # no smoothing across the batch axis
-            # LoG as two second derivatives: gaussian_laplace would also differentiate the batch axis
-            lap = ndi.gaussian_filter(h, sig, order=(0, 2, 0), mode="nearest")
-            lap += ndi.gaussian_filter(h, sig, order=(0, 0, 2), mode="nearest")
-            resp = -(s * s) * lap
-            if best is None:
-                best, best_scale = resp, xp.zeros(resp.shape, xp.int8)
-            else:
-                better = resp > best
-                best = xp.where(better, resp, best)
-                best_scale = xp.where(better, xp.int8(i), best_scale)
-        peak = (best == ndi.maximum_filter(best, size=(1, window, window), mode="nearest")) & (best > params.threshold)
-        # keep peaks one pixel away from the border so the parabola has both neighbours
-        peak[:, 0, :] = peak[:, -1, :] = False
-        peak[:, :, 0] = peak[:, :, -1] = False
+        # host: the kernels' NumPy twins are the reference maths (scipy.ndimage, float64 response)
+        best, best_scale = nuclei_kernels.best_log_response_ref(h, sigmas.tolist())
+        peak = nuclei_kernels.peak_mask_ref(best, window_px=window, threshold=params.threshold)
     t, r, c = xp.nonzero(peak)
     v0 = best[t, r, c].astype(xp.float64)  # the device's float32 response: sub-pixel fit in float64
     dy = _parabola_offset(best[t, r - 1, c].astype(xp.float64), v0, best[t, r + 1, c].astype(xp.float64), xp)

@@ -89,21 +89,15 @@ def read_overview(slide: Slide, downsample: float, *, device: str = "cpu") -> tu
     return out, eff_ds
 
 
-def otsu_threshold(values: Any, *, bins: int = 256, value_range: tuple[float, float] = (0.0, 1.0)) -> float:
-    """Otsu's threshold of ``values`` from a histogram (no sort), on the values' device."""
+def otsu_threshold(values: Any) -> float:
+    """Otsu's threshold of ``values`` in [0, 1], from a 256-bin histogram (no sort) built on the values' device.
+
+    The criterion (with its plateau-middle rule) is :func:`gpupath_kernels.tissue.otsu_from_histogram`,
+    the one the device path uses too; it runs on the 256 counts, copied to the host.
+    """
     xp = array_module(values)
-    hist, edges = xp.histogram(values, bins=bins, range=value_range)
-    hist = hist.astype(xp.float64)
-    centres = (edges[:-1] + edges[1:]) / 2
-    w0 = xp.cumsum(hist)
-    w1 = w0[-1] - w0
-    m0 = xp.cumsum(hist * centres)
-    mean0 = m0 / xp.maximum(w0, 1)
-    mean1 = (m0[-1] - m0) / xp.maximum(w1, 1)
-    between = w0 * w1 * (mean0 - mean1) ** 2
-    # the criterion is flat over empty bins between two modes: take the middle of that plateau
-    best = to_host(xp.flatnonzero(between >= between.max() * (1 - 1e-9)))  # a few indices to the host
-    return float(to_host(centres[int(best[0] + best[-1]) // 2]))
+    hist, _ = xp.histogram(values, bins=tissue_kernels.N_BINS, range=(0.0, 1.0))
+    return tissue_kernels.otsu_from_histogram(to_host(hist))  # 256 counts to the host
 
 
 def tissue_mask(rgb: Any, *, min_saturation: float = 0.07, max_grey: float = 235.0, min_grey: float = 25.0,

@@ -95,7 +95,9 @@ def info(
 
 
 def _run(slides: list[Path], out: Path, *, mpp: float | None, target_mpp: float | None, magnification: float | None,
-         tile: int, overlap: int, stain: str, device: str, backend: str, batch_size: int, min_tissue: float) -> int:
+         tile: int, overlap: int, stain: str, device: str, backend: str, batch_size: int, min_tissue: float,
+         engine: str = "auto", model: Path | None = None, model_card: Path | None = None,
+         preprocess: str = "auto") -> int:
     from gpupath.errors import ConfigError
     from gpupath.pipeline import RunParams, resolve_device, run_slides
     from gpupath.tiling import TileSpec
@@ -114,6 +116,8 @@ def _run(slides: list[Path], out: Path, *, mpp: float | None, target_mpp: float 
             tile=TileSpec(tile_px=tile, overlap_px=overlap, target_mpp=0.5 if target_mpp is None else target_mpp,
                           min_tissue=min_tissue),
             stain=stain, device=dev, backend=backend, mpp_override=mpp, batch_size=batch_size,  # type: ignore[arg-type]
+            engine=engine, model=None if model is None else str(model),
+            model_card=None if model_card is None else str(model_card), preprocess=preprocess,
         )
     except ConfigError as exc:
         raise _fail(str(exc)) from None
@@ -140,7 +144,14 @@ def _run(slides: list[Path], out: Path, *, mpp: float | None, target_mpp: float 
                 progress.console.print(f"warning: {res.path}: {res.warning}", markup=False, highlight=False,
                                        soft_wrap=True)
 
-        results = run_slides([str(s) for s in slides], out, params, on_slide=on_slide, on_tiles=on_tiles)
+        def on_note(note: str) -> None:
+            progress.console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
+
+        try:
+            results = run_slides([str(s) for s in slides], out, params, on_slide=on_slide, on_tiles=on_tiles,
+                                 on_note=on_note)
+        except ConfigError as exc:  # the detector could not be built: no slide was touched
+            raise _fail(str(exc)) from None
     elapsed = time.perf_counter() - t0
     table = Table(title=f"gpupath run -> {out}")
     for col in ("slide", "status", "tiles", "detections", "tissue mm²", "seconds"):
@@ -174,11 +185,17 @@ def run(
     backend: Annotated[str, typer.Option(help="auto | cucim | openslide | tifffile")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Tiles per batch.")] = 32,
     min_tissue: Annotated[float, typer.Option(help="Minimum tissue fraction of a tile.")] = 0.05,
+    engine: Annotated[str, typer.Option(help="auto | tensorrt | torch | onnxruntime | classic (auto: the best that "
+                                             "runs here, saying what it skipped and why)")] = "auto",
+    model: Annotated[Optional[Path], typer.Option(help="Your ONNX detector (needs --model-card).")] = None,
+    model_card: Annotated[Optional[Path], typer.Option(help="YAML card of --model: input, outputs, decoder.")] = None,
+    preprocess: Annotated[str, typer.Option(help="auto | dali | xp: model input made by DALI or NumPy/CuPy "
+                                                 "(auto: DALI on a GPU when installed)")] = "auto",
 ) -> None:
-    """Detect nuclei on slides; write Parquet tables, slides.parquet and run.json to --out."""
+    """Detect nuclei (or your model's objects) on slides; write Parquet tables, slides.parquet and run.json to --out."""
     code = _run(slides, out, mpp=mpp, target_mpp=target_mpp, magnification=magnification, tile=tile,
                 overlap=overlap, stain=stain, device=device, backend=backend, batch_size=batch_size,
-                min_tissue=min_tissue)
+                min_tissue=min_tissue, engine=engine, model=model, model_card=model_card, preprocess=preprocess)
     raise typer.Exit(code)
 
 

@@ -30,8 +30,10 @@ from gpupath import stain, vahadane
 from gpupath._resize import resize_batch
 from gpupath._version import __version__
 from gpupath._xp import gpu_available
-from gpupath.detect.boxes import Detections, GridLayout, dedup_overlaps, to_global
-from gpupath.detect.classic import RUIFROK_HE_OD, ClassicParams, detect_nuclei
+from gpupath.detect.boxes import Detections, GridLayout, boxes_to_global, dedup_overlaps
+from gpupath.detect.classic import RUIFROK_HE_OD, ClassicParams
+from gpupath.detect.detector import Detector, make_detector
+from gpupath.detect.engines import ENGINE_NAMES
 from gpupath.errors import ConfigError, GpupathError, NoTissueError
 from gpupath.ingest import sha256_file
 from gpupath.results import (
@@ -50,7 +52,6 @@ __all__ = ["RunParams", "SlideResult", "process_slide", "run_slides", "resolve_d
 
 log = logging.getLogger("gpupath.pipeline")
 
-LABEL_NAMES = ["nucleus"]
 STAIN_SAMPLE_TILES = 32
 DARK_FIELD_GREY = 80.0   # median overview grey below which a slide is dark-field (fluorescence), not brightfield
 
@@ -67,9 +68,17 @@ class RunParams:
     batch_size: int = 32
     prefetch_batches: int = 2
     read_workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))  # cuCIM decoder threads
-    detector: ClassicParams = ClassicParams()
+    detector: ClassicParams = ClassicParams()  # settings of the classic detector
+    engine: str = "auto"                   # auto | tensorrt | torch | onnxruntime | classic
+    model: str | None = None               # bring-your-own ONNX model (with model_card)
+    model_card: str | None = None          # its YAML card
+    preprocess: str = "auto"               # model input by auto | dali | xp (NumPy/CuPy)
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINE_NAMES:
+            raise ConfigError(f"engine must be one of {', '.join(ENGINE_NAMES)}, got {self.engine!r}")
+        if self.preprocess not in ("auto", "dali", "xp"):
+            raise ConfigError(f"preprocess must be auto, dali or xp, got {self.preprocess!r}")
         if self.stain not in ("none", "macenko", "vahadane"):
             raise ConfigError(f"stain must be none, macenko or vahadane, got {self.stain!r}")
         if self.batch_size < 1:
@@ -83,6 +92,12 @@ class RunParams:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def make_detector(self) -> tuple[Detector, list[str]]:
+        """The run's detector (built once: a TensorRT engine build takes minutes) and notes on the choice."""
+        return make_detector(self.engine, device=self.device, model=self.model, model_card=self.model_card,
+                             batch_size=self.batch_size, tile_px=self.tile.tile_px, preprocess=self.preprocess,
+                             classic=self.detector)
 
 
 @dataclass(slots=True)
@@ -217,19 +232,23 @@ def _fit_slide_stain(slide: Slide, grid: TileGrid, params: RunParams) -> tuple[s
         return None, f"stain fit failed ({exc}); tiles not normalised, Ruifrok H&E basis used"
 
 
-def process_slide(path: str | Path, out_dir: Path, params: RunParams, *,
+def process_slide(path: str | Path, out_dir: Path, params: RunParams, *, detector: Detector | None = None,
                   on_tiles: Callable[[int, int], None] | None = None) -> SlideResult:
     """Run one slide and write its partitions. Never raises for a bad slide: see ``status``/``error``.
 
-    ``on_tiles(done, total)`` is called after each batch (progress display).
+    ``detector``: built once per run by :meth:`RunParams.make_detector` (default: built here,
+    raising ConfigError when the engine or model cannot run). ``on_tiles(done, total)`` is
+    called after each batch (progress display).
     """
+    if detector is None:
+        detector, _ = params.make_detector()
     # One BLAS thread: the small GEMMs here gain nothing from more, and OpenBLAS worker threads
     # spinning beside the prefetch thread made a slide 6x slower on a busy 2-core machine.
     with threadpool_limits(limits=1, user_api="blas"):
-        return _process_slide(path, out_dir, params, on_tiles=on_tiles)
+        return _process_slide(path, out_dir, params, detector, on_tiles=on_tiles)
 
 
-def _process_slide(path: str | Path, out_dir: Path, params: RunParams, *,
+def _process_slide(path: str | Path, out_dir: Path, params: RunParams, detector: Detector, *,
                    on_tiles: Callable[[int, int], None] | None) -> SlideResult:
     start = time.perf_counter()
     result = SlideResult(path=str(path))
@@ -258,6 +277,10 @@ def _process_slide(path: str | Path, out_dir: Path, params: RunParams, *,
                     f"{path}: no tissue found (tissue is {tissue.fraction:.1%} of the overview; "
                     f"no {grid.tile_px}-px tile at {grid.tile_mpp:.3g} µm/px holds >= {params.tile.min_tissue:.0%})"
                 )
+            try:
+                detector.check_tiles(tile_px=grid.tile_px, tile_mpp=grid.tile_mpp)
+            except ConfigError as exc:
+                raise ConfigError(f"{path}: {exc}") from None
             fit, stain_warning = _fit_slide_stain(slide, grid, params)
             warnings = [stain_warning] if stain_warning else []
             if tissue.median_grey < DARK_FIELD_GREY:
@@ -282,11 +305,9 @@ def _process_slide(path: str | Path, out_dir: Path, params: RunParams, *,
                     _, apply, target = _NORMALISERS[params.stain]
                     tiles = apply(tiles, fit, target=target)
                 t = timer.add("normalize", t)
-                found = detect_nuclei(tiles, mpp=grid.tile_mpp, params=params.detector, stain_matrix_od=basis)
-                parts.append(to_global(
-                    tile_index=found.tile_index, cx_px=found.cx_px, cy_px=found.cy_px, radius_px=found.radius_px,
-                    score=found.score, label=np.zeros(len(found.score), np.int16),
-                    origin_x=grid.x_lvl[index] * grid.downsample, origin_y=grid.y_lvl[index] * grid.downsample,
+                found = detector.detect(tiles, mpp=grid.tile_mpp, stain_matrix_od=basis)
+                parts.append(boxes_to_global(
+                    found, origin_x=grid.x_lvl[index] * grid.downsample, origin_y=grid.y_lvl[index] * grid.downsample,
                     tile_x=batch.x, tile_y=batch.y, l0_per_px=grid.l0_per_tile_px,
                 ))
                 timer.add("detect", t)
@@ -296,7 +317,7 @@ def _process_slide(path: str | Path, out_dir: Path, params: RunParams, *,
             t = time.perf_counter()
             layout = GridLayout(stride_l0=grid.stride_l0, overlap_l0=grid.overlap_l0, n_cols=grid.n_cols,
                                 n_rows=grid.n_rows, processed=frozenset(zip(grid.col.tolist(), grid.row.tolist())))
-            det = dedup_overlaps(Detections.concat(parts), layout, min_distance_l0_px=params.detector.radius_um[0] / mpp)
+            det = dedup_overlaps(Detections.concat(parts), layout, min_distance_l0_px=detector.dedup_distance_um / mpp)
             det = det.clip_to(*slide.dimensions)
             tile_pos = {(int(x), int(y)): i for i, (x, y) in enumerate(zip(grid.x, grid.y))}
             for tx, ty in zip(det.tile_x.tolist(), det.tile_y.tolist()):
@@ -304,11 +325,12 @@ def _process_slide(path: str | Path, out_dir: Path, params: RunParams, *,
             t = timer.add("dedup", t)
             provenance = {
                 "slide_sha256": result.sha256, "slide_path": str(path), "slide_mpp": mpp,
-                "tile_mpp": grid.tile_mpp, "model": "classic-log-v1", "params": params.to_dict(),
+                "tile_mpp": grid.tile_mpp, "model": detector.name, "engine": detector.engine,
+                "model_sha256": detector.model_sha256, "params": params.to_dict(),
             }
             write_slide_parts(
                 out_dir, result.slide_id,
-                detections_table(det, stride_l0=grid.stride_l0, label_names=LABEL_NAMES, provenance=provenance),
+                detections_table(det, stride_l0=grid.stride_l0, label_names=list(detector.classes), provenance=provenance),
                 tiles_table(x=grid.x, y=grid.y, size_l0_px=grid.size_l0_px, col=grid.col, row=grid.row,
                             level=grid.level, tissue_fraction=grid.tissue_fraction, n_detections=per_tile,
                             provenance=provenance),
@@ -331,7 +353,7 @@ def _environment(params: RunParams) -> dict[str, Any]:
         "gpupath": __version__, "python": platform.python_version(), "machine": platform.machine(),
         "processor": platform.processor(), "device": params.device,
     }
-    for mod in ("numpy", "scipy", "pyarrow", "tifffile", "openslide", "cucim", "cupy"):
+    for mod in ("numpy", "scipy", "pyarrow", "tifffile", "openslide", "cucim", "cupy", "onnxruntime"):
         try:
             env[mod] = getattr(__import__(mod), "__version__", "?")
         except Exception:  # noqa: BLE001  optional package absent or broken: record that
@@ -341,17 +363,27 @@ def _environment(params: RunParams) -> dict[str, Any]:
 
 def run_slides(paths: Sequence[str | Path], out_dir: str | Path, params: RunParams, *,
                on_slide: Callable[[SlideResult], None] | None = None,
-               on_tiles: Callable[[str, int, int], None] | None = None) -> list[SlideResult]:
+               on_tiles: Callable[[str, int, int], None] | None = None,
+               on_note: Callable[[str], None] | None = None) -> list[SlideResult]:
     """Process slides one after another into ``out_dir``; write slides.parquet and run.json.
 
-    ``run.json`` and ``slides.parquet`` are rewritten (atomically) after each slide, so a watcher
-    sees progress and a crash leaves the record of what finished.
+    The detector is built once, before any slide (a model or engine that cannot run raises
+    ConfigError here, not once per slide); ``on_note`` receives its one-line notes (e.g. why
+    ``--engine auto`` skipped TensorRT). ``run.json`` and ``slides.parquet`` are rewritten
+    (atomically) after each slide, so a watcher sees progress and a crash leaves the record of
+    what finished.
     """
+    detector, notes = params.make_detector()
+    for note in notes:
+        if on_note is not None:
+            on_note(note)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     results: list[SlideResult] = []
     env = _environment(params)
+    env["detector"] = {"model": detector.name, "engine": detector.engine, "model_sha256": detector.model_sha256,
+                       "classes": list(detector.classes), "notes": notes}
 
     def record(final: bool) -> None:
         rows = [{k: v for k, v in asdict(r).items() if k != "timings"} for r in results]
@@ -365,7 +397,7 @@ def run_slides(paths: Sequence[str | Path], out_dir: str | Path, params: RunPara
         }, out / "run.json")
 
     for p in paths:
-        res = process_slide(p, out, params, on_tiles=None if on_tiles is None else
+        res = process_slide(p, out, params, detector=detector, on_tiles=None if on_tiles is None else
                             (lambda done, total, _p=str(p): on_tiles(_p, done, total)))
         results.append(res)
         if on_slide is not None:

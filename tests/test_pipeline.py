@@ -53,7 +53,7 @@ def truth_centres(slide: Path) -> np.ndarray:
 
 @pytest.mark.parametrize("target_mpp, stain", [(0.25, "macenko"), (0.5, "macenko"), (0.5, "vahadane"), (0.5, "none")])
 def test_known_nuclei_recall_precision(synthetic: Path, tmp_path: Path, target_mpp: float, stain: str) -> None:
-    params = RunParams(tile=TileSpec(tile_px=256, overlap_px=32, target_mpp=target_mpp), stain=stain)
+    params = RunParams(tile=TileSpec(tile_px=256, overlap_px=32, target_mpp=target_mpp), stain=stain, engine="classic")
     res = process_slide(synthetic, tmp_path, params)
     assert res.status == "ok", res.error
     det = detections_of(tmp_path, res.slide_id)
@@ -63,9 +63,9 @@ def test_known_nuclei_recall_precision(synthetic: Path, tmp_path: Path, target_m
     assert recall >= 0.9 and precision >= 0.9, f"recall {recall:.3f}, precision {precision:.3f} at {target_mpp} µm/px, {stain}"
 
 
-@pytest.mark.parametrize("target_mpp", [0.25, 0.5])
-def test_nuclei_in_overlaps_counted_once(synthetic: Path, tmp_path: Path, target_mpp: float) -> None:
-    params = RunParams(tile=TileSpec(tile_px=256, overlap_px=48, target_mpp=target_mpp))
+@pytest.mark.parametrize("target_mpp, engine", [(0.25, "classic"), (0.5, "classic"), (0.5, "onnxruntime")])
+def test_nuclei_in_overlaps_counted_once(synthetic: Path, tmp_path: Path, target_mpp: float, engine: str) -> None:
+    params = RunParams(tile=TileSpec(tile_px=256, overlap_px=48, target_mpp=target_mpp), engine=engine)
     res = process_slide(synthetic, tmp_path, params)
     assert res.status == "ok", res.error
     tiles = pq.read_table(tmp_path / "tiles" / f"slide_id={res.slide_id}" / "part-0.parquet")
@@ -87,7 +87,7 @@ def test_tiles_read_from_a_fractional_downsample_level(tmp_path: Path) -> None:
     # 4099 px: level 1 is 1024 px, OpenSlide-style downsample 4.0029; tiles at 1 µm/px come from it
     slide = tmp_path / "odd.svs"
     write_synthetic_slide(slide, SyntheticSpec(width_px=4099, height_px=4099, mpp=0.25, seed=4))
-    params = {b: RunParams(backend=b, tile=TileSpec(overlap_px=32, target_mpp=1.0)) for b in ("cucim", "tifffile")}
+    params = {b: RunParams(backend=b, tile=TileSpec(overlap_px=32, target_mpp=1.0), engine="classic") for b in ("cucim", "tifffile")}
     found = {}
     for backend, p in params.items():
         res = process_slide(slide, tmp_path / backend, p)

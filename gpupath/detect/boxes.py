@@ -20,7 +20,8 @@ from scipy.spatial import cKDTree
 from gpupath._xp import array_module, is_device_array
 from gpupath_kernels import boxes as boxes_kernels
 
-__all__ = ["Detections", "GridLayout", "to_global", "own_by_centre", "suppress_near_duplicates", "dedup_overlaps"]
+__all__ = ["Detections", "GridLayout", "to_global", "boxes_to_global", "own_by_centre", "suppress_near_duplicates",
+           "dedup_overlaps"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +101,28 @@ def to_global(*, tile_index: np.ndarray, cx_px: np.ndarray, cy_px: np.ndarray, r
         x1=(gx + r).astype(np.float32), y1=(gy + r).astype(np.float32),
         score=score.astype(np.float32), label=label.astype(np.int16),
         tile_x=tile_x[tile_index].astype(np.int64), tile_y=tile_y[tile_index].astype(np.int64),
+    )
+
+
+def boxes_to_global(boxes: Any, *, origin_x: np.ndarray, origin_y: np.ndarray, tile_x: np.ndarray,
+                    tile_y: np.ndarray, l0_per_px: float) -> Detections:
+    """Map a detector's :class:`~gpupath.detect.decode.TileBoxes` (tile px) to level-0 boxes.
+
+    Parameters
+    ----------
+    boxes : TileBoxes of one batch (tile_index, x0, y0, x1, y1 in tile px, score, label).
+    origin_x, origin_y : (N,) exact level-0 position of each tile's pixel (0, 0) corner (float).
+    tile_x, tile_y : (N,) integer level-0 origins that identify the tiles.
+    l0_per_px : level-0 px per tile px.
+    """
+    t = np.asarray(boxes.tile_index, np.int64)
+    ox = np.asarray(origin_x, np.float64)[t]
+    oy = np.asarray(origin_y, np.float64)[t]
+    return Detections(
+        x0=(ox + boxes.x0 * l0_per_px).astype(np.float32), y0=(oy + boxes.y0 * l0_per_px).astype(np.float32),
+        x1=(ox + boxes.x1 * l0_per_px).astype(np.float32), y1=(oy + boxes.y1 * l0_per_px).astype(np.float32),
+        score=np.asarray(boxes.score, np.float32), label=np.asarray(boxes.label, np.int16),
+        tile_x=np.asarray(tile_x)[t].astype(np.int64), tile_y=np.asarray(tile_y)[t].astype(np.int64),
     )
 
 

@@ -1,0 +1,213 @@
+"""One ``Detector`` interface over every engine: tiles in, boxes in tile pixels out.
+
+:func:`make_detector` turns ``--engine auto|tensorrt|torch|onnxruntime|classic`` (plus an
+optional ``--model``/``--model-card``) into a ready detector and a list of one-line notes on
+what it chose and why. ``auto`` tries, on a GPU, TensorRT, then torch-CUDA, then ONNX Runtime's
+CUDA provider; on the CPU, ONNX Runtime then torch; each engine it skips gets one note saying
+why. An engine named explicitly either works or fails with its reason (no silent substitute).
+
+A learned detector is preprocessing (DALI, or the NumPy/CuPy reference) -> engine -> decoder
+(:mod:`gpupath.detect.decode`), all on the tiles' device; only the decoded boxes leave it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from gpupath._xp import is_device_array
+from gpupath.detect.card import ModelCard, load_card, shipped_card
+from gpupath.detect.classic import ClassicParams, detect_nuclei
+from gpupath.detect.decode import TileBoxes, decode
+from gpupath.detect.engines import ENGINE_NAMES, Engine, OnnxRuntimeEngine, TorchEngine, check_onnx_io
+from gpupath.errors import ConfigError
+
+__all__ = ["Detector", "ClassicDetector", "LearnedDetector", "make_detector", "CLASSIC_NAME"]
+
+log = logging.getLogger("gpupath.detect")
+
+CLASSIC_NAME = "classic-log-v1"
+
+
+class Detector(Protocol):
+    name: str                       # model name for provenance
+    engine: str                     # classic | onnxruntime | torch | tensorrt
+    classes: tuple[str, ...]
+    model_sha256: str               # "" for the classic detector
+    dedup_distance_um: float        # twins closer than this across tile overlaps are one object
+
+    def check_tiles(self, *, tile_px: int, tile_mpp: float) -> None: ...
+
+    def detect(self, tiles: Any, *, mpp: float, stain_matrix_od: np.ndarray) -> TileBoxes: ...
+
+
+@dataclass(slots=True)
+class ClassicDetector:
+    """LoG on the hematoxylin channel (:mod:`gpupath.detect.classic`); needs no model."""
+
+    params: ClassicParams = field(default_factory=ClassicParams)
+    name: str = CLASSIC_NAME
+    engine: str = "classic"
+    classes: tuple[str, ...] = ("nucleus",)
+    model_sha256: str = ""
+
+    @property
+    def dedup_distance_um(self) -> float:
+        return self.params.radius_um[0]
+
+    def check_tiles(self, *, tile_px: int, tile_mpp: float) -> None:
+        """Any tile size and resolution: radii are in µm."""
+
+    def detect(self, tiles: Any, *, mpp: float, stain_matrix_od: np.ndarray) -> TileBoxes:
+        found = detect_nuclei(tiles, mpp=mpp, params=self.params, stain_matrix_od=stain_matrix_od)
+        return TileBoxes.from_centres(tile_index=found.tile_index, cx_px=found.cx_px, cy_px=found.cy_px,
+                                      half_w_px=found.radius_px, half_h_px=found.radius_px, score=found.score,
+                                      label=np.zeros(len(found.score), np.int16))
+
+
+class LearnedDetector:
+    """A card's model on one engine: preprocess -> engine -> decode."""
+
+    def __init__(self, card: ModelCard, engine: Engine, *, preprocessor: Any, preprocess_name: str) -> None:
+        self.card = card
+        self.engine_impl = engine
+        self.engine = engine.name
+        self.device = engine.device
+        self.name = card.name
+        self.classes = card.classes
+        self.model_sha256 = card.model_sha256
+        self.dedup_distance_um = float(card.extra.get("dedup_distance_um", 2.5))
+        self.preprocessor = preprocessor
+        self.preprocess_name = preprocess_name
+
+    def check_tiles(self, *, tile_px: int, tile_mpp: float) -> None:
+        self.card.check_tile(tile_px=tile_px, tile_mpp=tile_mpp)
+
+    def detect(self, tiles: Any, *, mpp: float, stain_matrix_od: np.ndarray) -> TileBoxes:
+        """Boxes in tile px. ``mpp`` was checked against the card by :meth:`check_tiles`; stains are unused."""
+        from gpupath.detect.preprocess import input_scale  # noqa: PLC0415
+
+        if tiles.ndim != 4 or tiles.shape[-1] != 3:
+            raise ValueError(f"tiles must be (N, H, W, 3), got shape {tuple(tiles.shape)}")
+        if len(tiles) == 0:
+            return TileBoxes.empty()
+        if is_device_array(tiles) != (self.device == "cuda"):
+            raise TypeError(f"{self.engine} engine on {self.device} got {'device' if is_device_array(tiles) else 'host'}"
+                            " tiles; run the pipeline with the same --device")
+        x = self.preprocessor(tiles)
+        outputs = self.engine_impl(x)
+        tile_px = int(tiles.shape[1])
+        return decode(outputs, self.card.output, input_hw=self.card.input.input_hw(tile_px),
+                      scale_yx=input_scale(self.card.input, tile_px))
+
+
+def _resolve_card(model: str | Path | None, model_card: str | Path | None) -> ModelCard:
+    if model_card is not None:
+        card = load_card(model_card, model_path=model)
+    elif model is not None:
+        raise ConfigError(f"--model {model}: a model needs its card (--model-card card.yaml: input, outputs, decoder)")
+    else:
+        card = shipped_card()
+    want = card.extra.get("sha256")
+    if want and want != card.model_sha256:
+        raise ConfigError(f"{card.model_path}: sha256 {card.model_sha256[:12]}... differs from the card's "
+                          f"{str(want)[:12]}... (the model file changed; fix the card or the file)")
+    return card
+
+
+def _build_engine(name: str, card: ModelCard, *, device: str, batch_size: int, tile_px: int,
+                  cache_dir: str | Path | None) -> Engine:
+    if name == "onnxruntime":
+        return OnnxRuntimeEngine(card, device=device)  # type: ignore[arg-type]
+    if name == "torch":
+        return TorchEngine(card, device=device)  # type: ignore[arg-type]
+    if name == "tensorrt":
+        if device != "cuda":
+            raise ConfigError("tensorrt engine needs --device cuda")
+        from gpupath.detect._tensorrt import TensorRTEngine  # noqa: PLC0415
+
+        out = card.output
+        return TensorRTEngine(card.model_path, model_sha256=card.model_sha256, input_name=card.input.name,
+                              output_names=out.names, max_batch=batch_size, input_hw=card.input.input_hw(tile_px),
+                              cache_dir=cache_dir)
+    raise ConfigError(f"engine must be one of {', '.join(ENGINE_NAMES)}, got {name!r}")
+
+
+def _build_preprocessor(kind: str, card: ModelCard, *, device: str, batch_size: int) -> tuple[Any, str, str]:
+    """(callable, name, note) for preprocess kind ``auto | dali | xp``."""
+    from gpupath.detect.dali_feed import DaliPreprocessor, dali_available  # noqa: PLC0415
+    from gpupath.detect.preprocess import preprocess  # noqa: PLC0415
+
+    if kind not in ("auto", "dali", "xp"):
+        raise ConfigError(f"preprocess must be auto, dali or xp, got {kind!r}")
+    if kind == "dali" or (kind == "auto" and device == "cuda"):
+        ok, why = dali_available()
+        if ok:
+            return DaliPreprocessor(card.input, batch_size=batch_size, device=device), "dali", ""  # type: ignore[arg-type]
+        if kind == "dali":
+            raise ConfigError(f"--preprocess dali: {why}")
+        note = f"DALI unavailable ({why}); tiles preprocessed with CuPy"
+        return (lambda t: preprocess(t, card.input)), "xp", note
+    return (lambda t: preprocess(t, card.input)), "xp", ""
+
+
+def make_detector(engine: str = "auto", *, device: Literal["cpu", "cuda"] = "cpu", model: str | Path | None = None,
+                  model_card: str | Path | None = None, batch_size: int = 32, tile_px: int = 256,
+                  preprocess: str = "auto", cache_dir: str | Path | None = None,
+                  classic: ClassicParams | None = None) -> tuple[Detector, list[str]]:
+    """A detector for ``engine`` on ``device``, and notes on what was chosen and why.
+
+    Parameters
+    ----------
+    engine : auto | tensorrt | torch | onnxruntime | classic.
+    device : where tiles arrive (CuPy on cuda, NumPy on cpu).
+    model, model_card : a bring-your-own ONNX model and its YAML card; default the shipped model.
+    batch_size : largest batch (TensorRT's optimisation profile).
+    tile_px : tile edge handed to the detector, px.
+    preprocess : auto (DALI on a GPU when installed, else NumPy/CuPy) | dali | xp.
+    cache_dir : TensorRT engine cache (default ``$GPUPATH_ENGINE_CACHE`` or ~/.cache/gpupath/engines).
+    classic : classic-detector settings.
+
+    Raises
+    ------
+    ConfigError
+        Unknown engine; an explicitly named engine that cannot run here (with the reason); a card
+        that does not fit its model; no engine at all.
+    """
+    if engine not in ENGINE_NAMES:
+        raise ConfigError(f"engine must be one of {', '.join(ENGINE_NAMES)}, got {engine!r}")
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be cpu or cuda, got {device!r}")
+    if engine == "classic":
+        if model is not None or model_card is not None:
+            raise ConfigError("--engine classic takes no --model/--model-card")
+        return ClassicDetector(classic or ClassicParams()), []
+    card = _resolve_card(model, model_card)
+    check_onnx_io(card)
+    order = [engine] if engine != "auto" else (
+        ["tensorrt", "torch", "onnxruntime"] if device == "cuda" else ["onnxruntime", "torch"])
+    notes: list[str] = []
+    built: Engine | None = None
+    for name in order:
+        try:
+            built = _build_engine(name, card, device=device, batch_size=batch_size, tile_px=tile_px,
+                                  cache_dir=cache_dir)
+            break
+        except ConfigError as exc:
+            if engine != "auto":
+                raise
+            notes.append(f"engine {name} skipped: {exc}")
+    if built is None:
+        raise ConfigError(f"no engine can run {card.name} on {device}: " + "; ".join(notes))
+    pre, pre_name, pre_note = _build_preprocessor(preprocess, card, device=device, batch_size=batch_size)
+    if pre_note:
+        notes.append(pre_note)
+    if engine == "auto":
+        notes.append(f"engine auto: {card.name} on {built.name} ({device}), preprocessing by {pre_name}")
+    for note in notes:
+        log.info("%s", note)
+    return LearnedDetector(card, built, preprocessor=pre, preprocess_name=pre_name), notes

@@ -95,9 +95,13 @@ class RunParams:
 
     def make_detector(self) -> tuple[Detector, list[str]]:
         """The run's detector (built once: a TensorRT engine build takes minutes) and notes on the choice."""
-        return make_detector(self.engine, device=self.device, model=self.model, model_card=self.model_card,
-                             batch_size=self.batch_size, tile_px=self.tile.tile_px, preprocess=self.preprocess,
-                             classic=self.detector)
+        detector, notes = make_detector(self.engine, device=self.device, model=self.model, model_card=self.model_card,
+                                        batch_size=self.batch_size, tile_px=self.tile.tile_px,
+                                        preprocess=self.preprocess, classic=self.detector)
+        # a target resolution or tile size the model cannot take stops the run before any slide
+        # (each slide's tiles are checked again: their mpp is the target rounded to level pixels)
+        detector.check_tiles(tile_px=self.tile.tile_px, tile_mpp=self.tile.target_mpp)
+        return detector, notes
 
 
 @dataclass(slots=True)

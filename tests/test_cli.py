@@ -115,6 +115,12 @@ def test_mpp_override_for_slide_without_usable_mpp(tmp_path: Path) -> None:
     (["--target-mpp", "0"], "target_mpp must be a positive number"),
     (["--mpp", "inf"], "mpp must be in (0, 20.0]"),
     (["--magnification", "-20"], "--magnification must be a positive number"),
+    (["--engine", "openvino"], "engine must be one of auto, tensorrt, torch, onnxruntime, classic"),
+    (["--engine", "tensorrt"], "tensorrt engine needs --device cuda"),
+    (["--model", "mine.onnx"], "needs its card (--model-card"),
+    (["--engine", "classic", "--model-card", "card.yaml"], "--engine classic takes no --model/--model-card"),
+    (["--model-card", "nowhere.yaml"], "nowhere.yaml: model card not found"),
+    (["--preprocess", "opencv"], "preprocess must be auto, dali or xp"),
 ])
 def test_bad_arguments_exit_2(args: list[str], expected: str, tmp_path: Path) -> None:
     slide = data_file("cmu-1-small-region.svs")
@@ -164,3 +170,23 @@ def test_run_on_copy_with_odd_name(tmp_path: Path) -> None:
     shutil.copy(data_file("cmu-1-small-region.svs"), odd)
     proc = gpupath("run", odd, "--out", tmp_path / "out", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
+
+
+def test_engines_on_the_cli_record_what_ran(tmp_path: Path) -> None:
+    slide = data_file("cmu-1-small-region.svs")
+    proc = gpupath("run", slide, "--out", tmp_path / "auto", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert "note: engine auto: nuclei_v1 on onnxruntime (cpu)" in proc.stderr
+    import json
+
+    run = json.loads((tmp_path / "auto" / "run.json").read_text())
+    det = run["environment"]["detector"]
+    assert det["model"] == "nuclei_v1" and det["engine"] == "onnxruntime" and len(det["model_sha256"]) == 64
+    meta = pq.read_schema(next((tmp_path / "auto" / "detections").rglob("*.parquet"))).metadata
+    assert b"nuclei_v1" in b"".join(meta.values())
+    proc = gpupath("run", slide, "--out", tmp_path / "classic", "--device", "cpu", "--engine", "classic")
+    assert proc.returncode == 0 and "note:" not in proc.stderr, proc.stderr
+    # the learned model refuses tiles far from its 0.5 µm/px before any slide: one error line, exit 2
+    proc = gpupath("run", slide, "--out", tmp_path / "fine", "--device", "cpu", "--target-mpp", "1.0")
+    assert proc.returncode == 2 and len(error_lines(proc)) == 1 and "expects tiles at 0.5 µm/px" in proc.stderr
+    assert not (tmp_path / "fine").exists()

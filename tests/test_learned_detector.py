@@ -257,7 +257,12 @@ def test_a_card_whose_model_changed_is_refused(tmp_path: Path) -> None:
 
 
 def test_tiles_at_another_resolution_are_refused_by_the_card(unseen_slide: Path, tmp_path: Path) -> None:
-    res = process_slide(unseen_slide, tmp_path, RunParams(tile=TileSpec(target_mpp=0.25), engine="onnxruntime"))
+    params = RunParams(tile=TileSpec(target_mpp=0.25), engine="onnxruntime")
+    with pytest.raises(ConfigError, match="expects tiles at 0.5 µm/px"):
+        params.make_detector()  # run_slides builds it first: the run stops before any slide
+    # a slide whose tiles come out off the model's resolution fails alone, naming the file
+    detector, _ = RunParams(engine="onnxruntime").make_detector()
+    res = process_slide(unseen_slide, tmp_path, params, detector=detector)
     assert res.status == "failed"
     assert "expects tiles at 0.5 µm/px" in res.error and str(unseen_slide) in res.error
 

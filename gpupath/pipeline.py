@@ -48,7 +48,7 @@ from gpupath.slide import MPP_PLAUSIBLE_MAX, BackendName, Slide, TileBatch, chec
 from gpupath.tiling import TileGrid, TileSpec, tile_grid
 from gpupath.tissue import compute_tissue
 
-__all__ = ["RunParams", "SlideResult", "process_slide", "run_slides", "resolve_device"]
+__all__ = ["RunParams", "SlideResult", "process_slide", "run_slides", "resolve_device", "read_grid_tiles"]
 
 log = logging.getLogger("gpupath.pipeline")
 
@@ -149,8 +149,9 @@ class _Timer:
         return now
 
 
-def _read_batch(slide: Slide, grid: TileGrid, index: np.ndarray, params: RunParams) -> TileBatch:
-    """Tiles ``index`` of the grid, read at the grid's level and resized to ``tile_px``."""
+def read_grid_tiles(slide: Slide, grid: TileGrid, index: np.ndarray, params: RunParams) -> TileBatch:
+    """Tiles ``index`` of the grid as the pipeline reads them: at the grid's level, resized to ``tile_px``
+    (NumPy on the CPU, CuPy with ``params.device == "cuda"``)."""
     locations = list(zip(grid.x[index].tolist(), grid.y[index].tolist()))
     raw = slide.read_tiles(locations, grid.level, grid.read_px, device=params.device, num_workers=params.read_workers)
     return TileBatch(resize_batch(raw.pixels, grid.tile_px), raw.x, raw.y, raw.size_l0_px)
@@ -176,7 +177,7 @@ def _prefetched(slide: Slide, grid: TileGrid, params: RunParams) -> Iterator[tup
         t0 = time.perf_counter()
         ready = None
         with device_ctx():  # the reader thread decodes onto the caller's GPU (dask-cuda: one GPU per worker)
-            tiles = _read_batch(slide, grid, index, params)
+            tiles = read_grid_tiles(slide, grid, index, params)
             if params.device == "cuda":
                 import cupy  # noqa: PLC0415
 
@@ -231,7 +232,7 @@ def _fit_slide_stain(slide: Slide, grid: TileGrid, params: RunParams) -> tuple[s
     sample = np.sort(order[: STAIN_SAMPLE_TILES])
     fit = _NORMALISERS.get(params.stain, _NORMALISERS["macenko"])[0]
     try:
-        return fit(_read_batch(slide, grid, sample, params).pixels), ""
+        return fit(read_grid_tiles(slide, grid, sample, params).pixels), ""
     except ValueError as exc:
         return None, f"stain fit failed ({exc}); tiles not normalised, Ruifrok H&E basis used"
 
@@ -387,7 +388,11 @@ def run_slides(paths: Sequence[str | Path], out_dir: str | Path, params: RunPara
     results: list[SlideResult] = []
     env = _environment(params)
     env["detector"] = {"model": detector.name, "engine": detector.engine, "model_sha256": detector.model_sha256,
-                       "classes": list(detector.classes), "notes": notes}
+                       "classes": list(detector.classes), "notes": notes,
+                       "preprocess": getattr(detector, "preprocess_name", None)}
+    impl = getattr(detector, "engine_impl", None)
+    if impl is not None and hasattr(impl, "cache_hit"):  # TensorRT: whether the plan came from the cache
+        env["detector"]["tensorrt"] = {"cache_hit": impl.cache_hit, "plan": str(getattr(impl, "plan_path", ""))}
 
     def record(final: bool) -> None:
         rows = [{k: v for k, v in asdict(r).items() if k != "timings"} for r in results]

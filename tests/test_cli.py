@@ -188,5 +188,5 @@ def test_engines_on_the_cli_record_what_ran(tmp_path: Path) -> None:
     assert proc.returncode == 0 and "note:" not in proc.stderr, proc.stderr
     # the learned model refuses tiles far from its 0.5 µm/px before any slide: one error line, exit 2
     proc = gpupath("run", slide, "--out", tmp_path / "fine", "--device", "cpu", "--target-mpp", "1.0")
-    assert proc.returncode == 2 and len(error_lines(proc)) == 1 and "expects tiles at 0.5 µm/px" in proc.stderr
+    assert proc.returncode == 2 and len(error_lines(proc)) == 1 and "expects 0.5 µm/px input" in proc.stderr
     assert not (tmp_path / "fine").exists()

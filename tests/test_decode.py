@@ -98,3 +98,35 @@ def test_box_list_shape_errors() -> None:
         decode_boxes({"b": out["b"][..., :3], "s": out["s"]}, BoxesOutput(boxes="b", scores="s"), input_hw=(1, 1))
     with pytest.raises(ValueError, match="labels"):
         decode_boxes({**out, "l": out["l"][:, :2]}, BoxesOutput(boxes="b", scores="s", labels="l"), input_hw=(1, 1))
+
+
+def test_tied_neighbours_give_one_peak() -> None:
+    # fp16 engines round neighbouring cells to the same score: one nucleus, one detection
+    heat = np.zeros((1, 1, 8, 8), np.float32)
+    heat[0, 0, 2, 2] = heat[0, 0, 2, 3] = heat[0, 0, 3, 3] = np.float16(0.8)
+    heat[0, 0, 6, 6] = heat[0, 0, 6, 4] = 0.7  # two cells apart: two separate peaks, both kept
+    out = {"h": heat, "s": np.full((1, 1, 8, 8), 3.0, np.float32)}
+    got = decode_heatmap(out, HeatmapOutput(heatmap="h", size="s", stride_px=4, threshold=0.5))
+    cx = np.sort((got.x0 + got.x1) / 2)
+    np.testing.assert_allclose(cx, [(2 + 0.5) * 4, (4 + 0.5) * 4, (6 + 0.5) * 4])  # the earliest tied cell wins
+
+
+@pytest.mark.gpu
+def test_decoders_on_cupy_match_numpy() -> None:
+    import cupy
+
+    spec = HeatmapOutput(heatmap="heatmap", size="size", offset="offset", stride_px=4, threshold=0.5)
+    rng = np.random.default_rng(0)
+    out = heat_outputs(n=3, g=32)
+    out["heatmap"] = rng.random(out["heatmap"].shape).astype(np.float32)
+    host = decode_heatmap(out, spec)
+    dev = decode_heatmap({k: cupy.asarray(v) for k, v in out.items()}, spec)
+    for field in ("tile_index", "x0", "y0", "x1", "y1", "score", "label"):
+        a, b = getattr(host, field), getattr(dev, field)
+        order_a, order_b = np.lexsort((host.x0, host.y0, host.tile_index)), np.lexsort((dev.x0, dev.y0, dev.tile_index))
+        np.testing.assert_allclose(a[order_a], b[order_b], rtol=1e-6)
+    bspec = BoxesOutput(boxes="b", scores="s", labels="l", threshold=0.5)
+    h = decode_boxes(box_outputs(), bspec, input_hw=(100, 100))
+    d = decode_boxes({k: cupy.asarray(v) for k, v in box_outputs().items()}, bspec, input_hw=(100, 100))
+    np.testing.assert_allclose(h.x0, d.x0)
+    np.testing.assert_array_equal(h.label, d.label)

@@ -134,11 +134,21 @@ class ModelCard:
         return file_sha256(self.model_path)
 
     def check_tile(self, *, tile_px: int, tile_mpp: float, mpp_tolerance: float = 0.1) -> None:
-        """Raise ConfigError when tiles of ``tile_px`` at ``tile_mpp`` cannot feed this model."""
-        if abs(tile_mpp / self.input.mpp - 1.0) > mpp_tolerance:
+        """Raise ConfigError when tiles of ``tile_px`` at ``tile_mpp`` cannot feed this model.
+
+        A fixed-size model sees the tile resized to ``size_px``, so what must match the card's
+        ``mpp`` is the resolution after that resize: ``tile_mpp * tile_px / size_px`` per axis.
+        """
+        size = self.input.size_px or (tile_px, tile_px)
+        seen = [tile_mpp * tile_px / edge for edge in size]  # µm per model-input px, (y, x)
+        if any(abs(m / self.input.mpp - 1.0) > mpp_tolerance for m in seen):
+            fits = self.input.mpp * (size[1] / tile_px)  # tile µm/px that the resize brings to the card's
             raise ConfigError(
-                f"model {self.name} expects tiles at {self.input.mpp:g} µm/px (±{mpp_tolerance:.0%}); "
-                f"the tiles are {tile_mpp:.3g} µm/px: use --target-mpp {self.input.mpp:g} or --engine classic")
+                f"model {self.name} expects {self.input.mpp:g} µm/px input (±{mpp_tolerance:.0%}); "
+                + (f"the tiles are {tile_mpp:.3g} µm/px" if self.input.size_px is None else
+                   f"{tile_px}-px tiles at {tile_mpp:.3g} µm/px resized to {size[1]} x {size[0]} px give "
+                   f"{seen[1]:.3g} µm/px")
+                + f": use --target-mpp {fits:.4g} or --engine classic")
         m = self.input.multiple_of
         if self.input.size_px is None and tile_px % m:
             raise ConfigError(f"model {self.name} needs tile sizes that are multiples of {m} px, got --tile {tile_px}")
@@ -292,6 +302,9 @@ def load_card(card_path: str | Path, *, model_path: str | Path | None = None) ->
     if not model.is_file():
         raise ConfigError(f"{model}: model file not found (card {card})")
     weights = raw.get("weights")
+    dedup = raw.get("dedup_distance_um", 2.5)
+    if not (isinstance(dedup, int | float) and not isinstance(dedup, bool) and 0 < dedup <= 1000):
+        raise _fail(card, f"dedup_distance_um must be a number of µm in (0, 1000], got {dedup!r}")
     return ModelCard(
         name=str(raw.get("name", model.stem)),
         model_path=model.resolve(),

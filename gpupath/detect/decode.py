@@ -89,9 +89,16 @@ def decode_heatmap(outputs: dict[str, Any], spec: HeatmapOutput, *,
     xp = array_module(heat)
     heat = heat.astype(xp.float32, copy=False)
     k = spec.peak_window_px
+    # Ties: fp16 engines round neighbouring cells to one value, and "equal to the window maximum"
+    # would then keep both. A key below one part in 1e9, falling with the raster position, makes
+    # every window's maximum unique (the earlier cell wins a tie) without reordering distinct fp16
+    # or meaningfully distinct fp32 scores.
+    h, w = heat.shape[2:]
+    rank = xp.arange(h * w, dtype=xp.float64).reshape(1, 1, h, w) / max(h * w, 1)
+    key = heat.astype(xp.float64) * (1.0 + 1e-9) - rank * 1e-9
     # a maximum filter over each heatmap channel; -1 outside so border peaks count
-    local_max = ndimage_module(xp).maximum_filter(heat, size=(1, 1, k, k), mode="constant", cval=-1.0)
-    n, c, r, col = xp.nonzero((heat == local_max) & (heat >= spec.threshold))
+    local_max = ndimage_module(xp).maximum_filter(key, size=(1, 1, k, k), mode="constant", cval=-1.0)
+    n, c, r, col = xp.nonzero((key == local_max) & (heat >= spec.threshold))
     if spec.offset is not None:
         offset = _require(outputs, spec.offset, 4)
         ox, oy = offset[n, 0, r, col].astype(xp.float64), offset[n, 1, r, col].astype(xp.float64)

@@ -20,11 +20,11 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from gpupath._xp import is_device_array
-from gpupath.detect.card import ModelCard, load_card, shipped_card
+from gpupath.detect.card import ModelCard, file_sha256, load_card, shipped_card
 from gpupath.detect.classic import ClassicParams, detect_nuclei
 from gpupath.detect.decode import TileBoxes, decode
 from gpupath.detect.engines import ENGINE_NAMES, Engine, OnnxRuntimeEngine, TorchEngine, check_onnx_io
-from gpupath.errors import ConfigError
+from gpupath.errors import ConfigError, KernelError
 
 __all__ = ["Detector", "ClassicDetector", "LearnedDetector", "make_detector", "CLASSIC_NAME"]
 
@@ -79,7 +79,9 @@ class LearnedDetector:
         self.device = engine.device
         self.name = card.name
         self.classes = card.classes
-        self.model_sha256 = card.model_sha256
+        # provenance: the file whose numbers ran (the torch engine runs the .npz weights, not the ONNX)
+        ran = card.weights_path if engine.name == "torch" and card.weights_path is not None else card.model_path
+        self.model_sha256 = card.model_sha256 if ran == card.model_path else file_sha256(ran)
         self.dedup_distance_um = float(card.extra.get("dedup_distance_um", 2.5))
         self.preprocessor = preprocessor
         self.preprocess_name = preprocess_name
@@ -101,8 +103,14 @@ class LearnedDetector:
         x = self.preprocessor(tiles)
         outputs = self.engine_impl(x)
         tile_px = int(tiles.shape[1])
-        return decode(outputs, self.card.output, input_hw=self.card.input.input_hw(tile_px),
-                      scale_yx=input_scale(self.card.input, tile_px))
+        found = decode(outputs, self.card.output, input_hw=self.card.input.input_hw(tile_px),
+                       scale_yx=input_scale(self.card.input, tile_px))
+        bad = (found.label < 0) | (found.label >= len(self.classes))
+        if bad.any():
+            raise ValueError(f"model {self.name} ({self.card.model_path.name}) gave class label "
+                             f"{int(found.label[bad][0])}; its card lists {len(self.classes)} classes "
+                             f"({', '.join(self.classes)})")
+        return found
 
 
 def _resolve_card(model: str | Path | None, model_card: str | Path | None) -> ModelCard:
@@ -119,15 +127,26 @@ def _resolve_card(model: str | Path | None, model_card: str | Path | None) -> Mo
     return card
 
 
+def _check_weights(card: ModelCard) -> None:
+    """The torch engine runs the .npz weights: they must be the card's too."""
+    want = card.extra.get("weights_sha256")
+    if card.weights_path is not None and card.weights_path.is_file() and want:
+        got = file_sha256(card.weights_path)
+        if got != want:
+            raise ConfigError(f"{card.weights_path}: sha256 {got[:12]}... differs from the card's "
+                              f"{str(want)[:12]}... (the weights changed; fix the card or the file)")
+
+
 def _build_engine(name: str, card: ModelCard, *, device: str, batch_size: int, tile_px: int,
                   cache_dir: str | Path | None) -> Engine:
     if name == "onnxruntime":
         return OnnxRuntimeEngine(card, device=device)  # type: ignore[arg-type]
     if name == "torch":
+        _check_weights(card)
         return TorchEngine(card, device=device)  # type: ignore[arg-type]
     if name == "tensorrt":
         if device != "cuda":
-            raise ConfigError("tensorrt engine needs --device cuda")
+            raise ConfigError(f"tensorrt engine needs --device cuda (device here: {device})")
         from gpupath.detect._tensorrt import TensorRTEngine  # noqa: PLC0415
 
         out = card.output
@@ -137,8 +156,13 @@ def _build_engine(name: str, card: ModelCard, *, device: str, batch_size: int, t
     raise ConfigError(f"engine must be one of {', '.join(ENGINE_NAMES)}, got {name!r}")
 
 
-def _build_preprocessor(kind: str, card: ModelCard, *, device: str, batch_size: int) -> tuple[Any, str, str]:
-    """(callable, name, note) for preprocess kind ``auto | dali | xp``."""
+def _build_preprocessor(kind: str, card: ModelCard, *, device: str, batch_size: int,
+                        tile_px: int) -> tuple[Any, str, str]:
+    """(callable, name, note) for preprocess kind ``auto | dali | xp``.
+
+    A DALI pipeline is built and run once here on a blank batch, so a DALI that imports but
+    cannot run (driver, device) falls back (auto) or fails (dali) before any slide is read.
+    """
     from gpupath.detect.dali_feed import DaliPreprocessor, dali_available  # noqa: PLC0415
     from gpupath.detect.preprocess import preprocess  # noqa: PLC0415
 
@@ -147,12 +171,33 @@ def _build_preprocessor(kind: str, card: ModelCard, *, device: str, batch_size: 
     if kind == "dali" or (kind == "auto" and device == "cuda"):
         ok, why = dali_available()
         if ok:
-            return DaliPreprocessor(card.input, batch_size=batch_size, device=device), "dali", ""  # type: ignore[arg-type]
+            try:
+                dali = DaliPreprocessor(card.input, batch_size=batch_size, device=device,  # type: ignore[arg-type]
+                                        device_id=_device_id(device))
+                blank = np.full((1, tile_px, tile_px, 3), 255, np.uint8)
+                dali(blank if device == "cpu" else _to_device(blank))  # build + run once (warm-up)
+                return dali, "dali", ""
+            except Exception as exc:  # noqa: BLE001  DALI raises RuntimeError with backend text for most failures
+                ok, why = False, f"DALI pipeline failed to run: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
         if kind == "dali":
             raise ConfigError(f"--preprocess dali: {why}")
         note = f"DALI unavailable ({why}); tiles preprocessed with CuPy"
         return (lambda t: preprocess(t, card.input)), "xp", note
     return (lambda t: preprocess(t, card.input)), "xp", ""
+
+
+def _device_id(device: str) -> int:
+    if device != "cuda":
+        return 0
+    import cupy  # noqa: PLC0415
+
+    return int(cupy.cuda.Device().id)
+
+
+def _to_device(a: np.ndarray) -> Any:
+    from gpupath._xp import to_device  # noqa: PLC0415
+
+    return to_device(a)
 
 
 def make_detector(engine: str = "auto", *, device: Literal["cpu", "cuda"] = "cpu", model: str | Path | None = None,
@@ -197,17 +242,18 @@ def make_detector(engine: str = "auto", *, device: Literal["cpu", "cuda"] = "cpu
             built = _build_engine(name, card, device=device, batch_size=batch_size, tile_px=tile_px,
                                   cache_dir=cache_dir)
             break
-        except ConfigError as exc:
+        except (ConfigError, KernelError) as exc:  # KernelError: a TensorRT build that failed
             if engine != "auto":
                 raise
             notes.append(f"engine {name} skipped: {exc}")
     if built is None:
         raise ConfigError(f"no engine can run {card.name} on {device}: " + "; ".join(notes))
-    pre, pre_name, pre_note = _build_preprocessor(preprocess, card, device=device, batch_size=batch_size)
+    pre, pre_name, pre_note = _build_preprocessor(preprocess, card, device=device, batch_size=batch_size,
+                                                  tile_px=tile_px)
     if pre_note:
         notes.append(pre_note)
     if engine == "auto":
         notes.append(f"engine auto: {card.name} on {built.name} ({device}), preprocessing by {pre_name}")
     for note in notes:
-        log.info("%s", note)
+        log.debug("%s", note)  # callers show notes (the CLI prints them once as `note:` lines)
     return LearnedDetector(card, built, preprocessor=pre, preprocess_name=pre_name), notes

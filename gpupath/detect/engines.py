@@ -115,6 +115,11 @@ class OnnxRuntimeEngine:
         self.device = device
         self.card = card
         self.session = ort.InferenceSession(str(card.model_path), sess_options=opts, providers=providers)
+        if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
+            # onnxruntime quietly drops a CUDA provider that fails to load and runs on the CPU,
+            # which would copy every batch to the host: refuse instead
+            raise ConfigError(f"onnxruntime could not load its CUDA provider (providers: "
+                              f"{', '.join(self.session.get_providers())}); see onnxruntime's CUDA requirements")
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def __call__(self, x: Any) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """The shipped nuclei network (torch): a compact centre-heatmap detector, its weights and ONNX export.
 
 Architecture (``nuclei_v1``, about 80 k parameters): six 3 x 3 convolutions with ReLU, two of
-them stride 2 and two dilated, give a 4-px output grid with a ~45-px receptive field (22 µm at
+them stride 2 and one dilated, give a 4-px output grid with a ~45-px receptive field (22 µm at
 0.5 µm/px: a nucleus and its surroundings); three 1 x 1 heads give per cell
 
 - ``heatmap`` (N, 1, H/4, W/4): sigmoid score that a nucleus centre lies in the cell,

@@ -16,6 +16,7 @@ model-input px per tile px that box decoders need to map boxes back to tile px.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -106,6 +107,16 @@ def _resize_hw(tiles: Any, out_h: int, out_w: int) -> Any:
     return xp.ascontiguousarray(xp.moveaxis(xp.clip(xp.rint(out), 0, 255).astype(xp.uint8), 1, -1))
 
 
+def _device_id(tiles: Any) -> int:
+    return int(tiles.device.id) if is_device_array(tiles) else -1
+
+
+@functools.lru_cache(maxsize=32)
+def _constants(mean: tuple[float, ...], std: tuple[float, ...], xp: Any, device_id: int) -> tuple[Any, Any]:
+    """(3,) float32 mean and std on the tiles' device, uploaded once per device (not per batch)."""
+    return xp.asarray(mean, dtype=xp.float32), xp.asarray(std, dtype=xp.float32)
+
+
 def preprocess(tiles: Any, spec: InputSpec) -> Any:
     """Turn RGB tiles into the model-input tensor of ``spec``.
 
@@ -147,8 +158,7 @@ def preprocess(tiles: Any, spec: InputSpec) -> Any:
         tiles = _resize_hw(tiles, *spec.size_px)
     if spec.channels == "BGR":
         tiles = tiles[..., ::-1]
-    mean = xp.asarray(spec.mean, dtype=xp.float32)
-    std = xp.asarray(spec.std, dtype=xp.float32)
+    mean, std = _constants(spec.mean, spec.std, xp, _device_id(tiles))
     x = (tiles.astype(xp.float32) / xp.float32(spec.scale) - mean) / std   # (N, h, w, 3) float32
     if spec.layout == "NCHW":
         x = x.transpose(0, 3, 1, 2)

@@ -2,6 +2,9 @@
 
     python -m gpupath.detect.train --work /tmp/nuclei-train --out gpupath/detect/models
 
+(the shipped model: ``--steps 5000 --batch 16 --seed 0``, the defaults; ``--eval-only``
+re-measures the card's figures for the weights already in ``--out``.)
+
 Needs the ``train`` extra (torch, onnx). Deterministic for a given seed on one machine (torch
 CPU kernels, seeded generators); about ten minutes on two cores.
 
@@ -31,12 +34,12 @@ the in-cell offset at centre cells.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -79,7 +82,7 @@ def read_slide_tiles(path: Path, *, normalise: bool) -> tuple[np.ndarray, np.nda
     """Tiles (N, 256, 256, 3) of a slide as the pipeline reads them, their level-0 origins (N, 2)
     (exact floats) and level-0 px per tile px."""
     from gpupath import stain  # noqa: PLC0415
-    from gpupath.pipeline import RunParams, _read_batch  # noqa: PLC0415
+    from gpupath.pipeline import RunParams, read_grid_tiles  # noqa: PLC0415
     from gpupath.slide import open_slide  # noqa: PLC0415
     from gpupath.tiling import TileSpec, tile_grid  # noqa: PLC0415
     from gpupath.tissue import compute_tissue  # noqa: PLC0415
@@ -89,7 +92,7 @@ def read_slide_tiles(path: Path, *, normalise: bool) -> tuple[np.ndarray, np.nda
         mpp = slide.require_mpp()
         grid = tile_grid(level_dimensions=slide.level_dimensions, level_downsamples=slide.level_downsamples,
                          mpp=mpp, mask=compute_tissue(slide, mpp=mpp), spec=params.tile)
-        tiles = _read_batch(slide, grid, np.arange(len(grid)), params).pixels
+        tiles = read_grid_tiles(slide, grid, np.arange(len(grid)), params).pixels
     if normalise:
         tiles = stain.apply_macenko(tiles, stain.fit_macenko(tiles))
     origins = np.c_[grid.x_lvl * grid.downsample, grid.y_lvl * grid.downsample].astype(np.float64)
@@ -164,7 +167,9 @@ def real_tileset(path: Path, *, train_fraction: float = 2 / 3, held_out: bool = 
     from gpupath.detect.classic import detect_nuclei  # noqa: PLC0415
 
     raw, origins, l0_per_px, mpp = read_slide_tiles(path, normalise=False)
-    with __import__("gpupath.slide", fromlist=["open_slide"]).open_slide(path) as slide:
+    from gpupath.slide import open_slide  # noqa: PLC0415
+
+    with open_slide(path) as slide:
         width = slide.dimensions[0]
     split = width * train_fraction
     keep = origins[:, 0] >= split if held_out else origins[:, 0] + TILE_PX * l0_per_px <= split
@@ -318,10 +323,7 @@ training:
   data: >-
     (1) {n_syn} generated H&E slides (gpupath.synthetic, seeds {syn_seeds}), read as the pipeline reads them:
     256-px tiles at 0.5 µm/px from 0.25 or 0.5 µm/px level-0 JPEG pyramids; labels are the generator's exact
-    nucleus table. (2) Real H&E: the left two thirds of cmu-1-small-region.svs (OpenSlide CMU-1, skin);
-    labels are consensus pseudo-labels: nuclei found by the classic LoG detector on both the Macenko- and
-    the Vahadane-normalised tile (within 4 px, score >= 0.6); cells near a nucleus found by only one were left
-    out of the loss. No human annotation was available.
+    nucleus table. {real_data}
   augmentation: flips, 90-degree rotations, per-channel optical-density jitter (x0.9-1.1, +-0.03), 128-px crops.
   loss: CenterNet penalty-reduced focal loss (alpha 2, beta 4) + L1 radius / 8 + L1 offset.
 metrics:
@@ -333,15 +335,22 @@ metrics:
 """
 
 
-def write_card(out: Path, *, net, steps: int, batch: int, seed: int, tiles: int, threshold: float,  # noqa: ANN001
-               metrics: str, real: str) -> Path:
+REAL_DATA = """(2) Real H&E: the left two thirds of cmu-1-small-region.svs (OpenSlide CMU-1, skin);
+    labels are consensus pseudo-labels: nuclei found by the classic LoG detector on both the Macenko- and
+    the Vahadane-normalised tile (within 4 px, score >= 0.6); cells near a nucleus found by only one were left
+    out of the loss. No human annotation was available."""
+NO_REAL_DATA = "No real tiles (the real slide was absent)."
+
+
+def write_card(out: Path, *, net: Any, steps: int, batch: int, seed: int, tiles: int, threshold: float,
+               metrics: str, real: str, real_data: str) -> Path:
     from gpupath.detect.card import file_sha256  # noqa: PLC0415
 
     text = CARD_TEMPLATE.format(
         params=sum(p.numel() for p in net.parameters()), onnx_sha=file_sha256(out / "nuclei_v1.onnx"),
         npz_sha=file_sha256(out / "nuclei_v1.npz"), mean=", ".join(map(str, MEAN)), std=", ".join(map(str, STD)),
         threshold=threshold, steps=steps, batch=batch, seed=seed, tiles=tiles, n_syn=len(TRAIN_SEEDS),
-        syn_seeds=f"{TRAIN_SEEDS[0]}-{TRAIN_SEEDS[-1]}", metrics=metrics, real=real)
+        syn_seeds=f"{TRAIN_SEEDS[0]}-{TRAIN_SEEDS[-1]}", metrics=metrics, real=real, real_data=real_data)
     path = out / "nuclei_v1.yaml"
     path.write_text(text, encoding="utf-8")
     return path
@@ -420,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, required=True, help="folder for generated training slides (reused)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "models")
     ap.add_argument("--real", type=Path, default=Path(__file__).resolve().parents[3] / "shared/data/cmu-1-small-region.svs")
-    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--steps", type=int, default=5000)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threshold", type=float, default=0.4, help="heatmap peak threshold written to the card")
@@ -436,13 +445,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval_only:  # re-measure (and rewrite) the card of the weights in --out
         from gpupath.detect.net import load_weights  # noqa: PLC0415
 
+        from gpupath.detect.card import load_card  # noqa: PLC0415
+
         net = load_weights(args.out / "nuclei_v1.npz")
-        recorded = json.loads((args.out / "train.json").read_text()) if (args.out / "train.json").is_file() else {}
-        tiles = int(recorded.get("tiles", 0))
+        trained = load_card(args.out / "nuclei_v1.yaml").extra["training"]  # what the weights were trained with
+        args.steps, args.batch, args.seed = int(trained["steps"]), int(trained["batch"]), int(trained["seed"])
+        tiles, used_real = int(trained["tiles"]), "cmu-1-small-region" in str(trained.get("data", ""))
     else:
+        used_real = args.real.is_file()
         with threadpool_limits(limits=1, user_api="blas"):
             parts = [synthetic_tileset(args.work, TRAIN_SEEDS)]
-            if args.real.is_file():
+            if used_real:
                 real = real_tileset(args.real)
                 parts.append(_concat([real] * 2))  # real tiles are few: seen twice as often
             data = _concat(parts)
@@ -450,11 +463,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info("training on %d tiles", tiles)
         net = train(data, steps=args.steps, batch=args.batch, seed=args.seed)
         save_weights(net, args.out / "nuclei_v1.npz")
-        (args.out / "train.json").write_text(json.dumps({"steps": args.steps, "batch": args.batch,
-                                                         "seed": args.seed, "tiles": tiles}))
     export_onnx(net, args.out / "nuclei_v1.onnx")
     card_args = dict(net=net, steps=args.steps, batch=args.batch, seed=args.seed, tiles=tiles,
-                     threshold=args.threshold)
+                     threshold=args.threshold, real_data=REAL_DATA if used_real else NO_REAL_DATA)
     card = write_card(args.out, metrics="    pending: evaluation", real="pending", **card_args)
     with threadpool_limits(limits=1, user_api="blas"):
         rows = evaluate_synthetic(card, args.work, EVAL_SEEDS)

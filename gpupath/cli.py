@@ -97,9 +97,11 @@ def info(
 def _run(slides: list[Path], out: Path, *, mpp: float | None, target_mpp: float | None, magnification: float | None,
          tile: int, overlap: int, stain: str, device: str, backend: str, batch_size: int, min_tissue: float,
          engine: str = "auto", model: Path | None = None, model_card: Path | None = None,
-         preprocess: str = "auto") -> int:
+         preprocess: str = "auto", store: Path | None = None, workers: int | None = None,
+         scheduler: str | None = None, redo: bool = False) -> int:
+    from gpupath.batch import expand_inputs, run_batch
     from gpupath.errors import ConfigError
-    from gpupath.pipeline import RunParams, resolve_device, run_slides
+    from gpupath.pipeline import RunParams, resolve_device
     from gpupath.tiling import TileSpec
 
     if target_mpp is not None and magnification is not None:
@@ -110,7 +112,12 @@ def _run(slides: list[Path], out: Path, *, mpp: float | None, target_mpp: float 
         target_mpp = 10.0 / magnification  # 10x objective ~ 1 µm/px, the usual scanner convention
     if out.exists() and not out.is_dir():
         raise _fail(f"--out {out}: exists and is not a folder")
+    if workers is not None and workers < 0:
+        raise _fail(f"--workers must be >= 0 (0: in this process), got {workers}")
     try:
+        slides = expand_inputs(slides, store=store)
+        if not slides:
+            raise ConfigError("no slides given (paths, folders of slides, or --store DIR)")
         dev = resolve_device(device)
         params = RunParams(
             tile=TileSpec(tile_px=tile, overlap_px=overlap, target_mpp=0.5 if target_mpp is None else target_mpp,
@@ -124,15 +131,24 @@ def _run(slides: list[Path], out: Path, *, mpp: float | None, target_mpp: float 
     if device == "auto":
         err_console.print(f"device: {dev}" + (" (no usable CUDA GPU found)" if dev == "cpu" else ""), highlight=False)
     t0 = time.perf_counter()
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tiles"),
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[unit]}"),
                   TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=err_console,
                   transient=False) as progress:
         tasks: dict[str, int] = {}
         started: dict[str, float] = {}
+        overall = progress.add_task("slides", total=len(slides), unit="slides", rate="") if len(slides) > 1 else None
+
+        def on_progress(p: dict) -> None:
+            if overall is None:
+                return
+            eta = "-" if p["eta_s"] is None else f"{p['eta_s'] / 60:.1f} min"
+            progress.update(overall, completed=p["slides_total"] - p["slides_left"],
+                            rate=f"{p['slides_failed']} failed, {p['slides_resumed']} resumed, "
+                                 f"{p['tiles_per_s']:.1f} tiles/s, ETA {eta}")
 
         def on_tiles(path: str, done: int, total: int) -> None:
             if path not in tasks:
-                tasks[path] = progress.add_task(Path(path).name[:40], total=total, rate="")
+                tasks[path] = progress.add_task(Path(path).name[:40], total=total, unit="tiles", rate="")
                 started[path] = time.perf_counter()
             rate = done / max(time.perf_counter() - started[path], 1e-9)
             progress.update(tasks[path], completed=done, rate=f"{rate:.1f} tiles/s")
@@ -148,22 +164,25 @@ def _run(slides: list[Path], out: Path, *, mpp: float | None, target_mpp: float 
             progress.console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
 
         try:
-            results = run_slides([str(s) for s in slides], out, params, on_slide=on_slide, on_tiles=on_tiles,
-                                 on_note=on_note)
-        except ConfigError as exc:  # the detector could not be built: no slide was touched
+            results = run_batch(slides, out, params, workers=workers, scheduler=scheduler, resume=not redo,
+                                on_slide=on_slide, on_tiles=on_tiles, on_note=on_note, on_progress=on_progress)
+        except ConfigError as exc:  # the detector, cluster or output folder is unusable: no slide was touched
             raise _fail(str(exc)) from None
     elapsed = time.perf_counter() - t0
     table = Table(title=f"gpupath run -> {out}")
     for col in ("slide", "status", "tiles", "detections", "tissue mm²", "seconds"):
         table.add_column(col, justify="right" if col not in ("slide", "status") else "left")
     for r in results:
-        table.add_row(Path(r.path).name, r.status, str(r.n_tiles), str(r.n_detections),
+        table.add_row(Path(r.path).name, r.status + (" (resumed)" if r.resumed else ""), str(r.n_tiles),
+                      str(r.n_detections),
                       "-" if r.tissue_mm2 is None else f"{r.tissue_mm2:.2f}", f"{r.seconds:.1f}")
     out_console.print(table)
-    n_tiles = sum(r.n_tiles for r in results)
+    n_tiles = sum(r.n_tiles for r in results if not r.resumed)
     failed = [r for r in results if r.status != "ok"]
-    out_console.print(f"{len(results) - len(failed)} ok, {len(failed)} failed; {n_tiles} tiles in {elapsed:.1f} s "
-                      f"({n_tiles / max(elapsed, 1e-9):.1f} tiles/s); outputs in {out}")
+    resumed = sum(r.resumed for r in results)
+    out_console.print(f"{len(results) - len(failed)} ok ({resumed} resumed from an earlier run), {len(failed)} failed; "
+                      f"{n_tiles} tiles in {elapsed:.1f} s ({n_tiles / max(elapsed, 1e-9):.1f} tiles/s); "
+                      f"outputs in {out}")
     return 1 if failed else 0
 
 
@@ -172,8 +191,8 @@ _TILE_HELP = "Tile edge, px at the target resolution (256 or 512 usual)."
 
 @app.command()
 def run(
-    slides: Annotated[list[Path], typer.Argument(help="Slide files.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    slides: Annotated[Optional[list[Path]], typer.Argument(help="Slide files or folders of slides.")] = None,
     mpp: Annotated[Optional[float], typer.Option(help="Level-0 µm/px to use instead of the slides' metadata.")] = None,
     target_mpp: Annotated[Optional[float], typer.Option(help="µm/px of the tiles (default 0.5).")] = None,
     magnification: Annotated[Optional[float], typer.Option(help="Target magnification instead of --target-mpp (20 -> 0.5 µm/px).")] = None,
@@ -191,11 +210,18 @@ def run(
     model_card: Annotated[Optional[Path], typer.Option(help="YAML card of --model: input, outputs, decoder.")] = None,
     preprocess: Annotated[str, typer.Option(help="auto | dali | xp: model input made by DALI or NumPy/CuPy "
                                                  "(auto: DALI on a GPU when installed)")] = "auto",
+    store: Annotated[Optional[Path], typer.Option(help="Also run every slide of this store (gpupath ingest).")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Dask workers of a local cluster (0: in this process; "
+                                                        "default: in this process for one slide, else ~1 per 2 cores, "
+                                                        "1 per GPU with dask-cuda)")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="Address of an existing Dask scheduler (tcp://host:port).")] = None,
+    redo: Annotated[bool, typer.Option("--redo", help="Redo slides whose outputs are already complete in --out.")] = False,
 ) -> None:
     """Detect nuclei (or your model's objects) on slides; write Parquet tables, slides.parquet and run.json to --out."""
-    code = _run(slides, out, mpp=mpp, target_mpp=target_mpp, magnification=magnification, tile=tile,
+    code = _run(slides or [], out, mpp=mpp, target_mpp=target_mpp, magnification=magnification, tile=tile,
                 overlap=overlap, stain=stain, device=device, backend=backend, batch_size=batch_size,
-                min_tissue=min_tissue, engine=engine, model=model, model_card=model_card, preprocess=preprocess)
+                min_tissue=min_tissue, engine=engine, model=model, model_card=model_card, preprocess=preprocess,
+                store=store, workers=workers, scheduler=scheduler, redo=redo)
     raise typer.Exit(code)
 
 

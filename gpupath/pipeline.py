@@ -34,15 +34,15 @@ from gpupath.detect.boxes import Detections, GridLayout, boxes_to_global, dedup_
 from gpupath.detect.classic import RUIFROK_HE_OD, ClassicParams
 from gpupath.detect.detector import Detector, make_detector
 from gpupath.detect.engines import ENGINE_NAMES
-from gpupath.errors import ConfigError, GpupathError, NoTissueError
+from gpupath.errors import ConfigError, GpupathError, NoTissueError, SlideReadError
 from gpupath.ingest import sha256_file
 from gpupath.results import (
+    completed_result,
     detections_table,
     remove_slide_parts,
     tiles_table,
-    write_json_atomic,
     write_slide_parts,
-    write_slides_table,
+    write_marker,
 )
 from gpupath.slide import MPP_PLAUSIBLE_MAX, BackendName, Slide, TileBatch, check_slide_file, open_slide
 from gpupath.tiling import TileGrid, TileSpec, tile_grid
@@ -125,6 +125,7 @@ class SlideResult:
     n_tiles: int = 0
     n_detections: int = 0
     seconds: float = 0.0
+    resumed: bool = False        # complete outputs of an earlier run for the same results key were kept
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -237,31 +238,73 @@ def _fit_slide_stain(slide: Slide, grid: TileGrid, params: RunParams) -> tuple[s
         return None, f"stain fit failed ({exc}); tiles not normalised, Ruifrok H&E basis used"
 
 
+# RunParams fields that change how fast a run goes, not what it finds
+PERFORMANCE_FIELDS = frozenset({"device", "batch_size", "prefetch_batches", "read_workers"})
+
+
+def results_key(params: RunParams, detector: Detector) -> str:
+    """sha256 of everything that decides a slide's results: parameters (not the performance knobs),
+    model name, engine and the sha256 of the model file that runs, and the gpupath version."""
+    import hashlib  # noqa: PLC0415
+    import json  # noqa: PLC0415
+
+    fields = {k: v for k, v in params.to_dict().items() if k not in PERFORMANCE_FIELDS}
+    what = {"params": fields, "model": detector.name, "engine": detector.engine,
+            "model_sha256": detector.model_sha256, "gpupath": __version__}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def expected_sha256(path: Path, checksums: dict[str, str] | None = None) -> str | None:
+    """The sha256 a slide must have: from ``checksums`` (file name -> hex) or a ``<slide>.sha256``
+    sidecar (sha256sum format: the hex, optionally followed by the name); None when neither says."""
+    if checksums and path.name in checksums:
+        return checksums[path.name].lower()
+    sidecar = path.with_name(path.name + ".sha256")
+    if sidecar.is_file():
+        text = sidecar.read_text(encoding="utf-8", errors="replace").split()
+        return text[0].lower() if text else ""
+    return None
+
+
 def process_slide(path: str | Path, out_dir: Path, params: RunParams, *, detector: Detector | None = None,
+                  resume: bool = True, checksums: dict[str, str] | None = None,
                   on_tiles: Callable[[int, int], None] | None = None) -> SlideResult:
     """Run one slide and write its partitions. Never raises for a bad slide: see ``status``/``error``.
 
     ``detector``: built once per run by :meth:`RunParams.make_detector` (default: built here,
-    raising ConfigError when the engine or model cannot run). ``on_tiles(done, total)`` is
-    called after each batch (progress display).
+    raising ConfigError when the engine or model cannot run). With ``resume``, a slide whose
+    outputs in ``out_dir`` are complete for the same :func:`results_key` is not redone: its
+    recorded result comes back with ``resumed=True``. A slide whose sha256 differs from the one
+    ``checksums`` or its ``.sha256`` sidecar gives (:func:`expected_sha256`) fails before anything
+    reads it as a slide. ``on_tiles(done, total)`` is called after each batch (progress display).
     """
     if detector is None:
         detector, _ = params.make_detector()
     # One BLAS thread: the small GEMMs here gain nothing from more, and OpenBLAS worker threads
     # spinning beside the prefetch thread made a slide 6x slower on a busy 2-core machine.
     with threadpool_limits(limits=1, user_api="blas"):
-        return _process_slide(path, out_dir, params, detector, on_tiles=on_tiles)
+        return _process_slide(path, Path(out_dir), params, detector, resume=resume, checksums=checksums,
+                              on_tiles=on_tiles)
 
 
-def _process_slide(path: str | Path, out_dir: Path, params: RunParams, detector: Detector, *,
-                   on_tiles: Callable[[int, int], None] | None) -> SlideResult:
+def _process_slide(path: str | Path, out_dir: Path, params: RunParams, detector: Detector, *, resume: bool,
+                   checksums: dict[str, str] | None, on_tiles: Callable[[int, int], None] | None) -> SlideResult:
     start = time.perf_counter()
     result = SlideResult(path=str(path))
     timer = _Timer()
+    key = results_key(params, detector)
     try:
         t = time.perf_counter()
         check_slide_file(Path(path))
         result.sha256 = result.slide_id = sha256_file(path)
+        want = expected_sha256(Path(path), checksums)
+        if want is not None and want != result.sha256:
+            raise SlideReadError(f"{path}: sha256 mismatch: expected {want}, got {result.sha256} "
+                                 "(a damaged or different file; not processed)")
+        if resume and (done := completed_result(out_dir, result.slide_id, key)) is not None:
+            kept = SlideResult(**{k: v for k, v in done.items() if k in SlideResult.__dataclass_fields__})
+            kept.path, kept.resumed, kept.seconds = str(path), True, time.perf_counter() - start
+            return kept
         remove_slide_parts(out_dir, result.slide_id)  # a failed re-run must not leave the old results
         t = timer.add("sha256", t)
         with open_slide(path, backend=params.backend, mpp=params.mpp_override) as slide:
@@ -342,12 +385,16 @@ def _process_slide(path: str | Path, out_dir: Path, params: RunParams, detector:
             )
             timer.add("write", t)
             result.n_tiles, result.n_detections = len(grid), len(det)
-        result.status = "ok"
+            result.status = "ok"
+            result.seconds = time.perf_counter() - start
+            result.timings = timer.seconds
+            # last: the marker vouches for both partitions (a run killed before this line is redone)
+            write_marker(out_dir, result.slide_id, results_key=key, result=asdict(result))
     except GpupathError as exc:
-        result.error = str(exc)
+        result.status, result.error = "failed", str(exc)
     except Exception as exc:  # noqa: BLE001  a bug or an unforeseen file: fail this slide, keep the batch going
         log.debug("unexpected error on %s", path, exc_info=True)
-        result.error = f"{path}: {type(exc).__name__}: {exc}"
+        result.status, result.error = "failed", f"{path}: {type(exc).__name__}: {exc}"
     result.seconds = time.perf_counter() - start
     result.timings = timer.seconds
     return result
@@ -369,48 +416,10 @@ def _environment(params: RunParams) -> dict[str, Any]:
 def run_slides(paths: Sequence[str | Path], out_dir: str | Path, params: RunParams, *,
                on_slide: Callable[[SlideResult], None] | None = None,
                on_tiles: Callable[[str, int, int], None] | None = None,
-               on_note: Callable[[str], None] | None = None) -> list[SlideResult]:
-    """Process slides one after another into ``out_dir``; write slides.parquet and run.json.
+               on_note: Callable[[str], None] | None = None, resume: bool = True) -> list[SlideResult]:
+    """Process slides one after another in this process (:func:`gpupath.batch.run_batch` with
+    ``workers=0``); writes slides.parquet and run.json after each slide, resumes complete slides."""
+    from gpupath.batch import run_batch  # noqa: PLC0415  (batch builds on this module)
 
-    The detector is built once, before any slide (a model or engine that cannot run raises
-    ConfigError here, not once per slide); ``on_note`` receives its one-line notes (e.g. why
-    ``--engine auto`` skipped TensorRT). ``run.json`` and ``slides.parquet`` are rewritten
-    (atomically) after each slide, so a watcher sees progress and a crash leaves the record of
-    what finished.
-    """
-    detector, notes = params.make_detector()
-    for note in notes:
-        if on_note is not None:
-            on_note(note)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    results: list[SlideResult] = []
-    env = _environment(params)
-    env["detector"] = {"model": detector.name, "engine": detector.engine, "model_sha256": detector.model_sha256,
-                       "classes": list(detector.classes), "notes": notes,
-                       "preprocess": getattr(detector, "preprocess_name", None)}
-    impl = getattr(detector, "engine_impl", None)
-    if impl is not None and hasattr(impl, "cache_hit"):  # TensorRT: whether the plan came from the cache
-        env["detector"]["tensorrt"] = {"cache_hit": impl.cache_hit, "plan": str(getattr(impl, "plan_path", ""))}
-
-    def record(final: bool) -> None:
-        rows = [{k: v for k, v in asdict(r).items() if k != "timings"} for r in results]
-        write_slides_table(rows, out / "slides.parquet", provenance={"params": params.to_dict()})
-        write_json_atomic({
-            "gpupath_version": __version__, "started": started, "finished": time.time() if final else None,
-            "params": params.to_dict(), "environment": env,
-            "slides_total": len(paths), "slides_done": sum(r.status == "ok" for r in results),
-            "slides_failed": sum(r.status != "ok" for r in results),
-            "slides": [asdict(r) for r in results],
-        }, out / "run.json")
-
-    for p in paths:
-        res = process_slide(p, out, params, detector=detector, on_tiles=None if on_tiles is None else
-                            (lambda done, total, _p=str(p): on_tiles(_p, done, total)))
-        results.append(res)
-        if on_slide is not None:
-            on_slide(res)
-        record(final=False)
-    record(final=True)
-    return results
+    return run_batch(paths, out_dir, params, workers=0, resume=resume, on_slide=on_slide, on_tiles=on_tiles,
+                     on_note=on_note)

@@ -89,6 +89,7 @@ SLIDES_SCHEMA = pa.schema([
     pa.field("n_tiles", pa.int64()),
     pa.field("n_detections", pa.int64()),
     pa.field("seconds", pa.float64()),
+    pa.field("resumed", pa.bool_()),         # True: complete outputs of an earlier run were kept, not redone
 ])
 
 
@@ -185,11 +186,43 @@ def slide_part_paths(out_dir: Path, slide_id: str) -> dict[str, Path]:
     return {name: out_dir / name / f"slide_id={slide_id}" / "part-0.parquet" for name in ("detections", "tiles")}
 
 
+def marker_path(out_dir: Path, slide_id: str) -> Path:
+    """The completion marker of one slide: written last, after both partitions are in place."""
+    return out_dir / "done" / f"{slide_id}.json"
+
+
 def remove_slide_parts(out_dir: Path, slide_id: str) -> None:
-    """Delete a slide's partitions (before it is re-run, so a failed re-run leaves no stale results)."""
-    for path in slide_part_paths(out_dir, slide_id).values():
+    """Delete a slide's completion marker, then its partitions (before it is re-run, so a failed
+    or killed re-run leaves neither stale results nor a marker that vouches for them)."""
+    for path in (marker_path(out_dir, slide_id), *slide_part_paths(out_dir, slide_id).values()):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+def write_marker(out_dir: Path, slide_id: str, *, results_key: str, result: Mapping[str, Any]) -> None:
+    """Vouch that a slide's partitions are complete for ``results_key``: records their sizes, atomically."""
+    parts = slide_part_paths(out_dir, slide_id)
+    write_json_atomic({"slide_id": slide_id, "results_key": results_key,
+                       "sizes": {name: path.stat().st_size for name, path in parts.items()},
+                       "result": dict(result)}, marker_path(out_dir, slide_id))
+
+
+def completed_result(out_dir: Path, slide_id: str, results_key: str) -> dict[str, Any] | None:
+    """The recorded result of a slide whose outputs are complete for ``results_key``, else None.
+
+    Complete means: a readable marker with the same key, and both partitions present with the
+    sizes the marker recorded (a partition replaced or truncated since does not count).
+    """
+    try:
+        marker = json.loads(marker_path(out_dir, slide_id).read_text())
+        if marker["results_key"] != results_key:
+            return None
+        for name, path in slide_part_paths(out_dir, slide_id).items():
+            if path.stat().st_size != marker["sizes"][name]:
+                return None
+        return dict(marker["result"])
+    except (OSError, ValueError, KeyError, TypeError):  # missing, half-written by a crash, or garbage: redo
+        return None
 
 
 def write_slide_parts(out_dir: Path, slide_id: str, detections: pa.Table, tiles: pa.Table) -> dict[str, Path]:

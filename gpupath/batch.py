@@ -1,0 +1,264 @@
+"""Many slides: one slide is one Dask task; resume after any crash; failures listed, never fatal.
+
+Takes slide paths (files, folders of slides, or a store's manifest) and a :class:`RunParams`,
+and returns one :class:`SlideResult` per slide, in the order given, while writing
+``slides.parquet`` and ``run.json`` (progress: done, failed, resumed, left, tiles/s, ETA) after
+every slide. Where slides run:
+
+- ``workers=0``: in this process, one after another (a single slide runs like this by default);
+- a ``distributed.LocalCluster`` sized to the machine (default for several slides): one worker
+  process per GPU through dask-cuda's ``LocalCUDACluster`` on GPU nodes, else about one per two
+  cores; each worker builds the detector once and keeps it for the slides it gets;
+- ``scheduler="tcp://host:port"``: an existing Dask cluster (its workers need gpupath installed
+  and must see the slide paths and the output folder).
+
+Resume: a slide's partitions are vouched for by a completion marker written after them
+(:func:`gpupath.results.write_marker`), keyed by :func:`gpupath.pipeline.results_key`
+(parameters + model sha256 + version). A rerun skips slides whose marker matches and whose
+partitions have the recorded sizes; anything else (a run killed mid-slide, other parameters)
+is redone from scratch. One run writes to an output folder at a time (a lock file); stale
+temporary files of a killed run are removed when the next run takes the folder.
+
+A worker that dies mid-slide (out of memory, killed) costs that slide one attempt: Dask gives
+the task to another worker (up to ``distributed.scheduler.allowed-failures`` times) and the
+slide is redone from its start, so no slide is written twice or half.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from gpupath._version import __version__
+from gpupath.errors import ConfigError
+from gpupath.pipeline import RunParams, SlideResult, _environment, process_slide
+from gpupath.results import write_json_atomic, write_slides_table
+
+__all__ = ["run_batch", "expand_inputs", "SLIDE_SUFFIXES", "default_workers"]
+
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
+LOCK_NAME = ".gpupath.lock"
+
+
+def expand_inputs(inputs: Sequence[str | Path], *, store: str | Path | None = None) -> list[Path]:
+    """Slide files from files (as given), folders (their slide files, sorted; one file per DICOM
+    folder) and a store (every slide of its manifest). Duplicated paths are kept once."""
+    out: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES)
+            dicom = [p for p in found if p.suffix.lower() == ".dcm"]
+            out += [p for p in found if p.suffix.lower() != ".dcm"] + dicom[:1]  # a DICOM series opens by any file
+        else:
+            out.append(item)  # missing files are reported per slide, with the others going on
+    if store is not None:
+        from gpupath.ingest import read_manifest  # noqa: PLC0415
+
+        root = Path(store)
+        if not root.is_dir():
+            raise ConfigError(f"--store {root}: not a folder")
+        out += [root / p for p in read_manifest(root).column("stored_path").to_pylist()]
+    seen: set[Path] = set()
+    return [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]  # type: ignore[func-returns-value]
+
+
+def default_workers(n_slides: int) -> int:
+    """About one worker process per two cores (each worker decodes and computes with its own threads)."""
+    return max(1, min(n_slides, (os.cpu_count() or 1) // 2))
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Hold ``out``'s lock for the run; then remove temporary files a killed run left there."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_NAME, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"--out {out}: another gpupath run is writing to this folder") from None
+        for stale in out.rglob("*.tmp-*"):  # no other run holds the folder: these are a dead run's
+            with contextlib.suppress(OSError):
+                stale.unlink()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+class _Record:
+    """slides.parquet and run.json of a run, rewritten atomically after every slide."""
+
+    def __init__(self, out: Path, paths: Sequence[Path], params: RunParams, env: dict[str, Any]) -> None:
+        self.out, self.paths, self.params, self.env = out, list(paths), params, env
+        self.started = time.time()
+        self.results: dict[int, SlideResult] = {}
+
+    def progress(self) -> dict[str, Any]:
+        done = list(self.results.values())
+        elapsed = time.time() - self.started
+        fresh = [r for r in done if not r.resumed]
+        tiles = sum(r.n_tiles for r in fresh if r.status == "ok")
+        left = len(self.paths) - len(done)
+        per_slide = sum(r.seconds for r in fresh) / len(fresh) if fresh else None
+        rate = len(fresh) / elapsed if fresh and elapsed > 0 else None
+        return {
+            "slides_total": len(self.paths), "slides_done": sum(r.status == "ok" for r in done),
+            "slides_failed": sum(r.status != "ok" for r in done), "slides_resumed": sum(r.resumed for r in done),
+            "slides_left": left, "tiles_done": tiles, "elapsed_s": elapsed,
+            "tiles_per_s": tiles / elapsed if elapsed > 0 else 0.0,
+            "eta_s": (left / rate) if rate else None, "mean_slide_s": per_slide,
+        }
+
+    def write(self, *, final: bool) -> dict[str, Any]:
+        ordered = [self.results[i] for i in sorted(self.results)]
+        rows = [{k: v for k, v in asdict(r).items() if k != "timings"} for r in ordered]
+        write_slides_table(rows, self.out / "slides.parquet", provenance={"params": self.params.to_dict()})
+        progress = self.progress()
+        write_json_atomic({
+            "gpupath_version": __version__, "started": self.started, "finished": time.time() if final else None,
+            "params": self.params.to_dict(), "environment": self.env, **progress,
+            "slides": [asdict(r) for r in ordered],
+        }, self.out / "run.json")
+        return progress
+
+
+@functools.lru_cache(maxsize=2)
+def _worker_detector(params: RunParams) -> Any:
+    """The detector of a worker process, built on its first slide and kept (an engine build is slow)."""
+    return params.make_detector()[0]
+
+
+def _slide_task(path: str, out: str, params: RunParams, resume: bool, checksums: dict[str, str] | None) -> SlideResult:
+    """One Dask task: one slide, start to end, on a worker."""
+    return process_slide(path, Path(out), params, detector=_worker_detector(params), resume=resume,
+                         checksums=checksums)
+
+
+def _make_cluster(params: RunParams, workers: int, on_note: Callable[[str], None]) -> Any:
+    """A LocalCluster (dask-cuda's LocalCUDACluster on a GPU run when installed)."""
+    if params.device == "cuda":
+        try:
+            from dask_cuda import LocalCUDACluster  # noqa: PLC0415
+
+            return LocalCUDACluster(threads_per_worker=1, dashboard_address=None, silence_logs=40)
+        except ImportError:
+            on_note("dask-cuda not installed: one worker on the current GPU (pip install dask-cuda for one per GPU)")
+            workers = 1
+    from distributed import LocalCluster  # noqa: PLC0415
+
+    return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                        silence_logs=40)
+
+
+def run_batch(paths: Sequence[str | Path], out_dir: str | Path, params: RunParams, *,
+              workers: int | None = None, scheduler: str | None = None, resume: bool = True,
+              checksums: dict[str, str] | None = None,
+              on_slide: Callable[[SlideResult], None] | None = None,
+              on_tiles: Callable[[str, int, int], None] | None = None,
+              on_note: Callable[[str], None] | None = None,
+              on_progress: Callable[[dict[str, Any]], None] | None = None) -> list[SlideResult]:
+    """Process slides into ``out_dir``; see the module docstring.
+
+    Parameters
+    ----------
+    paths : slide files (see :func:`expand_inputs` for folders and stores).
+    out_dir : output folder (created; locked for the run).
+    params : run parameters; the detector is built here first, so a model or engine that cannot
+        run raises ConfigError before any slide.
+    workers : 0 runs in this process; N > 0 starts a LocalCluster of N workers; None: in this
+        process for one slide, else :func:`default_workers`.
+    scheduler : address of an existing Dask scheduler (``workers`` is then ignored).
+    resume : skip slides whose outputs are complete for the same results key.
+    checksums : file name -> expected sha256 (a ``.sha256`` sidecar beside a slide counts too); a
+        slide that differs fails before it is read.
+    on_slide, on_tiles, on_note, on_progress : callbacks (per finished slide; per tile batch, in
+        this process only; detector notes; progress figures after each slide).
+
+    Returns
+    -------
+    One SlideResult per path, in the order of ``paths``.
+    """
+    note = on_note or (lambda _m: None)
+    detector, notes = params.make_detector()
+    for n in notes:
+        note(n)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder")
+    paths = [Path(p) for p in paths]
+    env = _environment(params)
+    env["detector"] = {"model": detector.name, "engine": detector.engine, "model_sha256": detector.model_sha256,
+                       "classes": list(detector.classes), "notes": notes,
+                       "preprocess": getattr(detector, "preprocess_name", None)}
+    impl = getattr(detector, "engine_impl", None)
+    if impl is not None and hasattr(impl, "cache_hit"):  # TensorRT: whether the plan came from the cache
+        env["detector"]["tensorrt"] = {"cache_hit": impl.cache_hit, "plan": str(getattr(impl, "plan_path", ""))}
+    in_process = scheduler is None and (workers == 0 or (workers is None and len(paths) <= 1))
+    with _exclusive(out):
+        record = _Record(out, paths, params, env)
+
+        def finish(i: int, res: SlideResult) -> None:
+            record.results[i] = res
+            if on_slide is not None:
+                on_slide(res)
+            progress = record.write(final=False)
+            if on_progress is not None:
+                on_progress(progress)
+
+        record.write(final=False)
+        if in_process:
+            env["executor"] = {"kind": "in-process"}
+            for i, p in enumerate(paths):
+                finish(i, process_slide(p, out, params, detector=detector, resume=resume, checksums=checksums,
+                                        on_tiles=None if on_tiles is None else
+                                        (lambda done, total, _p=str(p): on_tiles(_p, done, total))))
+        else:
+            del detector  # workers build their own; free this one's memory (a GPU engine) first
+            _run_on_dask(paths, out, params, workers=workers, scheduler=scheduler, resume=resume,
+                         checksums=checksums, env=env, finish=finish, note=note)
+        record.write(final=True)
+        return [record.results[i] for i in range(len(paths))]
+
+
+def _run_on_dask(paths: list[Path], out: Path, params: RunParams, *, workers: int | None, scheduler: str | None,
+                 resume: bool, checksums: dict[str, str] | None, env: dict[str, Any],
+                 finish: Callable[[int, SlideResult], None],
+                 note: Callable[[str], None]) -> None:
+    from distributed import Client, as_completed  # noqa: PLC0415
+
+    with contextlib.ExitStack() as stack:
+        if scheduler is not None:
+            try:
+                client = stack.enter_context(Client(scheduler, timeout="20s"))
+            except OSError as exc:
+                raise ConfigError(f"--scheduler {scheduler}: cannot connect ({exc})") from None
+            env["executor"] = {"kind": "scheduler", "address": scheduler}
+        else:
+            cluster = stack.enter_context(_make_cluster(params, workers or default_workers(len(paths)), note))
+            client = stack.enter_context(Client(cluster))
+            env["executor"] = {"kind": type(cluster).__name__, "address": cluster.scheduler_address}
+        env["executor"]["workers"] = len(client.scheduler_info()["workers"])
+        run_token = uuid.uuid4().hex[:8]
+        index = {}
+        futures = []
+        for i, p in enumerate(paths):
+            fut = client.submit(_slide_task, str(p), str(out), params, resume, checksums,
+                                key=f"gpupath-{run_token}-{i}", pure=False)
+            index[fut.key] = i
+            futures.append(fut)
+        for fut in as_completed(futures):
+            i = index[fut.key]
+            try:
+                res = fut.result()
+            except Exception as exc:  # noqa: BLE001  KilledWorker (the slide killed its workers) or a lost cluster
+                res = SlideResult(path=str(paths[i]), error=f"{paths[i]}: {type(exc).__name__}: {exc}")
+            finish(i, res)
+            fut.release()

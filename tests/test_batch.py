@@ -1,0 +1,215 @@
+"""Many slides on a real Dask cluster: bad slides listed, good ones done once, workers and whole
+runs killed mid-way, resume, an external scheduler. All processes here are real; nothing is mocked."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import data_file
+from gpupath.batch import expand_inputs, run_batch
+from gpupath.pipeline import RunParams, process_slide
+from gpupath.synthetic import SyntheticSpec, write_synthetic_slide
+from gpupath.tiling import TileSpec
+
+distributed = pytest.importorskip("distributed", reason="dask.distributed is a gpupath dependency")
+
+PARAMS = RunParams(tile=TileSpec(overlap_px=32), engine="onnxruntime", read_workers=1)  # what the CLI runs
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("batch")
+    paths = []
+    for seed in range(4):
+        path = folder / f"slide-{seed}.svs"
+        write_synthetic_slide(path, SyntheticSpec(width_px=3072, height_px=3072, mpp=0.25, seed=40 + seed), workers=1)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def reference(slides: list[Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
+    """Detections per slide from an in-process run (what every cluster run must reproduce)."""
+    out = tmp_path_factory.mktemp("reference")
+    detector, _ = PARAMS.make_detector()
+    return {p.name: process_slide(p, out, PARAMS, detector=detector).n_detections for p in slides}
+
+
+def leftovers(out: Path) -> list[Path]:
+    return [p for p in out.rglob("*") if ".tmp-" in p.name]
+
+
+def check_outputs(out: Path, good: list[Path], reference: dict[str, int]) -> list[dict]:
+    """Every good slide once in slides.parquet, ok, with one detections partition of the reference size."""
+    rows = pq.read_table(out / "slides.parquet").to_pylist()
+    by_path = {}
+    for row in rows:
+        assert row["path"] not in by_path, f"{row['path']} listed twice"
+        by_path[row["path"]] = row
+    for p in good:
+        row = by_path[str(p)]
+        assert row["status"] == "ok", row["error"]
+        assert row["n_detections"] == reference[p.name], p.name
+        parts = list((out / "detections" / f"slide_id={row['slide_id']}").iterdir())
+        assert [x.name for x in parts] == ["part-0.parquet"]
+        assert pq.read_table(parts[0]).num_rows == reference[p.name]
+    assert not leftovers(out)
+    return rows
+
+
+def test_local_cluster_batch_with_bad_slides(slides: list[Path], reference: dict[str, int], tmp_path: Path) -> None:
+    truncated = tmp_path / "truncated.svs"
+    truncated.write_bytes(data_file("cmu-1-small-region.svs").read_bytes()[:50_000])
+    mismatched = tmp_path / "mismatched.svs"
+    shutil.copy(slides[0], mismatched)
+    (tmp_path / "mismatched.svs.sha256").write_text("0" * 64 + "  mismatched.svs\n")
+    batch = [*slides, truncated, mismatched]
+    results = run_batch(batch, tmp_path / "out", PARAMS, workers=2)
+    by_name = {Path(r.path).name: r for r in results}
+    assert [Path(r.path).name for r in results] == [p.name for p in batch]  # in the order given
+    assert by_name["truncated.svs"].status == "failed" and "truncated.svs" in by_name["truncated.svs"].error
+    assert "sha256 mismatch" in by_name["mismatched.svs"].error
+    rows = check_outputs(tmp_path / "out", slides, reference)
+    assert len(rows) == len(batch)
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["environment"]["executor"] == {**run["environment"]["executor"], "kind": "LocalCluster", "workers": 2}
+    assert (run["slides_done"], run["slides_failed"], run["slides_left"]) == (4, 2, 0)
+    assert run["finished"] is not None and run["tiles_per_s"] > 0
+
+
+def test_a_worker_killed_mid_slide_costs_one_attempt(slides: list[Path], reference: dict[str, int],
+                                                     tmp_path: Path) -> None:
+    killed: list[int] = []
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  silence_logs=40) as cluster, distributed.Client(cluster) as client:
+
+        def kill_a_busy_worker() -> None:
+            deadline = time.time() + 120
+            while time.time() < deadline and not killed:
+                busy = [w for w, tasks in client.processing().items() if tasks]
+                if busy:
+                    pid = client.run(os.getpid, workers=[busy[0]])[busy[0]]
+                    time.sleep(0.3)  # well inside its slide (each takes seconds)
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                time.sleep(0.05)
+
+        killer = threading.Thread(target=kill_a_busy_worker)
+        killer.start()
+        results = run_batch(slides, tmp_path / "out", PARAMS, scheduler=cluster.scheduler_address)
+        killer.join()
+    assert killed, "no worker was killed: the test did not test anything"
+    assert all(r.status == "ok" for r in results), [r.error for r in results]
+    check_outputs(tmp_path / "out", slides, reference)
+
+
+def _gpupath(*args: str | Path, **kw: object) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "gpupath", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_whole_run_killed_then_resumed(slides: list[Path], reference: dict[str, int], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    folder = slides[0].parent
+    proc = _gpupath("run", folder, "--out", out, "--device", "cpu", "--engine", "onnxruntime", "--workers", "2",
+                    start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not list((out / "done").glob("*.json")):
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        done_before = {p.name for p in (out / "done").glob("*.json")}
+        assert 0 < len(done_before) < len(slides), "kill came too late to test resume"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the run and its cluster, mid-way, without a chance to clean up
+        proc.wait()
+    time.sleep(0.5)
+    rerun = _gpupath("run", folder, "--out", out, "--device", "cpu", "--engine", "onnxruntime", "--workers", "2")
+    stdout, stderr = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, stderr
+    run = json.loads((out / "run.json").read_text())
+    resumed = {Path(s["path"]).name for s in run["slides"] if s["resumed"]}
+    assert len(resumed) >= len(done_before), (resumed, done_before)  # done slides were not redone
+    assert run["slides_done"] == len(slides) and run["slides_failed"] == 0
+    check_outputs(out, slides, reference)
+
+
+def test_existing_scheduler_and_worker_processes(slides: list[Path], reference: dict[str, int],
+                                                 tmp_path: Path) -> None:
+    dask = Path(sys.executable).with_name("dask")
+    sched_file = tmp_path / "scheduler.json"
+    procs = [subprocess.Popen([str(dask), "scheduler", "--scheduler-file", str(sched_file), "--port", "0",
+                               "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        deadline = time.time() + 60
+        while not sched_file.exists() and time.time() < deadline:
+            time.sleep(0.1)
+        address = json.loads(sched_file.read_text())["address"]
+        procs.append(subprocess.Popen([str(dask), "worker", address, "--nworkers", "1", "--nthreads", "1",
+                                       "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        with distributed.Client(address, timeout="30s") as client:
+            client.wait_for_workers(1, timeout=60)
+        run = _gpupath("run", *slides[:2], "--out", tmp_path / "out", "--device", "cpu", "--engine", "onnxruntime",
+                       "--scheduler", address)
+        _, stderr = run.communicate(timeout=600)
+        assert run.returncode == 0, stderr
+        record = json.loads((tmp_path / "out" / "run.json").read_text())
+        assert record["environment"]["executor"]["kind"] == "scheduler"
+        assert record["environment"]["executor"]["address"] == address
+        check_outputs(tmp_path / "out", slides[:2], reference)
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+            p.wait(timeout=30)
+
+
+def test_a_scheduler_that_does_not_answer_is_a_config_error(slides: list[Path], tmp_path: Path) -> None:
+    run = _gpupath("run", slides[0], "--out", tmp_path / "out", "--device", "cpu", "--scheduler",
+                   "tcp://127.0.0.1:9")
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 2 and "cannot connect" in stderr
+
+
+def test_an_output_folder_in_use_is_refused(slides: list[Path], tmp_path: Path) -> None:
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".gpupath.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(Exception, match="another gpupath run is writing to this folder"):
+            run_batch(slides[:1], out, PARAMS, workers=0)
+
+
+def test_changed_parameters_redo_a_slide_and_redo_forces_it(slides: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (first,) = run_batch(slides[:1], out, PARAMS, workers=0)
+    (again,) = run_batch(slides[:1], out, PARAMS, workers=0)
+    assert not first.resumed and again.resumed and again.n_detections == first.n_detections
+    other = RunParams(tile=TileSpec(overlap_px=32), engine="onnxruntime", read_workers=1, stain="none")
+    (changed,) = run_batch(slides[:1], out, other, workers=0)
+    assert not changed.resumed
+    (forced,) = run_batch(slides[:1], out, other, workers=0, resume=False)
+    assert not forced.resumed
+    # a partition changed behind the marker's back is not vouched for
+    part = next((out / "detections").rglob("part-0.parquet"))
+    part.write_bytes(part.read_bytes()[:-10])
+    (redone,) = run_batch(slides[:1], out, other, workers=0)
+    assert not redone.resumed and pq.read_table(part).num_rows == redone.n_detections
+
+
+def test_expand_inputs_folders_and_duplicates(slides: list[Path], tmp_path: Path) -> None:
+    folder = slides[0].parent
+    got = expand_inputs([folder, slides[0]])
+    assert got == sorted(p for p in folder.iterdir() if p.suffix == ".svs")

@@ -226,6 +226,39 @@ def run(
 
 
 @app.command()
+def ingest(
+    sources: Annotated[list[Path], typer.Argument(help="Slide files; an .mrxs brings its folder; a folder of .dcm "
+                                                       "files is one DICOM series.")],
+    store: Annotated[Path, typer.Option(help="Store folder: slides/<sha256>/, manifest.parquet (made if missing).")],
+    checksums: Annotated[Optional[Path], typer.Option(help="sha256sum-format file listing every slide (a "
+                                                           "<slide>.sha256 sidecar is checked when present).")] = None,
+) -> None:
+    """Copy slides into a content-addressed store, verified by SHA-256, with a Parquet manifest."""
+    from gpupath.errors import ConfigError
+    from gpupath.ingest import IngestResult
+    from gpupath.ingest import ingest as ingest_slides
+
+    def on_result(res: IngestResult) -> None:
+        if res.status == "stored":
+            out_console.print(f"stored {res.sha256[:12] if res.sha256 else '?'} {Path(res.source).name}",
+                              markup=False, highlight=False, soft_wrap=True)
+            if res.warning:
+                err_console.print(f"warning: {res.source}: {res.warning}", markup=False, highlight=False,
+                                  soft_wrap=True)
+        else:
+            err_console.print(f"error: {res.source}: {res.reason}", markup=False, highlight=False, soft_wrap=True)
+
+    try:
+        results = ingest_slides(sources, store, checksums=checksums, on_result=on_result)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    rejected = sum(r.status != "stored" for r in results)
+    out_console.print(f"{len(results) - rejected} stored, {rejected} rejected; store {store} "
+                      f"(manifest {store / 'manifest.parquet'})", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(1 if rejected else 0)
+
+
+@app.command()
 def synth(
     path: Annotated[Path, typer.Argument(help="Output .svs/.tif path.")],
     width: Annotated[int, typer.Option(help="Level-0 width, px.")] = 8192,

@@ -138,7 +138,11 @@ def tissue_mask(rgb: Any, *, min_saturation: float = 0.07, max_grey: float = 235
         sat = (vmax - f.min(axis=-1)) / xp.maximum(vmax, 1.0)
         grey = f.mean(axis=-1)
         candidates = (grey < max_grey) & (grey > min_grey)
-        otsu = otsu_threshold(sat[candidates]) if bool(candidates.any()) else 1.0
+        # Otsu over every pixel that is not black, glass included: with glass left out, a clean
+        # slide's candidates are tissue alone and Otsu splits the tissue in two (a 100k x 100k
+        # generated slide kept 0.4 % of its 40 % tissue that way)
+        population = sat[grey > min_grey]
+        otsu = otsu_threshold(population) if bool(candidates.any()) and population.size else 1.0
     threshold = max(otsu, min_saturation)
     mask = (sat > threshold) & candidates
     mask = ndi.binary_opening(mask, structure=xp.ones((2, 2), bool))

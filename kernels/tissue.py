@@ -3,14 +3,15 @@
 What it does
     One fused pass over an RGB overview computes, per pixel, HSV saturation, mean grey level and
     the "candidate" flag (neither glass-bright nor black), and accumulates the 256-bin histogram
-    of saturation over candidate pixels (block-private histograms in shared memory, merged into
+    of saturation over the pixels that are not black (glass included: its low-saturation mode is
+    what Otsu separates tissue from) (block-private histograms in shared memory, merged into
     the global one with one atomic per non-empty bin and block). :func:`otsu_from_histogram`
     turns the histogram into Otsu's threshold on the host (256 numbers).
 
 In and out
     ``rgb``: ``(H, W, 3)`` uint8 overview (grey levels 0..255), any strides. Returns
     ``sat (H, W) float32`` in [0, 1], ``grey (H, W) float32`` in [0, 255], ``candidate (H, W) bool``
-    and ``hist (256,) int64`` (bin k counts candidate saturations in ``[k/256, (k+1)/256)``, the
+    and ``hist (256,) int64`` (bin k counts non-black saturations in ``[k/256, (k+1)/256)``, the
     last bin closed), all on the input's device.
 
 Device
@@ -84,13 +85,11 @@ def _features_kernel(idx64: bool) -> Any:
             g = (red + green + blue) / f32(3.0)
             sat[r, c] = s
             grey[r, c] = g
-            if g < max_grey and g > min_grey:
-                cand[r, c] = 1
+            cand[r, c] = 1 if (g < max_grey and g > min_grey) else 0
+            if g > min_grey:  # Otsu's population: every pixel that is not black, glass included
                 # s * 256 is exact, so truncation gives np.histogram's bin; s == 1 goes to the last
                 b = idx_t(s * f32(N_BINS))
                 cuda.atomic.add(local, b if b < N_BINS else N_BINS - 1, u32(1))
-            else:
-                cand[r, c] = 0
         cuda.syncthreads()
         # one global atomic per non-empty bin and block; a block counts < 2**32 pixels
         for b in range(cuda.threadIdx.x, N_BINS, cuda.blockDim.x):
@@ -110,7 +109,7 @@ def tissue_features_ref(rgb: np.ndarray, *, max_grey: float = 235.0, min_grey: f
     sat = (vmax - f.min(axis=-1)) / np.maximum(vmax, 1.0)
     grey = f.mean(axis=-1)
     candidate = (grey < max_grey) & (grey > min_grey)
-    hist, _ = np.histogram(sat[candidate], bins=N_BINS, range=(0.0, 1.0))
+    hist, _ = np.histogram(sat[grey > min_grey], bins=N_BINS, range=(0.0, 1.0))
     return sat, grey, candidate, hist.astype(np.int64)
 
 
@@ -166,7 +165,7 @@ def tissue_features(rgb: ArrayLike, *, max_grey: float = 235.0, min_grey: float 
     sat : (H, W) float32, HSV saturation ``(max - min) / max(max, 1)`` in [0, 1].
     grey : (H, W) float32, mean of R, G, B.
     candidate : (H, W) bool.
-    hist : (256,) int64, histogram of ``sat[candidate]`` over [0, 1] (``np.histogram`` bins).
+    hist : (256,) int64, histogram of ``sat[grey > min_grey]`` over [0, 1] (``np.histogram`` bins).
 
     Raises
     ------

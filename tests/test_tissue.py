@@ -69,3 +69,18 @@ def test_device_mask_matches_host() -> None:
     dev = tissue_mask(cupy.asarray(rgb))
     assert isinstance(dev, cupy.ndarray)
     assert (cupy.asnumpy(dev) == host).mean() > 0.999
+
+
+def test_a_clean_slide_keeps_all_its_tissue() -> None:
+    # Glass brighter than max_grey is no candidate, so on a clean slide the candidates are tissue
+    # alone; Otsu must still split tissue from glass, not the tissue in two (regression: the
+    # 100k x 100k generated slide, whose tissue saturation spans 0.31-0.46, kept 0.4 % of its
+    # 40 % tissue). Here: glass at grey 241 and a purple tissue block, saturation 0.30-0.46 per pixel.
+    rng = np.random.default_rng(0)
+    rgb = np.full((200, 200, 3), 241, np.uint8)
+    sat = rng.uniform(0.30, 0.46, (200, 80))
+    vmax = 225.0
+    rgb[:, 120:, 0] = rgb[:, 120:, 2] = vmax
+    rgb[:, 120:, 1] = np.round(vmax * (1 - sat)).astype(np.uint8)
+    mask = tissue_mask(rgb)
+    assert mask[:, 120:].mean() > 0.99 and not mask[:, :120].any()

@@ -98,7 +98,8 @@ def _run(slides: list[Path], out: Path, *, mpp: float | None, target_mpp: float 
          tile: int, overlap: int, stain: str, device: str, backend: str, batch_size: int, min_tissue: float,
          engine: str = "auto", model: Path | None = None, model_card: Path | None = None,
          preprocess: str = "auto", store: Path | None = None, workers: int | None = None,
-         scheduler: str | None = None, redo: bool = False) -> int:
+         scheduler: str | None = None, redo: bool = False, triton_url: str | None = None,
+         checksums: Path | None = None) -> int:
     from gpupath.batch import expand_inputs, run_batch
     from gpupath.errors import ConfigError
     from gpupath.pipeline import RunParams, resolve_device
@@ -116,6 +117,14 @@ def _run(slides: list[Path], out: Path, *, mpp: float | None, target_mpp: float 
         raise _fail(f"--workers must be >= 0 (0: in this process), got {workers}")
     try:
         slides = expand_inputs(slides, store=store)
+        expected = None
+        if checksums is not None:
+            from gpupath.ingest import read_checksums
+
+            entries, problems = read_checksums(checksums)
+            for problem in problems:
+                err_console.print(f"warning: {checksums}: {problem}", markup=False, highlight=False, soft_wrap=True)
+            expected = {Path(name).name: sha for name, sha in entries.items()}  # slides are matched by file name
         if not slides:
             raise ConfigError("no slides given (paths, folders of slides, or --store DIR)")
         dev = resolve_device(device)
@@ -125,6 +134,7 @@ def _run(slides: list[Path], out: Path, *, mpp: float | None, target_mpp: float 
             stain=stain, device=dev, backend=backend, mpp_override=mpp, batch_size=batch_size,  # type: ignore[arg-type]
             engine=engine, model=None if model is None else str(model),
             model_card=None if model_card is None else str(model_card), preprocess=preprocess,
+            triton_url=triton_url,
         )
     except ConfigError as exc:
         raise _fail(str(exc)) from None
@@ -165,6 +175,7 @@ def _run(slides: list[Path], out: Path, *, mpp: float | None, target_mpp: float 
 
         try:
             results = run_batch(slides, out, params, workers=workers, scheduler=scheduler, resume=not redo,
+                                checksums=expected,
                                 on_slide=on_slide, on_tiles=on_tiles, on_note=on_note, on_progress=on_progress)
         except ConfigError as exc:  # the detector, cluster or output folder is unusable: no slide was touched
             raise _fail(str(exc)) from None
@@ -204,8 +215,10 @@ def run(
     backend: Annotated[str, typer.Option(help="auto | cucim | openslide | tifffile")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Tiles per batch.")] = 32,
     min_tissue: Annotated[float, typer.Option(help="Minimum tissue fraction of a tile.")] = 0.05,
-    engine: Annotated[str, typer.Option(help="auto | tensorrt | torch | onnxruntime | classic (auto: the best that "
-                                             "runs here, saying what it skipped and why)")] = "auto",
+    engine: Annotated[str, typer.Option(help="auto | tensorrt | torch | onnxruntime | triton | classic (auto: the "
+                                             "best that runs here, saying what it skipped and why; never triton)")] = "auto",
+    triton_url: Annotated[Optional[str], typer.Option(help="--engine triton: host:port of the Triton server's HTTP "
+                                                           "endpoint serving the card's model under its name.")] = None,
     model: Annotated[Optional[Path], typer.Option(help="Your ONNX detector (needs --model-card).")] = None,
     model_card: Annotated[Optional[Path], typer.Option(help="YAML card of --model: input, outputs, decoder.")] = None,
     preprocess: Annotated[str, typer.Option(help="auto | dali | xp: model input made by DALI or NumPy/CuPy "
@@ -216,12 +229,15 @@ def run(
                                                         "1 per GPU with dask-cuda)")] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="Address of an existing Dask scheduler (tcp://host:port).")] = None,
     redo: Annotated[bool, typer.Option("--redo", help="Redo slides whose outputs are already complete in --out.")] = False,
+    checksums: Annotated[Optional[Path], typer.Option(help="sha256sum-format file: every slide must be listed and "
+                                                           "match before it is read")] = None,
 ) -> None:
     """Detect nuclei (or your model's objects) on slides; write Parquet tables, slides.parquet and run.json to --out."""
     code = _run(slides or [], out, mpp=mpp, target_mpp=target_mpp, magnification=magnification, tile=tile,
                 overlap=overlap, stain=stain, device=device, backend=backend, batch_size=batch_size,
                 min_tissue=min_tissue, engine=engine, model=model, model_card=model_card, preprocess=preprocess,
-                store=store, workers=workers, scheduler=scheduler, redo=redo)
+                store=store, workers=workers, scheduler=scheduler, redo=redo, triton_url=triton_url,
+                checksums=checksums)
     raise typer.Exit(code)
 
 

@@ -69,14 +69,19 @@ class RunParams:
     prefetch_batches: int = 2
     read_workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))  # cuCIM decoder threads
     detector: ClassicParams = ClassicParams()  # settings of the classic detector
-    engine: str = "auto"                   # auto | tensorrt | torch | onnxruntime | classic
+    engine: str = "auto"                   # auto | tensorrt | torch | onnxruntime | triton | classic
     model: str | None = None               # bring-your-own ONNX model (with model_card)
     model_card: str | None = None          # its YAML card
     preprocess: str = "auto"               # model input by auto | dali | xp (NumPy/CuPy)
+    triton_url: str | None = None          # engine triton: the server's HTTP endpoint, host:port
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINE_NAMES:
             raise ConfigError(f"engine must be one of {', '.join(ENGINE_NAMES)}, got {self.engine!r}")
+        if (self.engine == "triton") != (self.triton_url is not None):
+            raise ConfigError("--engine triton needs --triton-url (host:port of the server's HTTP endpoint)"
+                              if self.engine == "triton" else
+                              f"--triton-url {self.triton_url} is for --engine triton (engine here: {self.engine})")
         if self.preprocess not in ("auto", "dali", "xp"):
             raise ConfigError(f"preprocess must be auto, dali or xp, got {self.preprocess!r}")
         if self.stain not in ("none", "macenko", "vahadane"):
@@ -97,7 +102,8 @@ class RunParams:
         """The run's detector (built once: a TensorRT engine build takes minutes) and notes on the choice."""
         detector, notes = make_detector(self.engine, device=self.device, model=self.model, model_card=self.model_card,
                                         batch_size=self.batch_size, tile_px=self.tile.tile_px,
-                                        preprocess=self.preprocess, classic=self.detector)
+                                        preprocess=self.preprocess, classic=self.detector,
+                                        triton_url=self.triton_url)
         # a target resolution or tile size the model cannot take stops the run before any slide
         # (each slide's tiles are checked again: their mpp is the target rounded to level pixels)
         detector.check_tiles(tile_px=self.tile.tile_px, tile_mpp=self.tile.target_mpp)
@@ -238,8 +244,8 @@ def _fit_slide_stain(slide: Slide, grid: TileGrid, params: RunParams) -> tuple[s
         return None, f"stain fit failed ({exc}); tiles not normalised, Ruifrok H&E basis used"
 
 
-# RunParams fields that change how fast a run goes, not what it finds
-PERFORMANCE_FIELDS = frozenset({"device", "batch_size", "prefetch_batches", "read_workers"})
+# RunParams fields that change how fast or where a run goes, not what it finds
+PERFORMANCE_FIELDS = frozenset({"device", "batch_size", "prefetch_batches", "read_workers", "triton_url"})
 
 
 def results_key(params: RunParams, detector: Detector) -> str:
@@ -298,6 +304,8 @@ def _process_slide(path: str | Path, out_dir: Path, params: RunParams, detector:
         check_slide_file(Path(path))
         result.sha256 = result.slide_id = sha256_file(path)
         want = expected_sha256(Path(path), checksums)
+        if want is None and checksums is not None:
+            raise SlideReadError(f"{path}: not listed in the checksums file (every slide of a verified run must be)")
         if want is not None and want != result.sha256:
             raise SlideReadError(f"{path}: sha256 mismatch: expected {want}, got {result.sha256} "
                                  "(a damaged or different file; not processed)")

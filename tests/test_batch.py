@@ -213,3 +213,27 @@ def test_expand_inputs_folders_and_duplicates(slides: list[Path], tmp_path: Path
     folder = slides[0].parent
     got = expand_inputs([folder, slides[0]])
     assert got == sorted(p for p in folder.iterdir() if p.suffix == ".svs")
+
+
+def test_ingest_then_run_the_store_with_checksums(slides: list[Path], reference: dict[str, int],
+                                                  tmp_path: Path) -> None:
+    import hashlib
+
+    sums = tmp_path / "SHA256SUMS"
+    sums.write_text("".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}\n" for p in slides[:2]))
+    ingest = _gpupath("ingest", *slides[:2], "--store", tmp_path / "store", "--checksums", sums)
+    _, stderr = ingest.communicate(timeout=300)
+    assert ingest.returncode == 0, stderr
+    run = _gpupath("run", "--store", tmp_path / "store", "--out", tmp_path / "out", "--device", "cpu",
+                   "--engine", "onnxruntime", "--workers", "0", "--checksums", sums)
+    _, stderr = run.communicate(timeout=600)
+    assert run.returncode == 0, stderr
+    rows = pq.read_table(tmp_path / "out" / "slides.parquet").to_pylist()
+    manifest = pq.read_table(tmp_path / "store" / "manifest.parquet").to_pylist()
+    assert sorted(r["slide_id"] for r in rows) == sorted(m["sha256"] for m in manifest)  # one id for a slide
+    assert sorted(r["n_detections"] for r in rows) == sorted(reference[p.name] for p in slides[:2])
+    # a slide missing from the checksums file is not read
+    run = _gpupath("run", slides[2], "--out", tmp_path / "out2", "--device", "cpu", "--engine", "onnxruntime",
+                   "--checksums", sums)
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode == 1 and "not listed in the checksums file" in stderr

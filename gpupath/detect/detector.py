@@ -1,10 +1,11 @@
 """One ``Detector`` interface over every engine: tiles in, boxes in tile pixels out.
 
-:func:`make_detector` turns ``--engine auto|tensorrt|torch|onnxruntime|classic`` (plus an
-optional ``--model``/``--model-card``) into a ready detector and a list of one-line notes on
-what it chose and why. ``auto`` tries, on a GPU, TensorRT, then torch-CUDA, then ONNX Runtime's
-CUDA provider; on the CPU, ONNX Runtime then torch; each engine it skips gets one note saying
-why. An engine named explicitly either works or fails with its reason (no silent substitute).
+:func:`make_detector` turns ``--engine auto|tensorrt|torch|onnxruntime|triton|classic`` (plus an
+optional ``--model``/``--model-card``; ``triton`` also ``--triton-url``, the server that runs the
+model) into a ready detector and a list of one-line notes on what it chose and why. ``auto``
+tries, on a GPU, TensorRT, then torch-CUDA, then ONNX Runtime's CUDA provider; on the CPU, ONNX
+Runtime then torch (never a Triton server); each engine it skips gets one note saying why. An
+engine named explicitly either works or fails with its reason (no silent substitute).
 
 A learned detector is preprocessing (DALI, or the NumPy/CuPy reference) -> engine -> decoder
 (:mod:`gpupath.detect.decode`), all on the tiles' device; only the decoded boxes leave it.
@@ -35,7 +36,7 @@ CLASSIC_NAME = "classic-log-v1"
 
 class Detector(Protocol):
     name: str                       # model name for provenance
-    engine: str                     # classic | onnxruntime | torch | tensorrt
+    engine: str                     # classic | onnxruntime | torch | tensorrt | triton
     classes: tuple[str, ...]
     model_sha256: str               # "" for the classic detector
     dedup_distance_um: float        # twins closer than this across tile overlaps are one object
@@ -138,7 +139,8 @@ def _check_weights(card: ModelCard) -> None:
 
 
 def _build_engine(name: str, card: ModelCard, *, device: str, batch_size: int, tile_px: int,
-                  cache_dir: str | Path | None) -> Engine:
+                  cache_dir: str | Path | None, triton_url: str | None = None,
+                  triton_model: str | None = None) -> Engine:
     if name == "onnxruntime":
         return OnnxRuntimeEngine(card, device=device)  # type: ignore[arg-type]
     if name == "torch":
@@ -153,6 +155,12 @@ def _build_engine(name: str, card: ModelCard, *, device: str, batch_size: int, t
         return TensorRTEngine(card.model_path, model_sha256=card.model_sha256, input_name=card.input.name,
                               output_names=out.names, max_batch=batch_size, input_hw=card.input.input_hw(tile_px),
                               cache_dir=cache_dir)
+    if name == "triton":
+        if not triton_url:
+            raise ConfigError("--engine triton needs --triton-url (host:port of the server's HTTP endpoint)")
+        from gpupath.detect._triton import TritonEngine  # noqa: PLC0415
+
+        return TritonEngine(card, url=triton_url, model_name=triton_model, device=device)  # type: ignore[arg-type]
     raise ConfigError(f"engine must be one of {', '.join(ENGINE_NAMES)}, got {name!r}")
 
 
@@ -203,12 +211,13 @@ def _to_device(a: np.ndarray) -> Any:
 def make_detector(engine: str = "auto", *, device: Literal["cpu", "cuda"] = "cpu", model: str | Path | None = None,
                   model_card: str | Path | None = None, batch_size: int = 32, tile_px: int = 256,
                   preprocess: str = "auto", cache_dir: str | Path | None = None,
-                  classic: ClassicParams | None = None) -> tuple[Detector, list[str]]:
+                  classic: ClassicParams | None = None, triton_url: str | None = None,
+                  triton_model: str | None = None) -> tuple[Detector, list[str]]:
     """A detector for ``engine`` on ``device``, and notes on what was chosen and why.
 
     Parameters
     ----------
-    engine : auto | tensorrt | torch | onnxruntime | classic.
+    engine : auto | tensorrt | torch | onnxruntime | triton | classic (auto never picks triton).
     device : where tiles arrive (CuPy on cuda, NumPy on cpu).
     model, model_card : a bring-your-own ONNX model and its YAML card; default the shipped model.
     batch_size : largest batch (TensorRT's optimisation profile).
@@ -216,17 +225,23 @@ def make_detector(engine: str = "auto", *, device: Literal["cpu", "cuda"] = "cpu
     preprocess : auto (DALI on a GPU when installed, else NumPy/CuPy) | dali | xp.
     cache_dir : TensorRT engine cache (default ``$GPUPATH_ENGINE_CACHE`` or ~/.cache/gpupath/engines).
     classic : classic-detector settings.
+    triton_url, triton_model : the Triton server (``host:port``, HTTP) and the model's name there
+        (default the card's name); used by ``engine="triton"`` only.
 
     Raises
     ------
     ConfigError
-        Unknown engine; an explicitly named engine that cannot run here (with the reason); a card
-        that does not fit its model; no engine at all.
+        Unknown engine; a Triton URL without ``engine="triton"`` or the reverse; an explicitly
+        named engine that cannot run here (with the reason); a card that does not fit its model;
+        no engine at all.
     """
     if engine not in ENGINE_NAMES:
         raise ConfigError(f"engine must be one of {', '.join(ENGINE_NAMES)}, got {engine!r}")
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"device must be cpu or cuda, got {device!r}")
+    if triton_url is not None and engine != "triton":
+        raise ConfigError(f"--triton-url {triton_url} is for --engine triton (engine here: {engine}; "
+                          "auto never picks a server)")
     if engine == "classic":
         if model is not None or model_card is not None:
             raise ConfigError("--engine classic takes no --model/--model-card")
@@ -240,7 +255,7 @@ def make_detector(engine: str = "auto", *, device: Literal["cpu", "cuda"] = "cpu
     for name in order:
         try:
             built = _build_engine(name, card, device=device, batch_size=batch_size, tile_px=tile_px,
-                                  cache_dir=cache_dir)
+                                  cache_dir=cache_dir, triton_url=triton_url, triton_model=triton_model)
             break
         except (ConfigError, KernelError) as exc:  # KernelError: a TensorRT build that failed
             if engine != "auto":

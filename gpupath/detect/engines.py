@@ -7,6 +7,8 @@
   no copy).
 - ``tensorrt``: an engine built from the ONNX file (fp16 where the GPU has it) and cached on
   disk (:mod:`gpupath.detect._tensorrt`).
+- ``triton``: the model served by a Triton Inference Server, over HTTP
+  (:mod:`gpupath.detect._triton`); never picked by ``auto``.
 
 :func:`check_onnx_io` compares a model's declared inputs and outputs with its card before any
 engine runs it, so a card that does not fit its model fails with one line naming both.
@@ -25,7 +27,7 @@ from gpupath.errors import ConfigError
 
 __all__ = ["Engine", "OnnxRuntimeEngine", "TorchEngine", "check_onnx_io", "onnx_io", "ENGINE_NAMES"]
 
-ENGINE_NAMES = ("auto", "tensorrt", "torch", "onnxruntime", "classic")
+ENGINE_NAMES = ("auto", "tensorrt", "torch", "onnxruntime", "classic", "triton")  # triton: gpupath.detect._triton
 
 
 class Engine(Protocol):

@@ -26,7 +26,9 @@ REPO = Path(__file__).resolve().parents[2]
 WHL = REPO / ".whl"
 LOAD_BYTES = 60 << 20
 # distributions the device image lacks, by their names in this environment
-CARRY = ["cucim-cu13", "nvidia-nvimgcodec-cu13", "imagecodecs", "openslide-python", "openslide-bin", "torchstain"]
+CARRY = ["cucim-cu13", "nvidia-nvimgcodec-cu13", "imagecodecs", "openslide-python", "openslide-bin", "torchstain",
+         # the learned detector's engines and model input on the device (DALI's wheel is ~200 MB: 4 loads)
+         "onnxruntime", "nvidia-dali-cuda130", "pyyaml", "threadpoolctl"]
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64", "manylinux_2_5_x86_64"]
 

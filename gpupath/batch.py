@@ -225,7 +225,19 @@ def run_batch(paths: Sequence[str | Path], out_dir: str | Path, params: RunParam
             _run_on_dask(paths, out, params, workers=workers, scheduler=scheduler, resume=resume,
                          checksums=checksums, env=env, finish=finish, note=note)
         record.write(final=True)
+        if params.reports:
+            _write_index(out, note)
         return [record.results[i] for i in range(len(paths))]
+
+
+def _write_index(out: Path, note: Callable[[str], None]) -> None:
+    """index.html of the run (slides, counts, failures, parameters); a failure is a note, not an error."""
+    from gpupath.report import build_index  # noqa: PLC0415
+
+    try:
+        build_index(out)
+    except Exception as exc:  # noqa: BLE001  the results are written; the index is a convenience
+        note(f"index.html not written ({type(exc).__name__}: {exc}); rebuild with gpupath report {out}")
 
 
 def _run_on_dask(paths: list[Path], out: Path, params: RunParams, *, workers: int | None, scheduler: str | None,

@@ -99,7 +99,7 @@ def _run(slides: list[Path], out: Path, *, mpp: float | None, target_mpp: float 
          engine: str = "auto", model: Path | None = None, model_card: Path | None = None,
          preprocess: str = "auto", store: Path | None = None, workers: int | None = None,
          scheduler: str | None = None, redo: bool = False, triton_url: str | None = None,
-         checksums: Path | None = None) -> int:
+         checksums: Path | None = None, reports: bool = True) -> int:
     from gpupath.batch import expand_inputs, run_batch
     from gpupath.errors import ConfigError
     from gpupath.pipeline import RunParams, resolve_device
@@ -133,7 +133,7 @@ def _run(slides: list[Path], out: Path, *, mpp: float | None, target_mpp: float 
                           min_tissue=min_tissue),
             stain=stain, device=dev, backend=backend, mpp_override=mpp, batch_size=batch_size,  # type: ignore[arg-type]
             engine=engine, model=None if model is None else str(model),
-            model_card=None if model_card is None else str(model_card), preprocess=preprocess,
+            model_card=None if model_card is None else str(model_card), preprocess=preprocess, reports=reports,
             triton_url=triton_url,
         )
     except ConfigError as exc:
@@ -231,13 +231,15 @@ def run(
     redo: Annotated[bool, typer.Option("--redo", help="Redo slides whose outputs are already complete in --out.")] = False,
     checksums: Annotated[Optional[Path], typer.Option(help="sha256sum-format file: every slide must be listed and "
                                                            "match before it is read")] = None,
+    reports: Annotated[bool, typer.Option("--reports/--no-reports", help="Overlay PNG, summary, HTML report and QuPath "
+                                                                        "GeoJSON per slide, and index.html.")] = True,
 ) -> None:
     """Detect nuclei (or your model's objects) on slides; write Parquet tables, slides.parquet and run.json to --out."""
     code = _run(slides or [], out, mpp=mpp, target_mpp=target_mpp, magnification=magnification, tile=tile,
                 overlap=overlap, stain=stain, device=device, backend=backend, batch_size=batch_size,
                 min_tissue=min_tissue, engine=engine, model=model, model_card=model_card, preprocess=preprocess,
                 store=store, workers=workers, scheduler=scheduler, redo=redo, triton_url=triton_url,
-                checksums=checksums)
+                checksums=checksums, reports=reports)
     raise typer.Exit(code)
 
 
@@ -272,6 +274,35 @@ def ingest(
     out_console.print(f"{len(results) - rejected} stored, {rejected} rejected; store {store} "
                       f"(manifest {store / 'manifest.parquet'})", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(1 if rejected else 0)
+
+
+@app.command()
+def report(
+    out: Annotated[Path, typer.Argument(help="Run folder (holds run.json).")],
+    slide: Annotated[Optional[list[str]], typer.Option("--slide", help="Only this slide (id or id prefix, path or "
+                                                                       "file name); repeatable. The index lists all.")] = None,
+    max_px: Annotated[int, typer.Option(help="Longest side of the overlay images, px.")] = 1024,
+) -> None:
+    """Rebuild a run's overlays, summaries and HTML reports, and its index.html, from the run folder."""
+    from gpupath.errors import ConfigError
+    from gpupath.report import build_reports
+
+    if max_px < 16:
+        raise _fail(f"--max-px must be >= 16, got {max_px}")
+    failed: list[str] = []
+
+    def on_error(path: str, reason: str) -> None:
+        failed.append(path)
+        err_console.print(f"error: {path}: report not made: {reason}", markup=False, highlight=False, soft_wrap=True)
+
+    try:
+        written = build_reports(out, slides=slide, max_px=max_px, on_error=on_error)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    n_reports = sum(p.parent.name == "reports" for p in written)
+    out_console.print(f"{n_reports} slide reports, {len(failed)} failed; index {written[-1]}", markup=False,
+                      highlight=False, soft_wrap=True)
+    raise typer.Exit(1 if failed else 0)
 
 
 @app.command()
@@ -316,3 +347,96 @@ def demo(
     out_console.print(f"detections: {out / 'run' / 'detections'}  (read with pyarrow.parquet.read_table)")
     out_console.print(f"slides:     {out / 'run' / 'slides.parquet'}   run record: {out / 'run' / 'run.json'}")
     raise typer.Exit(code)
+
+
+@app.command("query")
+def query_cmd(
+    out: Annotated[Path, typer.Argument(help="Run folder (holds detections/).")],
+    slide: Annotated[Optional[str], typer.Option(help="Slide id, or a unique prefix of it.")] = None,
+    bbox: Annotated[Optional[str], typer.Option(help="Region X0,Y0,X1,Y1 in level-0 px (right/bottom exclusive): "
+                                                     "boxes intersecting it match.")] = None,
+    label: Annotated[Optional[list[str]], typer.Option(help="Class name to keep (repeat for several).")] = None,
+    min_score: Annotated[Optional[float], typer.Option(help="Keep detections with score >= this.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table | csv | parquet | geojson (QuPath detections, "
+                                                      "one slide)")] = "table",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="File to write (csv, parquet, geojson; "
+                                                                          "csv and geojson go to stdout without it).")] = None,
+    limit: Annotated[int, typer.Option(help="Rows shown with --format table.")] = 20,
+) -> None:
+    """Detections of a run by slide, region, label and score, read through the spatial index (row-group statistics)."""
+    from gpupath.errors import GpupathError
+    from gpupath.query import EXPORT_FORMATS, export, iter_query, parse_bbox, plan_query
+
+    if fmt not in ("table", *EXPORT_FORMATS):
+        raise _fail(f"--format must be table, {', '.join(EXPORT_FORMATS)}; got {fmt!r}")
+    if limit < 0:
+        raise _fail(f"--limit must be >= 0, got {limit}")
+    if fmt == "parquet" and output is None:
+        raise _fail("--format parquet needs --output FILE")
+    t0 = time.perf_counter()
+    try:
+        region = None if bbox is None else parse_bbox(bbox)
+        plan = plan_query(out, slide=slide, bbox=region, label=label, min_score=min_score)
+        if fmt == "geojson" and len(plan.slide_ids) > 1:
+            raise _fail(f"--format geojson writes one slide's detections and {out} has {len(plan.slide_ids)}: "
+                        f"give --slide ({', '.join(s[:12] for s in plan.slide_ids[:5])})")
+        if fmt != "table":
+            n = export(plan, fmt, output)
+        else:
+            shown, n = [], 0
+            for batch in iter_query(plan):
+                if len(shown) < limit:
+                    shown += batch.slice(0, limit - len(shown)).to_pylist()
+                n += batch.num_rows
+    except (GpupathError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    stats = (f"{n} detections; searched {len(plan.slide_ids)} slide(s), read {plan.row_groups_read} of "
+             f"{plan.row_groups_total} row groups ({plan.rows_read} rows) in {time.perf_counter() - t0:.3f} s")
+    if fmt != "table":
+        err_console.print(stats + (f"; wrote {output}" if output is not None else ""), markup=False, highlight=False,
+                          soft_wrap=True)
+        return
+    table = Table(title=f"detections in {out}" + (f" ({n} rows, first {len(shown)})" if n > len(shown) else ""))
+    for col in ("slide", "x0_px", "y0_px", "x1_px", "y1_px", "score", "label"):
+        table.add_column(col, justify="left" if col in ("slide", "label") else "right")
+    for row in shown:
+        table.add_row(row["slide_id"][:12], *(f"{row[c]:.1f}" for c in ("x0_px", "y0_px", "x1_px", "y1_px")),
+                      f"{row['score']:.3f}", str(row["label"]))
+    out_console.print(table)
+    out_console.print(stats, markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command("bench")
+def bench_cmd(
+    slide: Annotated[Path, typer.Argument(help="Slide file (OpenSlide must open it: the baseline reads with it).")],
+    device: Annotated[str, typer.Option(help="cpu | cuda | auto: where ours runs (the baseline is the CPU).")] = "cpu",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="JSON result; a Markdown table beside it (.md).")] = None,
+    results_dir: Annotated[Optional[Path], typer.Option(help="Also write <date>-<machine>-<slide>.json/.md here "
+                                                             "(e.g. bench/results).")] = None,
+    work: Annotated[Optional[Path], typer.Option(help="Scratch folder for both sides' outputs (default: temporary).")] = None,
+    tiatoolbox_python: Annotated[Optional[Path], typer.Option(help="Python of a venv with TIAToolbox: also run its "
+                                                                   "tissue mask, tiling and Macenko as a peer.")] = None,
+    tile: Annotated[int, typer.Option(help=_TILE_HELP)] = 256,
+    overlap: Annotated[int, typer.Option(help="Overlap between neighbouring tiles, px at the target resolution.")] = 32,
+    target_mpp: Annotated[float, typer.Option(help="µm/px of the tiles.")] = 0.5,
+    batch_size: Annotated[int, typer.Option(help="Tiles per batch (both sides).")] = 32,
+    min_tissue: Annotated[float, typer.Option(help="Minimum tissue fraction of a tile.")] = 0.05,
+    mpp: Annotated[Optional[float], typer.Option(help="Level-0 µm/px to use instead of the slide's metadata.")] = None,
+) -> None:
+    """Time ours against a hand-written CPU baseline (OpenSlide, torchstain, ONNX Runtime, pyarrow) on one slide:
+    per stage and end to end, peak memory, and the agreement of the two sides' detections."""
+    from gpupath.bench import results_stem, run_bench, text_report, write_results
+    from gpupath.errors import GpupathError
+    from gpupath.pipeline import resolve_device
+
+    try:
+        dev = resolve_device(device)
+        result = run_bench(slide, device=dev, work=work, tiatoolbox_python=None if tiatoolbox_python is None
+                           else str(tiatoolbox_python), tile_px=tile, overlap_px=overlap, target_mpp=target_mpp,
+                           batch_size=batch_size, min_tissue=min_tissue, mpp=mpp)
+    except (GpupathError, ValueError, RuntimeError, OSError) as exc:
+        raise _fail(f"{slide}: {exc}", 1) from None
+    out_console.print(text_report(result), markup=False, highlight=False, soft_wrap=True)
+    for path in ([out] if out else []) + ([results_dir / f"{results_stem(result)}.json"] if results_dir else []):
+        written = write_results(result, path)
+        out_console.print(f"wrote {written[0]} and {written[1]}", markup=False, highlight=False, soft_wrap=True)

@@ -13,6 +13,7 @@ __all__ = [
     "ConfigError",
     "KernelError",
     "NoTissueError",
+    "ResultsError",
 ]
 
 
@@ -38,3 +39,7 @@ class KernelError(GpupathError):
 
 class NoTissueError(GpupathError):
     """The tissue mask of a slide is empty: there is nothing to tile."""
+
+
+class ResultsError(GpupathError):
+    """A run folder's outputs are missing, not gpupath's, or of a schema version this gpupath does not read."""

@@ -29,7 +29,7 @@ from threadpoolctl import threadpool_limits
 from gpupath import stain, vahadane
 from gpupath._resize import resize_batch
 from gpupath._version import __version__
-from gpupath._xp import gpu_available
+from gpupath._xp import gpu_available, is_device_array
 from gpupath.detect.boxes import Detections, GridLayout, boxes_to_global, dedup_overlaps
 from gpupath.detect.classic import RUIFROK_HE_OD, ClassicParams
 from gpupath.detect.detector import Detector, make_detector
@@ -73,6 +73,7 @@ class RunParams:
     model: str | None = None               # bring-your-own ONNX model (with model_card)
     model_card: str | None = None          # its YAML card
     preprocess: str = "auto"               # model input by auto | dali | xp (NumPy/CuPy)
+    reports: bool = True                   # overlay PNG, summary JSON and HTML report per slide
     triton_url: str | None = None          # engine triton: the server's HTTP endpoint, host:port
 
     def __post_init__(self) -> None:
@@ -245,7 +246,28 @@ def _fit_slide_stain(slide: Slide, grid: TileGrid, params: RunParams) -> tuple[s
 
 
 # RunParams fields that change how fast or where a run goes, not what it finds
-PERFORMANCE_FIELDS = frozenset({"device", "batch_size", "prefetch_batches", "read_workers", "triton_url"})
+PERFORMANCE_FIELDS = frozenset({"device", "batch_size", "prefetch_batches", "read_workers", "triton_url", "reports"})
+
+
+def _write_reports(out_dir: Path, result: SlideResult, params: RunParams, detector: Detector, slide: Slide,
+                   tissue: Any) -> None:
+    """A slide's overlay, summary, HTML report and QuPath GeoJSON (from its partitions, the open slide
+    and its tissue mask). Derived outputs: a failure here is a warning on the slide, never a failed slide."""
+    from gpupath.report import write_slide_outputs  # noqa: PLC0415
+    from gpupath.report.geojson import write_geojson  # noqa: PLC0415
+
+    environment = {"device": params.device, "gpupath": __version__,
+                   "detector": {"model": detector.name, "engine": detector.engine,
+                                "model_sha256": detector.model_sha256, "classes": list(detector.classes)}}
+    try:
+        host_tissue = None if is_device_array(getattr(tissue, "mask", None)) else tissue  # the report draws on the host
+        write_slide_outputs(out_dir, asdict(result), params=params.to_dict(), environment=environment, slide=slide,
+                            tissue=host_tissue)
+        write_geojson(out_dir, result.slide_id)  # QuPath: File > Import objects
+    except Exception as exc:  # noqa: BLE001  the results are written; the pictures are a convenience
+        log.debug("report failed for %s", result.path, exc_info=True)
+        note = f"report not written ({type(exc).__name__}: {exc}); rebuild with gpupath report"
+        result.warning = f"{result.warning}; {note}" if result.warning else note
 
 
 def results_key(params: RunParams, detector: Detector) -> str:
@@ -391,11 +413,14 @@ def _process_slide(path: str | Path, out_dir: Path, params: RunParams, detector:
                             level=grid.level, tissue_fraction=grid.tissue_fraction, n_detections=per_tile,
                             provenance=provenance),
             )
-            timer.add("write", t)
+            t = timer.add("write", t)
             result.n_tiles, result.n_detections = len(grid), len(det)
             result.status = "ok"
             result.seconds = time.perf_counter() - start
             result.timings = timer.seconds
+            if params.reports:
+                _write_reports(out_dir, result, params, detector, slide, tissue)
+                timer.add("report", t)
             # last: the marker vouches for both partitions (a run killed before this line is redone)
             write_marker(out_dir, result.slide_id, results_key=key, result=asdict(result))
     except GpupathError as exc:

@@ -190,3 +190,16 @@ def test_engines_on_the_cli_record_what_ran(tmp_path: Path) -> None:
     proc = gpupath("run", slide, "--out", tmp_path / "fine", "--device", "cpu", "--target-mpp", "1.0")
     assert proc.returncode == 2 and len(error_lines(proc)) == 1 and "expects 0.5 µm/px input" in proc.stderr
     assert not (tmp_path / "fine").exists()
+
+
+def test_run_writes_reports_geojson_and_index_unless_told_not_to(tmp_path: Path) -> None:
+    slide = data_file("cmu-1-small-region.svs")
+    proc = gpupath("run", slide, "--out", tmp_path / "with", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    sid = pq.read_table(tmp_path / "with" / "slides.parquet").column("slide_id")[0].as_py()
+    for rel in (f"overlays/{sid}.png", f"summaries/{sid}.json", f"reports/{sid}.html", f"geojson/{sid}.geojson",
+                "index.html"):
+        assert (tmp_path / "with" / rel).stat().st_size > 0, rel
+    proc = gpupath("run", slide, "--out", tmp_path / "without", "--device", "cpu", "--no-reports")
+    assert proc.returncode == 0, proc.stderr
+    assert not any((tmp_path / "without" / d).exists() for d in ("overlays", "reports", "geojson", "index.html"))

@@ -1,0 +1,105 @@
+"""`gpupath bench` end to end on a small generated slide, its matcher on known answers, and the scaling
+script on tiny slides. Timings are never asserted: only structure, positive ratios and agreement."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpupath.bench import STAGES, match_detections, results_stem
+from gpupath.synthetic import SyntheticSpec, write_synthetic_slide
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def small_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("bench") / "small.svs"
+    write_synthetic_slide(path, SyntheticSpec(width_px=2048, height_px=2048, mpp=0.5, seed=7))
+    return path
+
+
+def _boxes(cx: np.ndarray, cy: np.ndarray, r: np.ndarray) -> dict[str, np.ndarray]:
+    return {"x0_px": cx - r, "y0_px": cy - r, "x1_px": cx + r, "y1_px": cy + r}
+
+
+def test_match_detections_known_answer() -> None:
+    cx, cy, r = np.array([10.0, 50, 90, 130]), np.array([10.0, 10, 10, 10]), np.array([3.0, 3, 3, 3])
+    ours = _boxes(cx, cy, r)
+    # baseline: first shifted 1.5 px (matched), second 2.5 px (not), third radius 0.5 px larger, fourth missing
+    base = _boxes(np.array([11.5, 52.5, 90]), np.array([10.0, 10, 10]), np.array([3.0, 3, 3.5]))
+    got = match_detections(ours, base, tol_px=2.0)
+    assert (got["ours"], got["baseline"], got["matched"]) == (4, 3, 2)
+    assert got["count_diff_pct"] == pytest.approx(100 / 3)
+    assert got["box_diff_max_px"] == pytest.approx(1.5)
+    assert got["matched_of_ours"] == pytest.approx(0.5)
+    empty = match_detections(_boxes(np.zeros(0), np.zeros(0), np.zeros(0)), base)
+    assert empty["matched"] == 0 and empty["box_diff_max_px"] == 0.0
+
+
+def test_match_is_one_to_one_closest_first() -> None:
+    ours = _boxes(np.array([0.0, 1.0]), np.zeros(2), np.ones(2))
+    base = _boxes(np.array([0.9]), np.zeros(1), np.ones(1))
+    got = match_detections(ours, base, tol_px=2.0)
+    assert got["matched"] == 1 and got["box_diff_max_px"] == pytest.approx(0.1)
+
+
+def test_gpupath_bench_cli_end_to_end(small_slide: Path, tmp_path: Path) -> None:
+    out = tmp_path / "x.json"
+    proc = subprocess.run([sys.executable, "-m", "gpupath", "bench", str(small_slide), "--device", "cpu",
+                           "--out", str(out), "--results-dir", str(tmp_path / "results")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "speed-up" in proc.stdout and "agreement:" in proc.stdout
+    assert "TIAToolbox: not run (" in proc.stdout
+    result = json.loads(out.read_text())
+    assert out.with_suffix(".md").read_text().startswith("# gpupath bench: small.svs")
+    assert (tmp_path / "results" / f"{results_stem(result)}.json").is_file()
+    assert (tmp_path / "results" / f"{results_stem(result)}.md").is_file()
+
+    m = result["machine"]
+    assert m["cpu"] and m["cores"] >= 1 and "gpu" in m and m["date_utc"]
+    assert m["versions"]["gpupath"] and m["versions"]["onnxruntime"] and m["versions"]["torchstain"]
+    rows = {r["stage"]: r for r in result["rows"]}
+    assert set(rows) == {*STAGES, "end_to_end"}
+    for side in ("ours", "baseline"):
+        assert set(result[side]["stages"]) == set(STAGES)
+        assert all(v > 0 for v in result[side]["stages"].values()), result[side]["stages"]
+        assert result[side]["peak_rss_mib"] > 0 and result[side]["n_tiles"] == result["n_tiles"] > 0
+    for row in rows.values():
+        assert row["speedup"] > 0 and row["ours_tiles_per_s"] > 0 and row["baseline_mp_per_s"] > 0
+    assert result["ours"]["engine"] == "onnxruntime"
+    assert result["peak_rss_mib"]["ratio"] > 0
+
+    agree = result["agreement"]
+    assert agree["same_tiles"]
+    assert agree["baseline"] > 100  # the slide has nuclei; both sides find them
+    assert agree["count_diff_pct"] <= 1.0, agree
+    assert agree["matched_of_baseline"] >= 0.99 and agree["matched_of_ours"] >= 0.99, agree
+    assert agree["box_diff_max_px"] <= 2.0, agree
+
+
+def test_bench_scaling_script_tiny(tmp_path: Path) -> None:
+    out = tmp_path / "scaling.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_scaling.py"), "--work", str(tmp_path / "w"),
+                           "--sizes", "1024", "2048", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert [r["size_px"] for r in result["rows"]] == [1024, 2048]
+    small, large = result["rows"]
+    assert 0 < small["tissue_mm2"] < large["tissue_mm2"] and small["n_tiles"] < large["n_tiles"]
+    assert all(r["wall_s"] > 0 and r["peak_rss_mib"] > 0 for r in result["rows"])
+    assert "s_per_mm2" in result["fit"] and "| slide px |" in out.with_suffix(".md").read_text()
+
+
+def test_gpupath_bench_missing_slide_fails_naming_it(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.svs"
+    proc = subprocess.run([sys.executable, "-m", "gpupath", "bench", str(missing)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: ") and "nope.svs" in proc.stderr

@@ -326,6 +326,59 @@ def synth(
                       f"{truth.nuclei_path} ({truth.n_nuclei} nuclei)")
 
 
+@app.command("convert")
+def convert_cmd(
+    paths: Annotated[list[Path], typer.Argument(help="SRC OUT.ome.tif, or SRC... (files or folders) with --out-dir.")],
+    out_dir: Annotated[Optional[Path], typer.Option(help="Convert every SRC to DIR/<name>.ome.tif (Dask batch).")] = None,
+    store: Annotated[Optional[Path], typer.Option(help="With --out-dir: also every slide of this store.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Batch worker processes (0: in this process).")] = None,
+    stain: Annotated[str, typer.Option(help="none | macenko | vahadane")] = "none",
+    tile: Annotated[int, typer.Option(help="Tile edge, px (256 or 512 usual).")] = 256,
+    compression: Annotated[str, typer.Option(help="jpeg | jpeg2000 | deflate")] = "jpeg",
+    quality: Annotated[int, typer.Option(help="JPEG/JPEG 2000 quality 1-100 (Deflate: level 1-9).")] = 90,
+    mpp: Annotated[Optional[float], typer.Option(help="Level-0 µm/px to write instead of the metadata.")] = None,
+    backend: Annotated[str, typer.Option(help="auto | cucim | openslide | tifffile")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda (pyramid and JPEG encode on the GPU)")] = "auto",
+) -> None:
+    """Convert slides to tiled pyramidal BigTIFF OME-TIFF (optionally stain-normalised)."""
+    from gpupath.convert import ConvertOutcome, ConvertParams, convert_slides
+
+    try:
+        params = ConvertParams(tile_px=tile, compression=compression, quality=quality,  # type: ignore[arg-type]
+                               stain=stain, mpp=mpp, backend=backend, device=device)  # type: ignore[arg-type]
+        if out_dir is None and (len(paths) != 2 or store is not None):
+            raise ValueError(f"expected SRC OUT.ome.tif, or SRC... --out-dir DIR (got {len(paths)} paths)")
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+
+    def shown(o: ConvertOutcome) -> None:
+        if o.result is None:
+            err_console.print(f"error: {o.error}", markup=False, highlight=False, soft_wrap=True)
+            return
+        r = o.result
+        for warning in r.warnings:
+            err_console.print(f"warning: {o.source}: {warning}", markup=False, highlight=False, soft_wrap=True)
+        out_console.print(f"wrote {r.path}: {len(r.level_dimensions)} levels, {r.level_dimensions[0][0]}x"
+                          f"{r.level_dimensions[0][1]} px, {r.mpp:.4g} µm/px, {r.megapixels_per_s:.1f} MP/s",
+                          markup=False, highlight=False, soft_wrap=True)
+
+    if out_dir is None:
+        from gpupath.convert import convert_slide
+        from gpupath.errors import GpupathError
+
+        try:
+            outcomes = [ConvertOutcome(paths[0], paths[1], result=convert_slide(paths[0], paths[1], params))]
+        except (GpupathError, ValueError, OSError) as exc:
+            outcomes = [ConvertOutcome(paths[0], paths[1], error=str(exc))]
+        shown(outcomes[0])
+    else:
+        try:
+            outcomes = convert_slides(list(paths), out_dir, params, store=store, workers=workers, on_slide=shown)
+        except ValueError as exc:
+            raise _fail(str(exc)) from None
+    raise typer.Exit(1 if any(o.result is None for o in outcomes) else 0)
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo slide and outputs.")] = DEFAULT_DEMO_DIR,
@@ -440,3 +493,32 @@ def bench_cmd(
     for path in ([out] if out else []) + ([results_dir / f"{results_stem(result)}.json"] if results_dir else []):
         written = write_results(result, path)
         out_console.print(f"wrote {written[0]} and {written[1]}", markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command("serve")
+def serve_cmd(
+    source: Annotated[Path, typer.Argument(help="Run folder (run.json) or store (manifest.parquet).")],
+    host: Annotated[str, typer.Option(help="Address to bind; anything but loopback needs --token.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    token: Annotated[Optional[str], typer.Option(help="Require this token (Authorization: Bearer, or ?token=).",
+                                                 envvar="GPUPATH_SERVE_TOKEN")] = None,
+    cache_mb: Annotated[int, typer.Option(help="Tile cache budget, MiB of encoded tiles.")] = 256,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda: where tiles are decoded and resized.")] = "auto",
+) -> None:
+    """Serve the slides of a run or store: Deep Zoom tiles, detections per viewport and a viewer (read-only)."""
+    from gpupath.errors import GpupathError
+    from gpupath.pipeline import resolve_device
+    from gpupath.serve import check_bind, load_source, serve
+
+    try:
+        if not 0 <= port <= 65535 or cache_mb < 0:
+            raise ValueError(f"--port {port} / --cache-mb {cache_mb}: expected 0-65535 and >= 0")
+        check_bind(host, token)
+        src = load_source(source)
+        dev = resolve_device(device)
+    except (GpupathError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    shown = "localhost" if host in ("127.0.0.1", "::1") else host
+    err_console.print(f"serving {len(src.slides)} slides of {source} on http://{shown}:{port}/ (device: {dev})",
+                      markup=False, highlight=False, soft_wrap=True)
+    serve(src, host=host, port=port, token=token, cache_bytes=cache_mb * 2**20, device=dev)

@@ -1,0 +1,347 @@
+"""gpupath.serve: DZI tiles against read_region, detections per viewport, security, viewer in headless Chromium."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import math
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+from gpupath.errors import ConfigError  # noqa: E402
+from gpupath.serve import (  # noqa: E402
+    DziGeometry,
+    ServedSlide,
+    ServeSource,
+    TileCache,
+    check_bind,
+    create_app,
+    load_source,
+    render_tile,
+    serve_in_thread,
+)
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+BOX_GREEN = (0, 255, 0)   # viewer.js PALETTE[0]: the first label ("nucleus")
+
+
+@pytest.fixture(scope="module")
+def run_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated 4096 px slide (mpp 0.25) and its run folder, with reports."""
+    from gpupath.pipeline import RunParams, run_slides
+    from gpupath.synthetic import SyntheticSpec, write_synthetic_slide
+
+    root = tmp_path_factory.mktemp("serve")
+    path = root / "slide.svs"
+    write_synthetic_slide(path, SyntheticSpec(width_px=4096, height_px=4096, mpp=0.25, seed=2))
+    out = root / "out"
+    [result] = run_slides([path], out, RunParams(engine="onnxruntime"))
+    assert result.status == "ok", result.error
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(run_out: Path) -> Iterator[tuple[object, object]]:
+    app = create_app(run_out, cache_bytes=8 * 2**20)
+    bg = serve_in_thread(app)
+    yield app, bg
+    bg.stop()
+
+
+def _get(bg: object, path: str, headers: dict[str, str] | None = None, method: str = "GET") -> tuple[int, bytes, dict]:
+    conn = http.client.HTTPConnection(bg.host, bg.port, timeout=30)
+    try:
+        conn.request(method, path, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read(), dict(resp.getheaders())
+    finally:
+        conn.close()
+
+
+def _slide_id(run_out: Path) -> str:
+    return json.loads((run_out / "run.json").read_text())["slides"][0]["slide_id"]
+
+
+# --- DZI geometry and the cache ----------------------------------------------------------------
+
+def test_dzi_geometry_follows_openslide_deepzoom() -> None:
+    g = DziGeometry(4096, 3000)
+    assert g.max_level == 12 and g.level_dimensions(12) == (4096, 3000) and g.level_dimensions(0) == (1, 1)
+    assert g.level_dimensions(10) == (1024, 750)
+    assert g.tile_count(12) == (math.ceil(4096 / 254), math.ceil(3000 / 254))
+    assert g.tile_bounds(12, 0, 0) == (0, 0, 255, 255)            # overlap on inner sides only
+    assert g.tile_bounds(12, 1, 1) == (253, 253, 509, 509)
+    assert g.tile_bounds(12, 16, 11) == (16 * 254 - 1, 11 * 254 - 1, 4096, 3000)
+    assert not g.valid(13, 0, 0) and not g.valid(-1, 0, 0) and not g.valid(12, 17, 0) and not g.valid(12, 0, -1)
+    with pytest.raises(ValueError, match="no tile"):
+        g.tile_bounds(12, 17, 0)
+    with pytest.raises(ValueError, match="non-empty"):
+        DziGeometry(0, 10)
+
+
+def test_tile_cache_stays_within_its_byte_budget() -> None:
+    cache = TileCache(1000)
+    for i in range(100):
+        cache.put(("s", i), bytes(90))
+        assert cache.nbytes <= 1000
+    assert len(cache) == 11 and cache.get(("s", 0)) is None and cache.get(("s", 99)) == bytes(90)
+    cache.get(("s", 89))                # now most recent: survives the next insert
+    cache.put(("s", 100), bytes(90))
+    assert cache.get(("s", 89)) is not None and cache.get(("s", 90)) is None
+    cache.put(("big",), bytes(2000))   # over the whole budget: not kept
+    assert cache.get(("big",)) is None and cache.nbytes <= 1000
+
+
+# --- tiles against read_region -----------------------------------------------------------------
+
+def _reference(slide, g: DziGeometry, level: int, col: int, row: int) -> np.ndarray:
+    """The tile's area from OpenSlide-style read_region: the slide level that matches, else level 0 resized."""
+    from PIL import Image
+
+    x0, y0, x1, y1 = g.tile_bounds(level, col, row)
+    ds = g.downsample(level)
+    matching = [k for k, d in enumerate(slide.level_downsamples) if abs(d - ds) < 1e-6]
+    if matching:
+        img = slide.read_region((x0 * ds, y0 * ds), matching[0], (x1 - x0, y1 - y0))
+    else:
+        img = slide.read_region((x0 * ds, y0 * ds), 0, ((x1 - x0) * ds, (y1 - y0) * ds))
+        img = img.resize((x1 - x0, y1 - y0), Image.Resampling.BOX)
+    rgba = np.asarray(img).astype(np.int16)
+    rgb = rgba[..., :3]
+    rgb[rgba[..., 3] == 0] = 255   # transparent (outside the level) is white, as tiles show glass
+    return rgb
+
+
+def test_tiles_match_read_region_at_every_dzi_level(server, run_out: Path) -> None:
+    from PIL import Image
+
+    from gpupath.slide import open_slide
+
+    _, bg = server
+    sid = _slide_id(run_out)
+    status, body, _ = _get(bg, f"/dzi/{sid}.dzi")
+    assert status == 200 and b'TileSize="254"' in body and b'Width="4096"' in body
+    with open_slide(run_out.parent / "slide.svs") as slide:
+        assert len(slide.level_dimensions) > 1   # some DZI levels match a slide level, others are resized
+        g = DziGeometry(*slide.dimensions)
+        for level in range(g.max_level + 1):
+            cols, rows = g.tile_count(level)
+            for col, row in {(0, 0), (cols // 2, rows // 2), (cols - 1, rows - 1)}:
+                status, body, headers = _get(bg, f"/dzi/{sid}_files/{level}/{col}_{row}.jpeg")
+                assert status == 200 and headers["content-type"] == "image/jpeg"
+                got = np.asarray(Image.open(io.BytesIO(body)).convert("RGB")).astype(np.int16)
+                want = _reference(slide, g, level, col, row)
+                assert got.shape == want.shape, (level, col, row)
+                diff = np.abs(got - want)
+                # JPEG q80 (4:4:4) on small, high-contrast tiles: mean error within 10 levels, bounded tail
+                assert diff.mean() < 10, (level, col, row, diff.mean())
+                assert np.percentile(diff, 99) < 40, (level, col, row, np.percentile(diff, 99))
+                # the pixels before encoding: the same area within resampling error
+                png = render_tile(slide, g, level, col, row, fmt="png")
+                lossless = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.int16)
+                assert np.abs(lossless - want).mean() < 4, (level, col, row)   # pyramid level vs level 0 filters
+
+
+@pytest.mark.gpu
+def test_gpu_tiles_match_cpu_tiles(run_out: Path) -> None:
+    from PIL import Image
+
+    from gpupath.slide import open_slide
+
+    with open_slide(run_out.parent / "slide.svs") as slide:
+        g = DziGeometry(*slide.dimensions)
+        for level in (g.max_level, g.max_level - 1, g.max_level - 3, 3):
+            cpu, gpu = (np.asarray(Image.open(io.BytesIO(render_tile(slide, g, level, 0, 0, fmt="png", device=dev))))
+                        .astype(np.int16) for dev in ("cpu", "cuda"))
+            assert cpu.shape == gpu.shape and np.abs(cpu - gpu).mean() < 3, level   # box vs triangle filter
+
+
+# --- detections --------------------------------------------------------------------------------
+
+def test_detections_boxes_then_density(server, run_out: Path) -> None:
+    from gpupath.query import query
+
+    _, bg = server
+    sid = _slide_id(run_out)
+    bbox = (500, 1400, 1100, 1900)
+    status, body, _ = _get(bg, f"/api/detections/{sid}?x0={bbox[0]}&y0={bbox[1]}&x1={bbox[2]}&y1={bbox[3]}&min_score=0.5")
+    assert status == 200
+    d = json.loads(body)
+    want = query(run_out, slide=sid, bbox=bbox, min_score=0.5)
+    assert d["mode"] == "boxes" and d["labels"] == ["nucleus"] and d["n"] == want.num_rows > 0
+    assert sorted(round(b[0], 1) for b in d["boxes"]) == sorted(round(x, 1) for x in want.column("x0_px").to_pylist())
+    status, body, _ = _get(bg, f"/api/detections/{sid}?x0=0&y0=0&x1=4096&y1=4096&max_boxes=10")
+    d = json.loads(body)
+    assert status == 200 and d["mode"] == "density" and d["n"] > 10
+    assert sum(d["grid"]["counts"]) == d["n"] == query(run_out, slide=sid, bbox=(0, 0, 4096, 4096)).num_rows
+
+
+# --- security ----------------------------------------------------------------------------------
+
+def test_bad_requests_are_4xx_and_read_nothing(server, run_out: Path) -> None:
+    app, bg = server
+    st = app.state.gp
+    sid = _slide_id(run_out)
+    other = "0" * 64
+    bad = [
+        "/dzi/..%2f..%2f..%2fetc%2fpasswd.dzi", "/dzi/..%2F..%2Frun.json", "/dzi/../../etc/passwd",
+        "/dzi/%2Fetc%2Fpasswd.dzi", "/dzi//etc/passwd_files/0/0_0.jpeg", f"/dzi/{run_out.parent / 'slide.svs'}.dzi",
+        f"/dzi/{other}.dzi", f"/dzi/{other}_files/12/0_0.jpeg", f"/dzi/{sid.upper()}.dzi", f"/dzi/{sid[:12]}.dzi",
+        f"/api/detections/{other}?x0=0&y0=0&x1=10&y1=10", f"/reports/{other}.html", "/reports/..%2frun.json",
+        f"/reports/..%2f..%2f{sid}.html", "/static/..%2fapp.py", "/static/../app.py",
+        f"/dzi/{sid}_files/13/0_0.jpeg", f"/dzi/{sid}_files/-1/0_0.jpeg", f"/dzi/{sid}_files/12/-1_0.jpeg",
+        f"/dzi/{sid}_files/12/0_17.jpeg", f"/dzi/{sid}_files/12/99999999999999999999_0.jpeg",
+        f"/dzi/{sid}_files/12/1e3_0.jpeg", f"/dzi/{sid}_files/0/0_0.png", f"/dzi/{sid}_files/0/0_0.jpeg%00",
+        f"/api/detections/{sid}?x0=10&y0=0&x1=0&y1=10", f"/api/detections/{sid}?x0=nan&y0=0&x1=1&y1=1",
+        f"/api/detections/{sid}?x0=0&y0=0&x1=1&y1=1&max_boxes=-1", f"/api/detections/{sid}?x0=0",
+    ]
+    reads, opens = st.reads, st.opens
+    for path in bad:
+        status, body, _ = _get(bg, path)
+        assert 400 <= status < 500, (path, status)
+        assert b"root:" not in body and b"slides" not in body, path
+    assert (st.reads, st.opens) == (reads, opens)
+    for method in ("POST", "PUT", "DELETE"):
+        assert _get(bg, "/api/slides", method=method)[0] == 405
+
+
+def test_token_required_and_compared(run_out: Path) -> None:
+    # the same middleware guards any bind; a non-loopback bind without a token never starts (below)
+    app = create_app(run_out, token="s3cret-token")
+    bg = serve_in_thread(app, token="s3cret-token")
+    try:
+        sid = _slide_id(run_out)
+        for path in ("/", "/api/slides", f"/dzi/{sid}.dzi", f"/dzi/{sid}_files/12/0_0.jpeg"):
+            assert _get(bg, path)[0] == 401
+            assert _get(bg, path, {"Authorization": "Bearer wrong"})[0] == 401
+            assert _get(bg, path + "?token=s3cret-tokenX")[0] == 401
+        assert app.state.gp.reads == 0 and app.state.gp.opens == 0
+        assert _get(bg, "/api/slides", {"Authorization": "Bearer s3cret-token"})[0] == 200
+        assert _get(bg, f"/dzi/{sid}_files/12/0_0.jpeg?token=s3cret-token")[0] == 200
+    finally:
+        bg.stop()
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.5", "example.org"])
+def test_non_loopback_bind_needs_a_token(host: str) -> None:
+    with pytest.raises(ConfigError, match="--token"):
+        check_bind(host, None)
+    check_bind(host, "t")
+    for loop in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
+        check_bind(loop, None)
+
+
+def test_cli_refuses_public_bind_without_token(run_out: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "gpupath", "serve", str(run_out), "--host", "0.0.0.0"],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 2 and "--token" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_cli_rejects_what_is_not_a_run_or_store(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "gpupath", "serve", str(tmp_path)], capture_output=True, text=True,
+                       timeout=60, check=False)
+    assert r.returncode == 2 and "neither a run folder" in r.stderr
+
+
+def test_slide_names_are_escaped(tmp_path: Path) -> None:
+    name = '<script>alert("x")</script>&.svs'
+    src = ServeSource("run", tmp_path, {"a" * 64: ServedSlide("a" * 64, tmp_path / "x.svs", name, 10, 10, 0.25, 3)})
+    bg = serve_in_thread(create_app(src))
+    try:
+        status, body, headers = _get(bg, "/")
+        assert status == 200 and b"<script>" not in body and b"&lt;script&gt;alert(&quot;x&quot;)" in body
+        assert "default-src 'self'" in headers["content-security-policy"]
+        assert json.loads(_get(bg, "/api/slides")[1])["slides"][0]["name"] == name   # JSON: data, shown as text
+    finally:
+        bg.stop()
+
+
+def test_store_is_served_without_detections(tmp_path: Path) -> None:
+    from gpupath.ingest import ingest
+    from gpupath.synthetic import SyntheticSpec, write_synthetic_slide
+
+    path = tmp_path / "a.svs"
+    write_synthetic_slide(path, SyntheticSpec(width_px=600, height_px=400, mpp=0.5, seed=1))
+    ingest([path], tmp_path / "store")
+    src = load_source(tmp_path / "store")
+    [(sid, s)] = src.slides.items()
+    assert src.kind == "store" and s.n_detections is None and s.path.is_relative_to((tmp_path / "store").resolve())
+    bg = serve_in_thread(create_app(src))
+    try:
+        assert _get(bg, f"/dzi/{sid}_files/10/2_1.jpeg")[0] == 200
+        assert json.loads(_get(bg, f"/api/detections/{sid}?x0=0&y0=0&x1=10&y1=10")[1])["n"] == 0
+    finally:
+        bg.stop()
+
+
+# --- viewer in a browser -----------------------------------------------------------------------
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH: the headless-browser viewer test needs it")
+def test_viewer_draws_tiles_and_boxes_in_chromium(server, run_out: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from gpupath.query import query
+    from gpupath.slide import open_slide
+    from gpupath.synthetic import read_nuclei
+
+    _, bg = server
+    sid = _slide_id(run_out)
+    nuclei = read_nuclei(run_out.parent / "slide.svs")
+    dets = query(run_out, slide=sid, bbox=(1000, 1000, 3000, 3000), min_score=0.5).to_pylist()
+    # a detected nucleus: the box whose centre is nearest a true nucleus centre
+    b = min(dets, key=lambda d: np.min(np.hypot(nuclei["x_px"] - (d["x0_px"] + d["x1_px"]) / 2,
+                                                nuclei["y_px"] - (d["y0_px"] + d["y1_px"]) / 2)))
+    cx, cy = round((b["x0_px"] + b["x1_px"]) / 2), round((b["y0_px"] + b["y1_px"]) / 2)
+    shot = tmp_path / "viewer.png"
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+           "--force-device-scale-factor=1", f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
+           "--window-size=1000,800", "--virtual-time-budget=8000",
+           f"{bg.url}/viewer#slide={sid}&level=12&x={cx}&y={cy}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
+    assert r.returncode == 0 and shot.is_file(), r.stderr[-2000:]
+    ARTIFACTS.mkdir(exist_ok=True)
+    shutil.copy(shot, ARTIFACTS / "serve_viewer.png")
+    px = np.asarray(Image.open(shot).convert("RGB")).astype(np.int16)
+    assert px.shape == (800, 1000, 3)
+    # level 12 = full resolution: screen (500, 400) is level-0 (cx, cy); tiles drawn 1:1
+    with open_slide(run_out.parent / "slide.svs") as slide:
+        patch = np.asarray(slide.read_region((cx + 200, cy - 300), 0, (200, 150)))[..., :3].astype(np.int16)
+    screen = px[100:250, 700:900]
+    assert np.abs(screen - patch).mean() < 8, np.abs(screen - patch).mean()
+    # the box of the detected nucleus: its left and top edges are drawn in the label's colour
+    left, top = round(b["x0_px"] - cx + 500), round(b["y0_px"] - cy + 400)
+    mid_y, mid_x = round((b["y0_px"] + b["y1_px"]) / 2 - cy + 400), round((b["x0_px"] + b["x1_px"]) / 2 - cx + 500)
+
+    def is_box(y: int, x: int) -> bool:
+        near = px[y - 2:y + 3, x - 2:x + 3].reshape(-1, 3)
+        return bool(np.any(np.all(np.abs(near - BOX_GREEN) < 60, axis=1)))
+
+    assert is_box(mid_y, left) and is_box(top, mid_x)
+    assert not is_box(mid_y, mid_x)   # inside: the nucleus itself (tile pixels), not the box
+
+
+# --- load test (tiny) --------------------------------------------------------------------------
+
+def test_bench_serve_runs_tiny(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_serve", Path(__file__).parents[1] / "bench" / "bench_serve.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    store = bench.make_store(tmp_path, 1024)
+    r = bench.run_load(store, clients=2, requests=40, cache_mb=1)
+    assert r["errors"] == 0 and r["requests"] == 40 and r["tiles_per_s"] > 0
+    assert 0 < r["latency_ms"]["p50"] <= r["latency_ms"]["p99"]
+    assert "tiles/s" in bench.markdown(r)

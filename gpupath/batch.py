@@ -221,7 +221,7 @@ def run_batch(paths: Sequence[str | Path], out_dir: str | Path, params: RunParam
                                         on_tiles=None if on_tiles is None else
                                         (lambda done, total, _p=str(p): on_tiles(_p, done, total))))
         else:
-            del detector  # workers build their own; free this one's memory (a GPU engine) first
+            del detector, impl  # workers build their own; free this one's memory (a GPU engine) first
             _run_on_dask(paths, out, params, workers=workers, scheduler=scheduler, resume=resume,
                          checksums=checksums, env=env, finish=finish, note=note)
         record.write(final=True)

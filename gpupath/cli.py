@@ -124,7 +124,13 @@ def _run(slides: list[Path], out: Path, *, mpp: float | None, target_mpp: float 
             entries, problems = read_checksums(checksums)
             for problem in problems:
                 err_console.print(f"warning: {checksums}: {problem}", markup=False, highlight=False, soft_wrap=True)
-            expected = {Path(name).name: sha for name, sha in entries.items()}  # slides are matched by file name
+            expected = {}
+            for name, sha in entries.items():  # slides are matched by file name: two different hashes for one is ambiguous
+                base = Path(name).name
+                if expected.get(base, sha) != sha:
+                    raise ConfigError(f"--checksums {checksums}: {base} is listed twice with different hashes "
+                                      "(slides are matched by file name)")
+                expected[base] = sha
         if not slides:
             raise ConfigError("no slides given (paths, folders of slides, or --store DIR)")
         dev = resolve_device(device)

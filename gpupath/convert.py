@@ -493,6 +493,9 @@ def convert_slide(src: str | os.PathLike[str], out: str | os.PathLike[str], para
     if not isinstance(params, ConvertParams):
         raise TypeError(f"params={params!r}: expected a ConvertParams")
     out_path = Path(out)
+    if out_path.exists() and Path(src).exists() and os.path.samefile(out_path, src):
+        raise ConfigError(f"{out_path}: is the source slide itself; converting would overwrite it with a re-encoded "
+                          "copy (choose another output name or folder)")
     t0 = time.perf_counter()
     workers = params.workers or _default_workers()
     device, device_note = _pick_device(params)  # ConfigError here, before the slide is opened

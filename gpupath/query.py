@@ -239,6 +239,9 @@ def plan_query(out: str | Path, *, slide: str | None = None, bbox: BBox | Sequen
         bbox = BBox(*bbox)
     if min_score is not None and not (isinstance(min_score, numbers.Real) and math.isfinite(min_score)):
         raise ValueError(f"min_score must be a finite number, got {min_score!r}")
+    if min_score is not None:
+        # scores are stored as float32: compare in float32, so --min-score 0.7 keeps a stored 0.7
+        min_score = float(np.float32(min_score))
     labels = _labels(label)
     plans = []
     for sid, path in _files(out, slide):

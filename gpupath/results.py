@@ -213,9 +213,12 @@ def marker_path(out_dir: Path, slide_id: str) -> Path:
 
 
 def remove_slide_parts(out_dir: Path, slide_id: str) -> None:
-    """Delete a slide's completion marker, then its partitions (before it is re-run, so a failed
-    or killed re-run leaves neither stale results nor a marker that vouches for them)."""
-    for path in (marker_path(out_dir, slide_id), *slide_part_paths(out_dir, slide_id).values()):
+    """Delete a slide's completion marker, then its partitions and derived files (report, overlay,
+    summary, GeoJSON) before it is re-run, so a failed or killed re-run leaves neither stale results
+    nor a marker that vouches for them."""
+    derived = [out_dir / folder / f"{slide_id}{ext}" for folder, ext in
+               (("reports", ".html"), ("overlays", ".png"), ("summaries", ".json"), ("geojson", ".geojson"))]
+    for path in (marker_path(out_dir, slide_id), *slide_part_paths(out_dir, slide_id).values(), *derived):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
 

@@ -409,3 +409,19 @@ def test_plain_jfif_tiles_read_back_under_the_files_jpeg_tags(generated: Path, t
     for got in (_levels(out)[0], region):
         diff = np.abs(got.astype(np.int16) - source)
         assert diff.mean() <= JPEG_MEAN_TOL and np.percentile(diff, 99) <= JPEG_P99_TOL, (diff.mean(),)
+
+
+def test_the_source_is_never_overwritten(generated: Path, tmp_path: Path) -> None:
+    import shutil
+
+    src = tmp_path / "self.ome.tif"
+    convert_slide(generated, src, ConvertParams(tile_px=512, compression="deflate", device="cpu"))
+    before = src.read_bytes()
+    with pytest.raises(ConfigError, match="is the source slide itself"):
+        convert_slide(src, src, ConvertParams(tile_px=512, device="cpu"))
+    link = tmp_path / "link.ome.tif"
+    shutil.copy(src, tmp_path / "copy.ome.tif")
+    link.symlink_to(src)
+    with pytest.raises(ConfigError, match="is the source slide itself"):
+        convert_slide(src, link, ConvertParams(tile_px=512, device="cpu"))
+    assert src.read_bytes() == before

@@ -350,3 +350,20 @@ def test_cli_missing_run_and_old_schema(one_slide: Path, tmp_path: Path) -> None
     rewrite_version(one_slide / "detections" / "slide_id=abcd" / "part-0.parquet", "0")
     res = runner.invoke(app, ["query", str(one_slide)])
     assert res.exit_code == 2 and "schema version 0, this gpupath" in res.stderr
+
+
+def test_min_score_compares_in_the_stored_float32(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from gpupath.detect.boxes import Detections
+    from gpupath.query import query
+    from gpupath.results import detections_table, write_slide_parts
+
+    det = Detections(*(np.array(v, np.float32) for v in ([0, 10], [0, 10], [5, 15], [5, 15], [0.7, 0.69])),
+                     np.zeros(2, np.int16), np.zeros(2, np.int64), np.zeros(2, np.int64))
+    table = detections_table(det, stride_l0=256.0, label_names=["nucleus"], provenance={})
+    empty_tiles = pa.table({"x_px": pa.array([], pa.int64())})
+    write_slide_parts(tmp_path, "a" * 64, table, empty_tiles)
+    got = query(tmp_path, min_score=0.7)  # the stored float32(0.7) is 0.69999999 in float64
+    assert got.num_rows == 1 and pq.read_table(tmp_path / "detections").num_rows == 2

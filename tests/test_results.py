@@ -73,3 +73,18 @@ def test_slides_table_keeps_failed_rows(tmp_path: Path) -> None:
     t = pq.read_table(tmp_path / "slides.parquet").to_pylist()
     assert [r["status"] for r in t] == ["ok", "failed"]
     assert t[1]["error"].startswith("b.svs") and t[1]["n_detections"] is None
+
+
+def test_removing_a_slide_removes_its_marker_partitions_and_derived_files(tmp_path: Path) -> None:
+    from gpupath.results import marker_path, remove_slide_parts, slide_part_paths
+
+    sid = "b" * 64
+    files = [marker_path(tmp_path, sid), *slide_part_paths(tmp_path, sid).values(),
+             tmp_path / "reports" / f"{sid}.html", tmp_path / "overlays" / f"{sid}.png",
+             tmp_path / "summaries" / f"{sid}.json", tmp_path / "geojson" / f"{sid}.geojson"]
+    other = tmp_path / "reports" / f"{'c' * 64}.html"
+    for f in [*files, other]:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("x")
+    remove_slide_parts(tmp_path, sid)
+    assert not any(f.exists() for f in files) and other.exists()

@@ -229,8 +229,42 @@ def test_token_required_and_compared(run_out: Path) -> None:
         assert app.state.gp.reads == 0 and app.state.gp.opens == 0
         assert _get(bg, "/api/slides", {"Authorization": "Bearer s3cret-token"})[0] == 200
         assert _get(bg, f"/dzi/{sid}_files/12/0_0.jpeg?token=s3cret-token")[0] == 200
+        # opening the viewer with ?token= sets an HttpOnly cookie: its script and tiles load in a browser
+        status, _, headers = _get(bg, "/viewer?token=s3cret-token")
+        cookie = headers.get("set-cookie", "")
+        assert status == 200 and "HttpOnly" in cookie and "SameSite=Strict" in cookie, headers
+        jar = {"Cookie": cookie.split(";")[0]}
+        assert _get(bg, "/static/viewer.js", jar)[0] == 200
+        assert _get(bg, f"/dzi/{sid}_files/12/0_0.jpeg", jar)[0] == 200
+        assert _get(bg, "/static/viewer.js", {"Cookie": "gpupath_token=wrong"})[0] == 401
     finally:
         bg.stop()
+
+
+def test_huge_viewport_is_clamped_not_a_server_error(server, run_out: Path) -> None:
+    _, bg = server
+    sid = _slide_id(run_out)
+    status, body, _ = _get(bg, f"/api/detections/{sid}?x0=-1e308&y0=0&x1=1e308&y1=8192&max_boxes=0")
+    assert status == 200 and b'"density"' in body
+    assert _get(bg, f"/api/detections/{sid}?x0=0&y0=0&x1=1e-300&y1=1e-300")[0] == 400
+
+
+def test_a_slide_without_a_pyramid_gets_404_not_a_whole_slide_read(tmp_path: Path) -> None:
+    import tifffile
+
+    from gpupath.serve._tiles import MAX_READ_PX, TileTooCostly, _read_level_rgb
+
+    path = tmp_path / "flat.tif"  # one level, 5000 x 5000: a low DZI level would read all of it per tile
+    tifffile.imwrite(path, np.full((5000, 5000, 3), 200, np.uint8), tile=(256, 256), photometric="rgb",
+                     compression="deflate")
+    from gpupath.slide import open_slide
+
+    with open_slide(path, mpp=0.5) as slide:
+        g = DziGeometry(5000, 5000)
+        assert 5000 * 5000 > MAX_READ_PX / 4
+        with pytest.raises(TileTooCostly, match="gpupath convert"):
+            _read_level_rgb(slide, g, 2, 0, 0, "cpu", None)  # 1 px per 4096 level-0 px: whole slide
+        assert _read_level_rgb(slide, g, g.max_level, 0, 0, "cpu", None).shape[-1] == 3
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.5", "example.org"])

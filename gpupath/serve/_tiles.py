@@ -84,6 +84,13 @@ class DziGeometry:
                 f'<Size Width="{self.width_px}" Height="{self.height_px}"/></Image>\n')
 
 
+MAX_READ_PX = 16 * 1024 * 1024   # pixels one tile may read (16 x a 1024-px tile; 48 MiB of RGB)
+
+
+class TileTooCostly(ValueError):
+    """The slide has no level close enough to this zoom: one tile would read too many pixels."""
+
+
 def _read_level_rgb(slide: Any, geom: DziGeometry, level: int, col: int, row: int,
                     device: Literal["cpu", "cuda"], lock: threading.Lock | None) -> Any:
     """(h, w, 3) uint8 pixels of a tile (NumPy, or CuPy when ``device="cuda"``), resized to the DZI level."""
@@ -94,6 +101,10 @@ def _read_level_rgb(slide: Any, geom: DziGeometry, level: int, col: int, row: in
     # level-0 px of the tile, then px at the slide level read (cover the whole tile: ceil)
     w_lvl = max(1, math.ceil((x1 - x0) * ds / ds_slide))
     h_lvl = max(1, math.ceil((y1 - y0) * ds / ds_slide))
+    if w_lvl * h_lvl > MAX_READ_PX:
+        # a slide without the levels this view needs: one tile would read a whole slide into memory
+        raise TileTooCostly(f"tile needs {w_lvl} x {h_lvl} px from level {slide_level} (downsample {ds_slide:g}); "
+                            "the slide has no pyramid level for this zoom: convert it with gpupath convert")
     if lock is None:
         rgb = slide.read_rgb((x0 * ds, y0 * ds), slide_level, (w_lvl, h_lvl), device=device)
     else:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gpupath.errors import ConfigError
-from gpupath.serve._tiles import TILE_FORMATS, DziGeometry, TileCache, render_tile
+from gpupath.serve._tiles import TILE_FORMATS, DziGeometry, TileCache, TileTooCostly, render_tile
 
 __all__ = ["ServedSlide", "ServeSource", "load_source", "create_app", "serve", "serve_in_thread", "BackgroundServer", "check_bind", "is_loopback",
            "SLIDE_ID_RE", "DEFAULT_CACHE_BYTES"]
@@ -158,6 +158,9 @@ class _State:
         return self.slide(slide_id)[1]
 
 
+TOKEN_COOKIE = "gpupath_token"
+
+
 def _security_headers(kind: str = "app") -> dict[str, str]:
     csp = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'" if kind == "report" else
            "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
@@ -223,11 +226,23 @@ def create_app(source: ServeSource | str | Path, *, token: str | None = None, ca
             if scope["type"] == "http" and secret is not None:
                 req = Request(scope)
                 auth = req.headers.get("authorization", "")
-                given = auth[7:] if auth.lower().startswith("bearer ") else req.query_params.get("token", "")
+                from_query = req.query_params.get("token", "")
+                given = (auth[7:] if auth.lower().startswith("bearer ") else
+                         from_query or req.cookies.get(TOKEN_COOKIE, ""))
                 if not hmac.compare_digest(given.encode(), secret):
                     resp = PlainTextResponse("401 unauthorized: token required", status_code=401,
                                              headers={"WWW-Authenticate": "Bearer"})
                     await resp(scope, receive, send)
+                    return
+                if from_query:
+                    # the page's own script, tile and link requests carry no token: a cookie does it for them
+                    async def send_with_cookie(message: Any) -> None:
+                        if message["type"] == "http.response.start":
+                            cookie = f"{TOKEN_COOKIE}={from_query}; Path=/; HttpOnly; SameSite=Strict"
+                            message.setdefault("headers", []).append((b"set-cookie", cookie.encode("latin-1")))
+                        await send(message)
+
+                    await self.app(scope, receive, send_with_cookie)
                     return
             await self.app(scope, receive, send)
 
@@ -306,7 +321,10 @@ def create_app(source: ServeSource | str | Path, *, token: str | None = None, ca
                 st.reads += 1
                 return render_tile(slide, geom, level, col, row, fmt=fmt, quality=st.quality, device=st.device,
                                    lock=lock)
-            data = await run_in_threadpool(work)
+            try:
+                data = await run_in_threadpool(work)
+            except TileTooCostly as exc:
+                return PlainTextResponse(f"404 {exc}", status_code=404)
             st.cache.put(key, data)
         headers = {**_security_headers(), "Cache-Control": "private, max-age=3600"}
         return Response(data, media_type=TILE_FORMATS[fmt], headers=headers)
@@ -324,6 +342,11 @@ def create_app(source: ServeSource | str | Path, *, token: str | None = None, ca
             max_boxes = int(q.get("max_boxes", "2000"))
             if not (all(math.isfinite(v) for v in (*bbox, min_score)) and bbox[2] > bbox[0] and bbox[3] > bbox[1]
                     and 0 <= max_boxes <= MAX_BOXES_LIMIT):
+                raise ValueError
+            # clamp to the slide (plus a margin for boxes straddling its edge): finite extents, no overflow
+            w0, h0 = source.slides[sid].width_px or 1e9, source.slides[sid].height_px or 1e9
+            bbox = (max(bbox[0], -1e6), max(bbox[1], -1e6), min(bbox[2], w0 + 1e6), min(bbox[3], h0 + 1e6))
+            if not (bbox[2] - bbox[0] >= 1e-3 and bbox[3] - bbox[1] >= 1e-3):
                 raise ValueError
         except (KeyError, ValueError):
             return PlainTextResponse("400 expected x0<x1, y0<y1 (level-0 px), min_score, "

@@ -39,7 +39,7 @@ from typing import Any
 
 from gpupath._version import __version__
 from gpupath.errors import ConfigError
-from gpupath.pipeline import RunParams, SlideResult, _environment, process_slide
+from gpupath.pipeline import RunParams, SlideResult, _environment, detector_record, process_slide
 from gpupath.results import write_json_atomic, write_slides_table
 
 __all__ = ["run_batch", "expand_inputs", "SLIDE_SUFFIXES", "default_workers"]
@@ -195,8 +195,7 @@ def run_batch(paths: Sequence[str | Path], out_dir: str | Path, params: RunParam
         raise ConfigError(f"--out {out}: exists and is not a folder")
     paths = [Path(p) for p in paths]
     env = _environment(params)
-    env["detector"] = {"model": detector.name, "engine": detector.engine, "model_sha256": detector.model_sha256,
-                       "classes": list(detector.classes), "notes": notes,
+    env["detector"] = {**detector_record(detector), "notes": notes,
                        "preprocess": getattr(detector, "preprocess_name", None)}
     impl = getattr(detector, "engine_impl", None)
     if impl is not None and hasattr(impl, "cache_hit"):  # TensorRT: whether the plan came from the cache

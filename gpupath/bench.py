@@ -365,21 +365,13 @@ def match_detections(ours: dict[str, np.ndarray], base: dict[str, np.ndarray], *
     of the baseline, matched fraction of each side, and the largest box-coordinate difference of
     the matched pairs (max over x0, y0, x1, y1), overall and at the 99th percentile.
     """
-    from scipy.spatial import cKDTree
+    from gpupath.detect.boxes import match_one_to_one
 
     def centres(d: dict[str, np.ndarray]) -> np.ndarray:
         return np.c_[(d["x0_px"] + d["x1_px"]) / 2, (d["y0_px"] + d["y1_px"]) / 2].astype(np.float64)
 
     a, b = centres(ours), centres(base)
-    pairs = cKDTree(a).sparse_distance_matrix(cKDTree(b), tol_px, output_type="ndarray") if len(a) and len(b) else []
-    used_a, used_b, ia, ib = np.zeros(len(a), bool), np.zeros(len(b), bool), [], []
-    if len(pairs):
-        for p in pairs[np.argsort(pairs["v"], kind="stable")]:
-            if not used_a[p["i"]] and not used_b[p["j"]]:
-                used_a[p["i"]] = used_b[p["j"]] = True
-                ia.append(p["i"])
-                ib.append(p["j"])
-    ia_, ib_ = np.asarray(ia, np.int64), np.asarray(ib, np.int64)
+    ia_, ib_ = match_one_to_one(a, b, tol_px)
     diff = np.zeros(0)
     if len(ia_):
         diff = np.max([np.abs(np.asarray(ours[c], np.float64)[ia_] - np.asarray(base[c], np.float64)[ib_])

@@ -249,6 +249,12 @@ def _fit_slide_stain(slide: Slide, grid: TileGrid, params: RunParams) -> tuple[s
 PERFORMANCE_FIELDS = frozenset({"device", "batch_size", "prefetch_batches", "read_workers", "triton_url", "reports"})
 
 
+def detector_record(detector: Detector) -> dict[str, Any]:
+    """What ran, for run.json and the reports: model name, engine, sha256 of the model file, classes."""
+    return {"model": detector.name, "engine": detector.engine, "model_sha256": detector.model_sha256,
+            "classes": list(detector.classes)}
+
+
 def _write_reports(out_dir: Path, result: SlideResult, params: RunParams, detector: Detector, slide: Slide,
                    tissue: Any) -> None:
     """A slide's overlay, summary, HTML report and QuPath GeoJSON (from its partitions, the open slide
@@ -256,9 +262,7 @@ def _write_reports(out_dir: Path, result: SlideResult, params: RunParams, detect
     from gpupath.report import write_slide_outputs  # noqa: PLC0415
     from gpupath.report.geojson import write_geojson  # noqa: PLC0415
 
-    environment = {"device": params.device, "gpupath": __version__,
-                   "detector": {"model": detector.name, "engine": detector.engine,
-                                "model_sha256": detector.model_sha256, "classes": list(detector.classes)}}
+    environment = {"device": params.device, "gpupath": __version__, "detector": detector_record(detector)}
     try:
         host_tissue = None if is_device_array(getattr(tissue, "mask", None)) else tissue  # the report draws on the host
         write_slide_outputs(out_dir, asdict(result), params=params.to_dict(), environment=environment, slide=slide,

@@ -10,6 +10,7 @@ import pytest
 from scipy.spatial import cKDTree
 
 from conftest import READABLE, data_file
+from gpupath.detect.boxes import match_one_to_one
 from gpupath.pipeline import RunParams, process_slide, run_slides
 from gpupath.slide import open_slide
 from gpupath.synthetic import SyntheticSpec, read_nuclei, write_synthetic_slide
@@ -35,15 +36,7 @@ def detections_of(out: Path, slide_id: str) -> dict[str, np.ndarray]:
 
 def one_to_one(truth: np.ndarray, found: np.ndarray, max_px: float) -> tuple[np.ndarray, np.ndarray]:
     """Greedy closest-first matching; returns (truth index, found index) pairs within ``max_px``."""
-    if len(truth) == 0 or len(found) == 0:
-        return np.zeros(0, int), np.zeros(0, int)
-    pairs = cKDTree(truth).sparse_distance_matrix(cKDTree(found), max_px, output_type="ndarray")
-    pairs = np.sort(pairs, order="v")
-    used_t, used_f, ti, fi = set(), set(), [], []
-    for i, j, _ in pairs:
-        if i not in used_t and j not in used_f:
-            used_t.add(i), used_f.add(j), ti.append(i), fi.append(j)
-    return np.array(ti, int), np.array(fi, int)
+    return match_one_to_one(truth, found, max_px)
 
 
 def truth_centres(slide: Path) -> np.ndarray:

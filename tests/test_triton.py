@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import data_file
+from detect_helpers import assert_same_detections
+from peer_venv import peer_python
 from scipy.spatial import cKDTree
 from test_pipeline import detections_of
 
@@ -60,34 +62,10 @@ NO_STAIN = np.eye(3)   # the learned detector ignores stains
 
 
 # ----------------------------------------------------------------------------- server
-def _run(cmd: list[str], what: str) -> None:
-    """Run one build step; skip, naming the step and pip's last words, if it fails."""
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
-    except subprocess.TimeoutExpired:
-        pytest.skip(f"peer venv {PEER_DIR}: {what} timed out after 900 s (no network?)")
-    if done.returncode != 0:
-        tail = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:] or ["no output"]
-        pytest.skip(f"peer venv {PEER_DIR}: {what} exited {done.returncode}: {tail[0]} (no network or PyPI?)")
-
-
 @pytest.fixture(scope="session")
 def triton_python() -> Path:
     """Python of a venv with nvidia-pytriton + onnxruntime, built once under .cache/peers/ (PyPI needed)."""
-    python = PEER_DIR / "bin" / "python"
-    marker = PEER_DIR / "gpupath-peer.json"
-    want = {"peer": PEER, "pins": PEER_PINS}
-    if marker.is_file() and python.is_file():
-        have = json.loads(marker.read_text())
-        if {k: have.get(k) for k in want} == want:
-            return python
-    t0 = time.perf_counter()
-    _run([sys.executable, "-m", "venv", "--clear", str(PEER_DIR)], "python -m venv")
-    _run([str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q", *PEER_PINS],
-         f"pip install {' '.join(PEER_PINS)}")
-    _run([str(python), "-c", "import pytriton.triton, onnxruntime"], "import pytriton.triton, onnxruntime")
-    marker.write_text(json.dumps({**want, "build_s": round(time.perf_counter() - t0, 1)}))
-    return python
+    return peer_python(PEER_DIR, peer=PEER, pins=PEER_PINS, imports="pytriton.triton, onnxruntime", timeout_s=900)
 
 
 def _free_port() -> int:
@@ -168,18 +146,6 @@ def small_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _same_detections(a: TileBoxes, b: TileBoxes, *, box_px: float, score: float) -> None:
-    """Every box of ``a`` has one in ``b`` within ``box_px`` on all four sides (and back), scores within ``score``."""
-    assert len(a) == len(b), f"{len(a)} vs {len(b)} detections"
-    ka = np.c_[a.tile_index * 10_000.0, a.x0, a.y0, a.x1, a.y1]
-    kb = np.c_[b.tile_index * 10_000.0, b.x0, b.y0, b.x1, b.y1]
-    dist, idx = cKDTree(kb).query(ka, p=np.inf)
-    assert (dist <= box_px).all(), f"box differs by {dist.max():.3g} px"
-    assert len(set(idx.tolist())) == len(idx), "two boxes matched one"
-    assert np.abs(a.score - b.score[idx]).max() <= score
-    assert (a.label == b.label[idx]).all()
-
-
 def _stats(url: str) -> tuple[int, int]:
     """(inference_count, execution_count) of the model on the server: items and requests run."""
     client = httpclient.InferenceServerClient(url=url)
@@ -200,7 +166,7 @@ def test_triton_gives_the_onnxruntime_detections(triton_url: str, real_tiles: np
     b = local.detect(real_tiles, mpp=0.5, stain_matrix_od=NO_STAIN)
     assert len(a) > 100, "the tiles hold many nuclei"
     # the same onnxruntime (CPU, float32) runs the same model on both sides; only the batch split differs
-    _same_detections(a, b, box_px=1e-3, score=1e-5)
+    assert_same_detections(a, b, box_px=1e-3, score=1e-5)
 
 
 def test_a_batch_over_the_servers_max_is_split(triton_url: str, real_tiles: np.ndarray) -> None:
@@ -238,7 +204,7 @@ def test_the_engine_works_from_another_thread(triton_url: str, real_tiles: np.nd
     worker.join(timeout=60)
     here = det.detect(real_tiles[:2], mpp=0.5, stain_matrix_od=NO_STAIN)
     assert len(found) == 1
-    _same_detections(found[0], here, box_px=0, score=0)
+    assert_same_detections(found[0], here, box_px=0, score=0)
 
 
 def test_pipeline_on_triton_equals_onnxruntime(triton_url: str, small_slide: Path, tmp_path: Path) -> None:
@@ -269,7 +235,7 @@ def test_triton_on_cuda_tiles_matches_the_host_run(triton_url: str, real_tiles: 
     x = on_gpu.preprocessor(cupy.asarray(real_tiles))
     assert all(isinstance(v, cupy.ndarray) for v in on_gpu.engine_impl(x).values())
     # preprocessing and decoding on CuPy vs NumPy: float32 either way, a few ulp apart
-    _same_detections(on_gpu.detect(cupy.asarray(real_tiles), mpp=0.5, stain_matrix_od=NO_STAIN),
+    assert_same_detections(on_gpu.detect(cupy.asarray(real_tiles), mpp=0.5, stain_matrix_od=NO_STAIN),
                      on_cpu.detect(real_tiles, mpp=0.5, stain_matrix_od=NO_STAIN), box_px=1e-2, score=1e-4)
 
 

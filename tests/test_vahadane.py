@@ -14,11 +14,8 @@ skips, naming the failed step.
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
-import sys
-import time
 import tomllib
 import types
 from pathlib import Path
@@ -26,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import data_file
+from peer_venv import peer_python as build_peer_python
 from gpupath_kernels.vahadane import nn_lasso_ref, vahadane_apply_ref
 from stain_helpers import (
     CMU_SMALL,
@@ -256,35 +254,10 @@ np.savez(sys.argv[2], stains=stains, masks=masks, normalised=out)
 """.replace("PEER_ITER", str(PEER_ITER))
 
 
-def _run(cmd: list[str], what: str) -> None:
-    """Run one build step; skip the test, naming the step and pip's last words, if it fails."""
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
-    except subprocess.TimeoutExpired:
-        pytest.skip(f"peer venv {PEER_DIR}: {what} timed out after 600 s (no network?)")
-    if done.returncode != 0:
-        tail = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:] or ["no output"]
-        pytest.skip(f"peer venv {PEER_DIR}: {what} exited {done.returncode}: {tail[0]} (no network or PyPI?)")
-
-
 @pytest.fixture(scope="session")
 def peer_python() -> Path:
     """Python of a venv with staintools 2.1.2 + SPAMS, built once under .cache/peers/ (PyPI needed)."""
-    python = PEER_DIR / "bin" / "python"
-    marker = PEER_DIR / "gpupath-peer.json"
-    want = {"peer": PEER, "pins": PEER_PINS}
-    if marker.is_file() and python.is_file():
-        have = json.loads(marker.read_text())
-        if {k: have.get(k) for k in want} == want:
-            return python
-    t0 = time.perf_counter()
-    _run([sys.executable, "-m", "venv", "--clear", str(PEER_DIR)], "python -m venv")
-    pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
-    _run([*pip, "--no-deps", PEER_SPEC], f"pip install --no-deps {PEER_SPEC}")
-    _run([*pip, *PEER_PINS], f"pip install {' '.join(PEER_PINS)}")
-    _run([str(python), "-c", "import staintools, spams"], "import staintools, spams")
-    marker.write_text(json.dumps({**want, "build_s": round(time.perf_counter() - t0, 1)}))
-    return python
+    return build_peer_python(PEER_DIR, peer=PEER, pins=PEER_PINS, imports="staintools, spams", no_deps=[PEER_SPEC])
 
 
 def _objective(od: np.ndarray, w: np.ndarray, lam: float) -> float:

@@ -21,7 +21,7 @@ from gpupath._xp import array_module, is_device_array
 from gpupath_kernels import boxes as boxes_kernels
 
 __all__ = ["Detections", "GridLayout", "to_global", "boxes_to_global", "own_by_centre", "suppress_near_duplicates",
-           "dedup_overlaps"]
+           "dedup_overlaps", "match_one_to_one"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,3 +249,30 @@ def dedup_overlaps(det: Detections, layout: GridLayout, *, min_distance_l0_px: f
     look |= near_line(kept.cx.astype(np.float64)) | near_line(kept.cy.astype(np.float64))
     edge = suppress_near_duplicates(kept.take(np.flatnonzero(look)), min_distance_l0_px=min_distance_l0_px)
     return Detections.concat([kept.take(np.flatnonzero(~look)), edge])
+
+
+def match_one_to_one(a: np.ndarray, b: np.ndarray, max_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy one-to-one matching of two point sets, closest pairs first.
+
+    Parameters
+    ----------
+    a, b : (N, 2) and (M, 2) points, px (e.g. box centres, level-0).
+    max_px : largest distance of a matched pair, px.
+
+    Returns
+    -------
+    (index into ``a``, index into ``b``) of the matched pairs, int64, in the order they were taken
+    (increasing distance; ties by index). Empty when either set is.
+    """
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    pairs = np.sort(cKDTree(a).sparse_distance_matrix(cKDTree(b), max_px, output_type="ndarray"), order="v")
+    used_a, used_b = np.zeros(len(a), bool), np.zeros(len(b), bool)
+    ia: list[int] = []
+    ib: list[int] = []
+    for i, j, _ in pairs.tolist():
+        if not used_a[i] and not used_b[j]:
+            used_a[i] = used_b[j] = True
+            ia.append(i)
+            ib.append(j)
+    return np.asarray(ia, np.int64), np.asarray(ib, np.int64)

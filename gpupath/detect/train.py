@@ -358,18 +358,9 @@ def write_card(out: Path, *, net: Any, steps: int, batch: int, seed: int, tiles:
 
 def one_to_one(truth: np.ndarray, found: np.ndarray, max_px: float) -> int:
     """Matched pairs of a greedy closest-first one-to-one matching within ``max_px``."""
-    from scipy.spatial import cKDTree  # noqa: PLC0415
+    from gpupath.detect.boxes import match_one_to_one  # noqa: PLC0415
 
-    if len(truth) == 0 or len(found) == 0:
-        return 0
-    pairs = np.sort(cKDTree(truth).sparse_distance_matrix(cKDTree(found), max_px, output_type="ndarray"), order="v")
-    used_t: set[int] = set()
-    used_f: set[int] = set()
-    for i, j, _ in pairs:
-        if i not in used_t and j not in used_f:
-            used_t.add(int(i))
-            used_f.add(int(j))
-    return len(used_t)
+    return len(match_one_to_one(truth, found, max_px)[0])
 
 
 def evaluate_synthetic(card: Path, work: Path, seeds: tuple[int, ...], *, engine: str = "onnxruntime"

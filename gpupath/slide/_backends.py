@@ -18,6 +18,7 @@ import numpy as np
 
 from gpupath._coords import level0_origin, pyramid_downsamples
 from gpupath.errors import SlideReadError
+from gpupath.slide._jpeg import TileGuard
 from gpupath.slide._meta import TiffLayout
 
 __all__ = ["Reader", "CucimReader", "OpenSlideReader", "TifffileReader"]
@@ -104,10 +105,16 @@ class CucimReader:
             )
         self.tile_dims = tuple((int(w), int(h)) for w, h in res["level_tile_sizes"])
         self.level0_downsamples = pyramid_downsamples(self.level_dims)
+        try:  # cuCIM decodes a corrupt JPEG tile to garbage without raising: check each tile's structure first
+            self.guard = TileGuard(path, layout.level_pages)
+        except BaseException:
+            self.img.close()
+            raise
 
     def read_rgb(self, level: int, x_lvl: int, y_lvl: int, w: int, h: int, *, device: str) -> Any:
         ds = self.level0_downsamples[level]
         loc = (level0_origin(x_lvl, ds), level0_origin(y_lvl, ds))
+        self.guard.check(level, x_lvl, y_lvl, w, h)
         try:
             region = self.img.read_region(loc, (w, h), level, device=device)
         except Exception as exc:
@@ -121,6 +128,9 @@ class CucimReader:
     def read_batch(self, level: int, locations_l0: list[tuple[int, int]], w: int, h: int, *, device: str,
                    num_workers: int) -> Any:
         """Decode many same-size in-bounds regions with cuCIM's batched, multi-threaded reader."""
+        ds = self.level0_downsamples[level]
+        for x0, y0 in locations_l0:  # level px of a level-0 origin: floor, plus one px either way for rounding
+            self.guard.check(level, int(x0 // ds), int(y0 // ds), w + 1, h + 1)
         try:
             batches = self.img.read_region(
                 locations_l0, (w, h), level, batch_size=len(locations_l0),
@@ -137,6 +147,7 @@ class CucimReader:
 
     def close(self) -> None:
         self.img.close()
+        self.guard.close()
 
 
 class TifffileReader:

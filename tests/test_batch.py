@@ -237,3 +237,19 @@ def test_ingest_then_run_the_store_with_checksums(slides: list[Path], reference:
                    "--checksums", sums)
     _, stderr = run.communicate(timeout=300)
     assert run.returncode == 1 and "not listed in the checksums file" in stderr
+
+
+@pytest.mark.gpu
+def test_dask_cuda_cluster_gives_the_in_process_gpu_detections(slides: list[Path], tmp_path: Path) -> None:
+    """On a GPU node a batch runs on dask-cuda's LocalCUDACluster (one worker per GPU) and every slide
+    gets exactly the detections of an in-process run on the same GPU."""
+    pytest.importorskip("dask_cuda", reason="dask-cuda (gpu extra) not installed")
+    params = RunParams(tile=TileSpec(overlap_px=32), device="cuda", read_workers=1)
+    in_process = {Path(r.path).name: r.n_detections
+                  for r in run_batch(slides[:2], tmp_path / "in-process", params, workers=0)}
+    results = run_batch(slides[:2], tmp_path / "cluster", params, workers=1)
+    assert all(r.status == "ok" for r in results), [r.error for r in results]
+    record = json.loads((tmp_path / "cluster" / "run.json").read_text())
+    assert record["environment"]["executor"]["kind"] == "LocalCUDACluster"
+    assert {Path(r.path).name: r.n_detections for r in results} == in_process
+    check_outputs(tmp_path / "cluster", slides[:2], in_process)

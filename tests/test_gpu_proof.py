@@ -21,18 +21,36 @@ def _module(name: str):  # noqa: ANN202
 
 
 def test_proof_dry_run_writes_figures(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, str(PROOF / "proof.py"), "--dry-run", "--out", str(tmp_path),
-                           "--data", str(DATA_DIR)], capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    (result_json,) = tmp_path.glob("*-cpu-dry-run.json")
-    result = json.loads(result_json.read_text())
+    out, work = tmp_path / "out", tmp_path / "work"
+    for steps in ("tests,kernels", "runs,bench"):  # split as the device calls split it
+        proc = subprocess.run([sys.executable, str(PROOF / "proof.py"), "--dry-run", "--out", str(out), "--work",
+                               str(work), "--data", str(DATA_DIR), "--steps", steps],
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    parts = sorted(out.glob("*-cpu-dry-run-*.json"))
+    assert [p.name.split("dry-run-")[1] for p in parts] == ["runs-bench.json", "tests-kernels.json"]
+    merged = _module("proof").merge(parts, out)
+    assert merged.name.endswith("-cpu-dry-run.json")
+    result = json.loads(merged.read_text())
     assert result["dry_run"] and result["gpu"] is None
     assert result["gpu_tests"]["counts"]["failed"] == 0 and result["gpu_tests"]["counts"]["skipped"] > 10
+    paths = {p["path"]: p for p in result["paths"]}
+    assert "dask-cuda LocalCUDACluster" in paths and "cuCIM device decode" in paths
+    assert not any(p["ran"] for p in paths.values())  # no GPU: no path ran, each says why it was skipped
+    assert all("CUDA" in p["skip_reason"] or "GPU" in p["skip_reason"] for p in paths.values())
+    assert "other" not in paths  # every gpu test belongs to a named path
     assert {row["kernel"] for row in result["kernels"]["rows"]} >= {"macenko_apply", "tissue_features"}
     synthetic = [r for r in result["runs"] if r["slide"].startswith("synthetic")]
     assert synthetic and synthetic[0]["status"] == "ok" and synthetic[0]["tiles_per_s"] > 0
-    assert (tmp_path / result_json.name.replace(".json", ".md")).read_text().startswith("# On-device proof")
-    assert not list(tmp_path.glob("synthetic-*.svs"))  # the generated slide is removed after the run
+    assert synthetic[0]["backend"] and synthetic[0]["engine"] == "onnxruntime"
+    bench = {r["slide"]: r for r in result["bench"]}
+    assert bench[synthetic[0]["slide"]]["speedup_vs_baseline"] > 0
+    assert bench[synthetic[0]["slide"]]["matched_of_baseline"] > 0.99
+    if (DATA_DIR / "OS-2-ndpi.ome.tif").exists():  # OpenSlide cannot read it: the baseline is not run, and says so
+        assert "OpenSlide cannot open it" in bench["OS-2-ndpi.ome.tif"]["not_run"]
+    md = merged.with_suffix(".md").read_text()
+    assert md.startswith("# On-device proof") and "dask-cuda LocalCUDACluster" in md and "baseline" in md
+    assert not list(out.rglob("*.svs")) and not (out / "runs").exists()  # slides and run outputs stay in --work
 
 
 def test_prepare_packs_loads_under_the_carry_limit(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs ON the device machine (see README.md). Two verbs:
 #   bash bench/gpu_proof/device.sh load K   # one call per load: stash .whl/load-K; install once all are there
-#   bash bench/gpu_proof/device.sh run      # pytest -m gpu, kernel bench, gpupath run cpu vs cuda -> $OUT
+#   bash bench/gpu_proof/device.sh run      # pytest -m gpu, kernel bench, gpupath run cpu vs cuda, bench -> $OUT
 set -euo pipefail
 STASH=/tmp/gpupath-carry
 SITE=/tmp/gpupath-site
@@ -27,7 +27,8 @@ case "${1:-}" in
   run)
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 GPUPATH_TEST_DATA="$PWD/.data"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
-    python3 bench/gpu_proof/proof.py --out "$OUT" --data "$PWD/.data" ${SIZE:+--size "$SIZE"} ${STEPS:+--steps "$STEPS"}
+    python3 bench/gpu_proof/proof.py --out "$OUT" --data "$PWD/.data" ${SIZE:+--size "$SIZE"} ${STEPS:+--steps "$STEPS"} \
+      ${DRY_RUN:+--dry-run}  # DRY_RUN=1: rehearse the install and the steps on a machine without a GPU
     ;;
   *) echo "usage: device.sh load K | run" >&2; exit 2 ;;
 esac

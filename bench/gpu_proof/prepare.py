@@ -4,7 +4,7 @@
 
 The device image has torch, CuPy, Numba, numba-cuda, NumPy, SciPy, pyarrow, tifffile, typer,
 rich, Pillow, threadpoolctl and onnxruntime, but not cuCIM, nvImageCodec, imagecodecs, OpenSlide,
-torchstain or gpupath. Run it in the venv of the README's test command: the versions to carry
+torchstain, DALI, Dask (with dask-cuda), Starlette/uvicorn or gpupath. Run it in the venv of the README's test command: the versions to carry
 are read from it. This downloads their cp312 manylinux
 wheels (same versions as this environment), builds gpupath's own wheel, copies the real test
 slides, and packs everything into loads of at most 60 MiB under ``.whl/`` (the device tool
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata as md
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -28,22 +29,38 @@ LOAD_BYTES = 60 << 20
 # distributions the device image lacks, by their names in this environment
 CARRY = ["cucim-cu13", "nvidia-nvimgcodec-cu13", "imagecodecs", "openslide-python", "openslide-bin", "torchstain",
          # the learned detector's engines and model input on the device (DALI's wheel is ~200 MB: 4 loads)
-         "onnxruntime", "nvidia-dali-cuda130", "pyyaml", "threadpoolctl"]
+         "onnxruntime", "nvidia-dali-cuda130", "pyyaml", "threadpoolctl",
+         # gpupath's batch and serve dependencies the image lacks (their other needs are in the image)
+         "partd", "locket", "tblib", "zict", "tornado", "starlette", "uvicorn"]
+# carried at these versions rather than this venv's: dask-cuda (gpu extra: one Dask worker per GPU)
+# pins dask and distributed through rapids-dask-dependency, so the device gets what `pip install
+# gpupath[gpu]` resolves to
+DEVICE_PINS = {"dask-cuda": "26.10.0", "rapids-dask-dependency": "26.10.0", "dask": "2026.7.1",
+               "distributed": "2026.7.1"}
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64", "manylinux_2_5_x86_64"]
 
 
-def download(dest: Path, dry_run: bool) -> list[Path]:
+def download(dest: Path, dry_run: bool, python_version: str = "3.12") -> list[Path]:
     dest.mkdir(parents=True, exist_ok=True)
-    specs = [f"{name}=={md.version(name)}" for name in CARRY]
+    specs = [f"{name}=={md.version(name)}" for name in CARRY if name not in DEVICE_PINS]
+    specs += [f"{name}=={version}" for name, version in DEVICE_PINS.items()]
     if dry_run:
         print("would download:", " ".join(specs))
         return []
     plat = [arg for p in PLATFORMS for arg in ("--platform", p)]
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                    "--python-version", "3.12", "--implementation", "cp", *plat, "-d", str(dest), *specs], check=True)
+                    "--python-version", python_version, "--implementation", "cp", *plat, "-d", str(dest), *specs], check=True)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dest), str(REPO)], check=True)
+    wanted = {_key(*spec.split("==")) for spec in specs} | {_key("gpupath", md.version("gpupath"))}
+    for stale in [w for w in dest.glob("*.whl") if _key(*w.name.split("-")[:2]) not in wanted]:
+        stale.unlink()  # an earlier version left here: two versions of one package stop the whole install
     return sorted(dest.glob("*.whl"))
+
+
+def _key(name: str, version: str) -> tuple[str, str]:
+    """(normalised distribution name, version), equal for a spec and its wheel's file name."""
+    return re.sub(r"[-_.]+", "_", name).lower(), version
 
 
 def pack(files: list[Path], data: list[Path], whl: Path = WHL, load_bytes: int = LOAD_BYTES) -> list[list[str]]:
@@ -79,15 +96,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     ap.add_argument("--dry-run", action="store_true", help="only list what would be downloaded")
+    ap.add_argument("--whl", type=Path, default=WHL, help="where the loads go (the device calls carry .whl/)")
+    ap.add_argument("--python-version", default="3.12",
+                    help="the device image's Python (another only to rehearse the install on this machine)")
     args = ap.parse_args()
-    wheels = download(WHL / "all", args.dry_run)
+    whl = args.whl
+    wheels = download(whl / "all", args.dry_run, args.python_version)
     if args.dry_run:
         return 0
     data = sorted(p for p in args.data.iterdir() if p.suffix.lower() in (".svs", ".tif", ".tiff", ".ndpi", ".dcm"))
-    loads = pack(wheels, data)
-    (WHL / "plan.json").write_text(json.dumps({"loads": loads}, indent=2) + "\n")
+    loads = pack(wheels, data, whl=whl)
+    (whl / "plan.json").write_text(json.dumps({"loads": loads}, indent=2) + "\n")
     for i, names in enumerate(loads, 1):
-        size = sum((WHL / f"load-{i}" / n).stat().st_size for n in names) / 2**20
+        size = sum((whl / f"load-{i}" / n).stat().st_size for n in names) / 2**20
         print(f"load-{i}: {len(names)} files, {size:.1f} MiB")
     return 0
 

@@ -124,17 +124,20 @@ def damaged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, tuple[int, 
     return path, tile_xy
 
 
-def test_cucim_reads_around_a_corrupt_tile_and_refuses_it(damaged: tuple[Path, tuple[int, int]]) -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_cucim_reads_around_a_corrupt_tile_and_refuses_it(damaged: tuple[Path, tuple[int, int]], device: str) -> None:
     path, (x, y) = damaged
     with open_slide(path, backend="cucim") as slide:
         assert slide.backend == "cucim"
-        slide.read_region((0, 0), 0, (512, 256))  # clean tiles read as before
+        slide.read_rgb((0, 0), 0, (512, 256), device=device)  # clean tiles read as before
         with pytest.raises(SlideReadError, match=r"corrupt JPEG tile \d+ of level 0 .*bogus marker length 1") as info:
-            slide.read_region((x + 10, y + 10), 0, (64, 64))
+            slide.read_rgb((x + 10, y + 10), 0, (64, 64), device=device)
         assert str(path) in str(info.value) and f"x {x}, y {y}" in str(info.value)
         with pytest.raises(SlideReadError, match="corrupt JPEG tile"):  # the batched reader (cuCIM's threads)
-            slide.read_tiles([(0, 0), (x - 100, y - 100)], 0, 256)
-        slide.read_tiles([(0, 0), (256, 0)], 0, 256)  # and the handle still reads clean tiles
+            slide.read_tiles([(0, 0), (x - 100, y - 100)], 0, 256, device=device)
+        slide.read_tiles([(0, 0), (256, 0)], 0, 256, device=device)  # and the handle still reads clean tiles
+        with pytest.raises(SlideReadError, match="corrupt JPEG tile"):
+            slide.read_region((x, y), 0, (16, 16))  # the OpenSlide-compatible API too
 
 
 def test_run_fails_the_slide_with_one_line_instead_of_garbage(damaged: tuple[Path, tuple[int, int]],

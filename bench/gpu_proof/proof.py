@@ -155,7 +155,8 @@ def bench_runs(out: Path, work: Path, slides: list[Path], device: str, timeout: 
 
 # which GPU path each gpu test proves (by test module); a path "ran" when one of its tests passed
 PATHS = {"tests/kernels/": "CuPy/Numba kernels (tissue, Macenko, Vahadane, nuclei, boxes)",
-         "test_read_tiles": "cuCIM device decode", "test_tissue": "tissue mask on the device",
+         "test_read_tiles": "cuCIM device decode", "test_slide_jpeg": "cuCIM device decode",
+         "test_tissue": "tissue mask on the device",
          "test_dali_feed": "DALI GPU preprocessing", "test_decode": "detection decoders on CuPy",
          "test_learned_detector": "learned detector: torch-CUDA / TensorRT engines",
          "test_tensorrt_cache": "TensorRT engine cache", "test_classic": "classic detector on the device",

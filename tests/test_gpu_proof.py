@@ -75,3 +75,17 @@ def test_prepare_dry_run_names_installed_versions() -> None:
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "cucim-cu13==" in proc.stdout and "imagecodecs==" in proc.stdout
+
+
+def test_gpu_paths_group_tests_by_what_they_prove() -> None:
+    paths = _module("proof").gpu_paths([
+        {"test": "tests.test_read_tiles::test_device", "status": "passed", "why": ""},
+        {"test": "tests.test_slide_jpeg::test_corrupt[cuda]", "status": "skipped", "why": "no GPU"},
+        {"test": "tests.kernels.test_tissue_kernels::test_x[cupy]", "status": "failed", "why": ""},
+        {"test": "tests.test_batch::test_dask_cuda", "status": "skipped", "why": "dask-cuda not installed"}])
+    by = {p["path"]: p for p in paths}
+    assert by["cuCIM device decode"] == {"path": "cuCIM device decode", "passed": 1, "failed": 0, "skipped": 1,
+                                         "skip_reason": "no GPU", "ran": True}
+    assert by["CuPy/Numba kernels (tissue, Macenko, Vahadane, nuclei, boxes)"]["ran"]  # a failure ran too
+    assert not by["dask-cuda LocalCUDACluster"]["ran"]
+    assert by["dask-cuda LocalCUDACluster"]["skip_reason"] == "dask-cuda not installed"

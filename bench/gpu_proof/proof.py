@@ -171,9 +171,8 @@ def gpu_paths(cases: list[dict]) -> list[dict]:
     paths: dict[str, dict] = {}
     for case in cases:
         name = case["test"].replace(".", "/")
-        key = next((k for k in PATHS if k.replace(".", "/") in name), "other")
-        entry = paths.setdefault(key, {"path": PATHS.get(key, "other"), "passed": 0, "failed": 0, "skipped": 0,
-                                       "skip_reason": ""})
+        label = next((v for k, v in PATHS.items() if k in name), "other")
+        entry = paths.setdefault(label, {"path": label, "passed": 0, "failed": 0, "skipped": 0, "skip_reason": ""})
         kind = "failed" if case["status"] in ("failed", "error") else case["status"]
         entry[kind] += 1
         if kind == "skipped" and not entry["skip_reason"]:

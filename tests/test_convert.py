@@ -169,10 +169,9 @@ def test_unreadable_slide_leaves_nothing(tmp_path: Path) -> None:
     _assert_empty(out.parent)
 
 
-@pytest.mark.parametrize("backend", ["openslide", "tifffile"])
+@pytest.mark.parametrize("backend", ["openslide", "tifffile", "cucim"])
 def test_corrupt_tile_mid_slide_leaves_nothing(backend: str, generated: Path, tmp_path: Path) -> None:
-    # cuCIM prints "Bogus marker length" and returns pixels without raising, so the corrupt tile
-    # is only caught by the decoders that report it.
+    # cuCIM itself prints "Bogus marker length" and returns pixels; gpupath's tile check refuses it first
     bad = tmp_path / "bad.svs"
     bad.write_bytes(generated.read_bytes())
     with tifffile.TiffFile(bad) as tif:
@@ -183,7 +182,7 @@ def test_corrupt_tile_mid_slide_leaves_nothing(backend: str, generated: Path, tm
         fh.seek(offset + 2)
         fh.write(b"\xff\xc4\x00\x01" + b"\x00" * (count - 8))
     out = tmp_path / "o" / "bad.ome.tif"
-    with pytest.raises(SlideReadError, match=r"rows 1536-1792.*Bogus marker length"):
+    with pytest.raises(SlideReadError, match=r"rows 1536-1792.*(Bogus|bogus) marker length"):
         convert_slide(bad, out, ConvertParams(backend=backend))  # type: ignore[arg-type]
     _assert_empty(out.parent)
 
@@ -324,12 +323,13 @@ def test_cuda_without_gpu_is_a_config_error(generated: Path, tmp_path: Path) -> 
 
 
 @pytest.mark.skipif(gpu_available(), reason="checks the no-GPU behaviour")
-def test_auto_without_gpu_converts_on_the_cpu_with_one_note(tmp_path: Path) -> None:
+def test_auto_without_gpu_converts_on_the_cpu_without_a_warning(tmp_path: Path) -> None:
+    # no GPU on the machine: the CPU is what auto means there, so no slide carries a fallback warning
     src = tmp_path / "s.svs"
     write_synthetic_slide(src, SyntheticSpec(300, 200, tile_px=128, seed=4), workers=1)
     result = convert_slide(src, tmp_path / "s.ome.tif", ConvertParams(tile_px=128, compression="deflate"))
     assert result.device == "cpu"
-    assert result.warnings == ("converted on the CPU: no usable CUDA GPU (CuPy found no device)",)
+    assert result.warnings == ()
     assert convert_slide(src, tmp_path / "c.ome.tif", ConvertParams(tile_px=128, compression="deflate",
                                                                     device="cpu")).warnings == ()
 
@@ -394,11 +394,18 @@ def test_plain_jfif_tiles_read_back_under_the_files_jpeg_tags(generated: Path, t
     # writes (Photometric YCbCr, YCbCrSubSampling 2 2).
     import imagecodecs
 
-    import gpupath.convert as conv
+    import gpupath.convert._core as conv
 
-    monkeypatch.setattr(conv, "_encoder", lambda params: (lambda tile: imagecodecs.jpeg_encode(tile, level=90)))
+    encoded = []
+
+    def jfif(tile: np.ndarray) -> bytes:
+        encoded.append(tile.shape)
+        return imagecodecs.jpeg_encode(tile, level=90)
+
+    monkeypatch.setattr(conv, "_encoder", lambda params: jfif)
     out = tmp_path / "jfif.ome.tif"
     convert_slide(generated, out, ConvertParams(device="cpu"))
+    assert encoded  # the stand-in really wrote the tiles (patched where convert_slide looks it up)
     with open_slide(generated) as s:
         source = s.read_rgb((0, 0), 0, s.dimensions)
     with tifffile.TiffFile(out) as tif:

@@ -42,7 +42,7 @@ from gpupath.errors import ConfigError
 from gpupath.pipeline import RunParams, SlideResult, _environment, detector_record, process_slide
 from gpupath.results import write_json_atomic, write_slides_table
 
-__all__ = ["run_batch", "expand_inputs", "SLIDE_SUFFIXES", "default_workers"]
+__all__ = ["run_batch", "expand_inputs", "dask_client", "SLIDE_SUFFIXES", "default_workers"]
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
 LOCK_NAME = ".gpupath.lock"
@@ -142,9 +142,27 @@ def _slide_task(path: str, out: str, params: RunParams, resume: bool, checksums:
                          checksums=checksums)
 
 
-def _make_cluster(params: RunParams, workers: int, on_note: Callable[[str], None]) -> Any:
+def dask_client(stack: contextlib.ExitStack, scheduler: str | None, *, device: str, workers: int,
+                on_note: Callable[[str], None]) -> tuple[Any, dict[str, Any]]:
+    """A Dask client on ``scheduler``, or on a local cluster of ``workers`` processes (dask-cuda's
+    LocalCUDACluster for ``device="cuda"`` when installed), closed with ``stack``; and what it is,
+    for run.json (``kind``, ``address``). ConfigError when the scheduler does not answer."""
+    from distributed import Client  # noqa: PLC0415
+
+    if scheduler is not None:
+        try:
+            client = stack.enter_context(Client(scheduler, timeout="20s"))
+        except OSError as exc:
+            raise ConfigError(f"--scheduler {scheduler}: cannot connect ({exc})") from None
+        return client, {"kind": "scheduler", "address": scheduler}
+    cluster = stack.enter_context(_make_cluster(device, workers, on_note))
+    client = stack.enter_context(Client(cluster))
+    return client, {"kind": type(cluster).__name__, "address": cluster.scheduler_address}
+
+
+def _make_cluster(device: str, workers: int, on_note: Callable[[str], None]) -> Any:
     """A LocalCluster (dask-cuda's LocalCUDACluster on a GPU run when installed)."""
-    if params.device == "cuda":
+    if device == "cuda":
         try:
             from dask_cuda import LocalCUDACluster  # noqa: PLC0415
 
@@ -243,19 +261,11 @@ def _run_on_dask(paths: list[Path], out: Path, params: RunParams, *, workers: in
                  resume: bool, checksums: dict[str, str] | None, env: dict[str, Any],
                  finish: Callable[[int, SlideResult], None],
                  note: Callable[[str], None]) -> None:
-    from distributed import Client, as_completed  # noqa: PLC0415
+    from distributed import as_completed  # noqa: PLC0415
 
     with contextlib.ExitStack() as stack:
-        if scheduler is not None:
-            try:
-                client = stack.enter_context(Client(scheduler, timeout="20s"))
-            except OSError as exc:
-                raise ConfigError(f"--scheduler {scheduler}: cannot connect ({exc})") from None
-            env["executor"] = {"kind": "scheduler", "address": scheduler}
-        else:
-            cluster = stack.enter_context(_make_cluster(params, workers or default_workers(len(paths)), note))
-            client = stack.enter_context(Client(cluster))
-            env["executor"] = {"kind": type(cluster).__name__, "address": cluster.scheduler_address}
+        client, env["executor"] = dask_client(stack, scheduler, device=params.device,
+                                              workers=workers or default_workers(len(paths)), on_note=note)
         env["executor"]["workers"] = len(client.scheduler_info()["workers"])
         run_token = uuid.uuid4().hex[:8]
         index = {}

@@ -81,18 +81,13 @@ def convert_slides(inputs: list[str | os.PathLike[str]], out_dir: str | os.PathL
             if on_slide is not None:
                 on_slide(outcomes[i])  # type: ignore[arg-type]
         return outcomes  # type: ignore[return-value]
-    from distributed import Client, LocalCluster, as_completed  # noqa: PLC0415
+    from distributed import as_completed  # noqa: PLC0415
+
+    from gpupath.batch import dask_client  # noqa: PLC0415
 
     with contextlib.ExitStack() as stack:
-        if scheduler is not None:
-            try:
-                client = stack.enter_context(Client(scheduler, timeout="20s"))
-            except OSError as exc:
-                raise ConfigError(f"--scheduler {scheduler}: cannot connect ({exc})") from None
-        else:
-            cluster = stack.enter_context(LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                                                       dashboard_address=None, silence_logs=40))
-            client = stack.enter_context(Client(cluster))
+        # the CPU cluster whatever params.device: each task picks its device itself (_pick_device)
+        client, _ = dask_client(stack, scheduler, device="cpu", workers=n_workers, on_note=lambda _m: None)
         token = uuid.uuid4().hex[:8]
         futures = {client.submit(_convert_task, src, dst, params, key=f"gpupath-convert-{token}-{i}", pure=False): i
                    for i, (src, dst) in enumerate(jobs)}

@@ -147,17 +147,20 @@ def test_whole_run_killed_then_resumed(slides: list[Path], reference: dict[str, 
 
 def test_existing_scheduler_and_worker_processes(slides: list[Path], reference: dict[str, int],
                                                  tmp_path: Path) -> None:
-    dask = Path(sys.executable).with_name("dask")
+    # `python -m` rather than the `dask` script beside sys.executable: an install with --target (the device
+    # proof's /tmp/gpupath-site) puts the scripts elsewhere
+    scheduler = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
+    worker = [sys.executable, "-m", "distributed.cli.dask_worker"]
     sched_file = tmp_path / "scheduler.json"
-    procs = [subprocess.Popen([str(dask), "scheduler", "--scheduler-file", str(sched_file), "--port", "0",
+    procs = [subprocess.Popen([*scheduler, "--scheduler-file", str(sched_file), "--port", "0",
                                "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     try:
         deadline = time.time() + 60
         while not sched_file.exists() and time.time() < deadline:
             time.sleep(0.1)
         address = json.loads(sched_file.read_text())["address"]
-        procs.append(subprocess.Popen([str(dask), "worker", address, "--nworkers", "1", "--nthreads", "1",
-                                       "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        procs.append(subprocess.Popen([*worker, address, "--nworkers", "1", "--nthreads", "1", "--no-dashboard"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         with distributed.Client(address, timeout="30s") as client:
             client.wait_for_workers(1, timeout=60)
         run = _gpupath("run", *slides[:2], "--out", tmp_path / "out", "--device", "cpu", "--engine", "onnxruntime",

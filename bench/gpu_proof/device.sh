@@ -22,6 +22,9 @@ case "${1:-}" in
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$STASH"/*.whl
       mkdir -p .data && cp "$STASH"/*.svs "$STASH"/*.tif* "$STASH"/*.ndpi "$STASH"/*.dcm .data/ 2>/dev/null || true
       echo "installed into $SITE"
+      # what could not be rehearsed without a GPU: the device-side libraries load
+      PYTHONPATH="$SITE" python3 -c 'import cucim, nvidia.dali, nvidia.nvimgcodec, dask_cuda, cupy; print("imports ok:", cucim.__version__, nvidia.dali.__version__, dask_cuda.__version__, "GPUs:", cupy.cuda.runtime.getDeviceCount())' || true
+      ls /usr/local/cuda/lib64/libnvjpeg* 2>/dev/null || echo "no libnvjpeg in /usr/local/cuda/lib64 (the carried nvidia-nvjpeg wheel serves)"
     fi
     ;;
   run)

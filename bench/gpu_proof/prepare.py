@@ -30,6 +30,14 @@ LOAD_BYTES = 60 << 20
 CARRY = ["cucim-cu13", "nvidia-nvimgcodec-cu13", "imagecodecs", "openslide-python", "openslide-bin", "torchstain",
          # the learned detector's engines and model input on the device (DALI's wheel is ~200 MB: 4 loads)
          "onnxruntime", "nvidia-dali-cuda130", "pyyaml", "threadpoolctl",
+         # what `import nvidia.dali` needs that the image lacks (its other needs: makefun, nvtx, libcst,
+         # only its experimental dynamic mode imports them)
+         "optree", "gast", "astunparse",
+         # nvImageCodec's codec libraries (cuCIM's and convert's device decode/encode): found through the
+         # RUNPATH of nvidia/nvimgcodec/extensions (../../cu13/lib, ../../nvjpeg2k/lib, ../../nvtiff/lib,
+         # ../../libnvcomp/lib64), i.e. only when installed into the same --target; the image has no wheels
+         # of them (libnvjpeg may be in /usr/local/cuda/lib64, nvJPEG2000 and nvTIFF are separate products)
+         "nvidia-nvjpeg", "nvidia-nvjpeg2k-cu13", "nvidia-nvtiff-cu13", "nvidia-libnvcomp-cu13",
          # gpupath's batch and serve dependencies the image lacks (their other needs are in the image)
          "partd", "locket", "tblib", "zict", "tornado", "starlette", "uvicorn"]
 # carried at these versions rather than this venv's: dask-cuda (gpu extra: one Dask worker per GPU)
@@ -74,15 +82,18 @@ def pack(files: list[Path], data: list[Path], whl: Path = WHL, load_bytes: int =
         else:
             for k, off in enumerate(range(0, size, load_bytes)):
                 pieces.append((f, off, min(load_bytes, size - off), f"{f.name}.part{k:02d}"))
-    loads: list[list[tuple[Path, int, int, str]]] = [[]]
-    for piece in pieces:
-        if sum(p[2] for p in loads[-1]) + piece[2] > load_bytes:
-            loads.append([])
-        loads[-1].append(piece)
+    # first fit, largest first: fewest loads, so fewest device calls (parts join by name, whatever load they are in)
+    loads: list[list[tuple[Path, int, int, str]]] = []
+    for piece in sorted(pieces, key=lambda p: -p[2]):
+        room = next((load for load in loads if sum(p[2] for p in load) + piece[2] <= load_bytes), None)
+        if room is None:
+            loads.append(room := [])
+        room.append(piece)
+    for stale in whl.glob("load-*"):  # loads of an earlier, larger plan
+        shutil.rmtree(stale)
     names = []
     for i, load in enumerate(loads, 1):
         folder = whl / f"load-{i}"
-        shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         for src, off, size, name in load:
             with open(src, "rb") as fh:

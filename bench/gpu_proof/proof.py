@@ -72,7 +72,10 @@ def gpu_tests(out: Path, timeout: float) -> dict:
             for child in case:
                 if child.tag in ("failure", "error", "skipped"):
                     status = {"failure": "failed", "error": "error", "skipped": "skipped"}[child.tag]
-                    why = (child.get("message") or "").splitlines()[0][:200] if child.get("message") else ""
+                    why = child.get("message") or ""
+                    if why == "collection skipped" and child.text:  # a module-level importorskip: reason in the text
+                        why = child.text.rsplit("Skipped: ", 1)[-1].rstrip("')\"")
+                    why = why.splitlines()[0][:200] if why else ""
             cases.append({"test": f"{case.get('classname')}::{case.get('name')}", "status": status, "why": why})
     counts = {k: sum(c["status"] == k for c in cases) for k in ("passed", "failed", "error", "skipped")}
     return {"exit_code": code, "seconds": secs, "counts": counts, "cases": cases, "tail": tail[-1500:]}

@@ -152,3 +152,40 @@ def test_run_fails_the_slide_with_one_line_instead_of_garbage(damaged: tuple[Pat
     (row,) = pq.read_table(tmp_path / "out" / "slides.parquet").to_pylist()
     assert row["status"] == "failed" and row["backend"] in ("", "cucim")
     assert not (tmp_path / "out" / "detections").exists() or not any((tmp_path / "out" / "detections").rglob("*.parquet"))
+
+
+def test_fractional_downsample_checks_the_tile_cucim_really_decodes(tmp_path: Path) -> None:
+    """Level 1 of a 1007 x 1006 slide is 336 x 336 (downsample ~2.997): cuCIM maps level-0 origins
+    in float32 and can start one level px left of gpupath's origin, in the tile before a boundary."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "frac.tif"
+    level1 = np.full((336, 336, 3), 128, np.uint8)
+    level1[..., 0] = np.arange(336)[None, :] % 256
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(rng.integers(0, 255, (1006, 1007, 3), dtype=np.uint8), tile=(16, 16), compression="jpeg",
+                 photometric="rgb")
+        tw.write(level1, tile=(16, 16), compression="jpeg", photometric="rgb", subfiletype=1)
+    with tifffile.TiffFile(path) as tf:
+        page = tf.pages[1]
+        across = -(-page.imagewidth // 16)
+        offsets = [int(page.dataoffsets[ty * across + 13]) for ty in range(across)]
+    with open(path, "r+b") as fh:
+        for offset in offsets:  # every tile of column 13 (level px 208-223) damaged
+            fh.seek(offset + 2)
+            fh.write(b"\xff\xc4\x00\x01")
+    with open_slide(path, backend="cucim") as slide:
+        assert slide.backend == "cucim" and slide.level_dimensions[1] == (336, 336)
+        x0 = 671  # level 1 px 224 by gpupath's mapping: the first px right of the damaged column
+        with pytest.raises(SlideReadError, match="corrupt JPEG tile"):
+            slide.read_rgb((x0, 0), 1, (16, 16))
+        with pytest.raises(SlideReadError, match="corrupt JPEG tile"):
+            slide.read_tiles([(x0, 0), (x0, 96)], 1, 16)
+
+
+def test_closing_twice_leaves_other_files_alone(damaged: tuple[Path, tuple[int, int]]) -> None:
+    path, _ = damaged
+    first = open_slide(path, backend="cucim")
+    first.close()
+    with open_slide(path, backend="cucim") as second:  # may get the descriptor number the first had
+        first.close()
+        assert second.read_rgb((0, 0), 0, (64, 64)).shape == (64, 64, 3)

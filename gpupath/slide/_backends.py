@@ -107,14 +107,18 @@ class CucimReader:
         self.level0_downsamples = pyramid_downsamples(self.level_dims)
         try:  # cuCIM decodes a corrupt JPEG tile to garbage without raising: check each tile's structure first
             self.guard = TileGuard(path, layout.level_pages)
-        except BaseException:
+        except BaseException as exc:
             self.img.close()
+            if isinstance(exc, Exception) and not isinstance(exc, SlideReadError):
+                raise SlideReadError(f"{path}: cannot index its JPEG tiles for checking: {exc}") from exc
             raise
 
     def read_rgb(self, level: int, x_lvl: int, y_lvl: int, w: int, h: int, *, device: str) -> Any:
         ds = self.level0_downsamples[level]
         loc = (level0_origin(x_lvl, ds), level0_origin(y_lvl, ds))
-        self.guard.check(level, x_lvl, y_lvl, w, h)
+        # one level px of margin each side: cuCIM maps level-0 origins to level px in float32 and may
+        # land one px left of (or above) x_lvl, y_lvl on pyramids with fractional downsamples
+        self.guard.check(level, x_lvl - 1, y_lvl - 1, w + 2, h + 2)
         try:
             region = self.img.read_region(loc, (w, h), level, device=device)
         except Exception as exc:
@@ -129,8 +133,8 @@ class CucimReader:
                    num_workers: int) -> Any:
         """Decode many same-size in-bounds regions with cuCIM's batched, multi-threaded reader."""
         ds = self.level0_downsamples[level]
-        for x0, y0 in locations_l0:  # level px of a level-0 origin: floor, plus one px either way for rounding
-            self.guard.check(level, int(x0 // ds), int(y0 // ds), w + 1, h + 1)
+        for x0, y0 in locations_l0:  # level px of a level-0 origin: floor, one px of margin each side as above
+            self.guard.check(level, int(x0 // ds) - 1, int(y0 // ds) - 1, w + 2, h + 2)
         try:
             batches = self.img.read_region(
                 locations_l0, (w, h), level, batch_size=len(locations_l0),
@@ -146,8 +150,10 @@ class CucimReader:
         return np.asarray(batch)
 
     def close(self) -> None:
-        self.img.close()
-        self.guard.close()
+        try:
+            self.img.close()
+        finally:
+            self.guard.close()
 
 
 class TifffileReader:

@@ -139,4 +139,7 @@ class TileGuard:
                 verified[index] = True
 
     def close(self) -> None:
-        os.close(self._fd)
+        """Close the file; again is a no-op (the descriptor number may belong to another file by then)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

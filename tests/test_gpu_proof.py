@@ -27,9 +27,10 @@ def test_proof_dry_run_writes_figures(tmp_path: Path) -> None:
                                str(work), "--data", str(DATA_DIR), "--steps", steps],
                               capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    parts = sorted(out.glob("*-cpu-dry-run-*.json"))
+    parts = sorted(out.glob("*.json"))  # what the README merges: the results, not the raw files beside them
     assert [p.name.split("dry-run-")[1] for p in parts] == ["runs-bench.json", "tests-kernels.json"]
-    merged = _module("proof").merge(parts, out)
+    assert (out / parts[1].stem / "pytest-gpu.xml").exists() and (out / parts[0].stem / "bench").is_dir()
+    merged = _module("proof").merge([*parts, out / parts[1].stem / "bench-kernels.json"], out)  # raw file ignored
     assert merged.name.endswith("-cpu-dry-run.json")
     result = json.loads(merged.read_text())
     assert result["dry_run"] and result["gpu"] is None
@@ -43,6 +44,7 @@ def test_proof_dry_run_writes_figures(tmp_path: Path) -> None:
     synthetic = [r for r in result["runs"] if r["slide"].startswith("synthetic")]
     assert synthetic and synthetic[0]["status"] == "ok" and synthetic[0]["tiles_per_s"] > 0
     assert synthetic[0]["backend"] and synthetic[0]["engine"] == "onnxruntime"
+    assert {r["call"] for r in result["runs"]} == {parts[0].stem}
     bench = {r["slide"]: r for r in result["bench"]}
     assert bench[synthetic[0]["slide"]]["speedup_vs_baseline"] > 0
     assert bench[synthetic[0]["slide"]]["matched_of_baseline"] > 0.99
@@ -89,3 +91,16 @@ def test_gpu_paths_group_tests_by_what_they_prove() -> None:
     assert by["CuPy/Numba kernels (tissue, Macenko, Vahadane, nuclei, boxes)"]["ran"]  # a failure ran too
     assert not by["dask-cuda LocalCUDACluster"]["ran"]
     assert by["dask-cuda LocalCUDACluster"]["skip_reason"] == "dask-cuda not installed"
+
+
+def test_a_spent_call_budget_runs_nothing_more_and_says_so(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(PROOF / "proof.py"), "--dry-run", "--out", str(out), "--work",
+                           str(tmp_path / "work"), "--data", str(DATA_DIR), "--steps", "runs", "--no-real",
+                           "--call-budget", "5"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr  # commands not run count as failures of the call
+    (result_json,) = out.glob("*.json")
+    result = json.loads(result_json.read_text())
+    assert result["synth"]["exit_code"] == 125 and "budget is spent" in result["synth"]["tail"]
+    assert [r["slide"] for r in result["runs"]] == ["synthetic-2048x2048.svs"]  # --no-real: no real files
+    assert result["runs"][0]["exit_code"] == 125

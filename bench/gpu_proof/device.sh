@@ -31,7 +31,7 @@ case "${1:-}" in
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 GPUPATH_TEST_DATA="$PWD/.data"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
     python3 bench/gpu_proof/proof.py --out "$OUT" --data "$PWD/.data" ${SIZE:+--size "$SIZE"} ${STEPS:+--steps "$STEPS"} \
-      ${DRY_RUN:+--dry-run}  # DRY_RUN=1: rehearse the install and the steps on a machine without a GPU
+      ${NO_REAL:+--no-real} ${DRY_RUN:+--dry-run}  # NO_REAL=1: generated slide only; DRY_RUN=1: rehearse without a GPU
     ;;
   *) echo "usage: device.sh load K | run" >&2; exit 2 ;;
 esac

@@ -37,8 +37,22 @@ REPO = Path(__file__).resolve().parents[2]
 REAL_FILES = ["cmu-1-small-region.svs", "OS-2-ndpi.ome.tif", "test3-DAPI.ndpi"]
 
 
+class Budget:
+    """Seconds each command may take: ``step_s``, but never past the end of the device call."""
+
+    def __init__(self, call_s: float, step_s: float) -> None:
+        self.end = time.monotonic() + call_s
+        self.step_s = step_s
+
+    def timeout(self) -> float:
+        return min(self.step_s, self.end - time.monotonic())
+
+
 def _sh(cmd: list[str], *, timeout: float, env: dict[str, str] | None = None) -> tuple[int, str, float]:
-    """(exit code, combined output tail, seconds); never raises for the command's own failure."""
+    """(exit code, combined output tail, seconds); never raises for the command's own failure.
+    Exit 125 without running when less than 10 s are left (the call's budget is spent)."""
+    if timeout < 10:
+        return 125, "not run: this call's time budget is spent (split the steps over more calls)", 0.0
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
@@ -61,10 +75,10 @@ def gpu_name() -> str | None:
         return None
 
 
-def gpu_tests(out: Path, timeout: float) -> dict:
+def gpu_tests(out: Path, budget: Budget) -> dict:
     xml = out / "pytest-gpu.xml"
     code, tail, secs = _sh([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-                            f"--junitxml={xml}"], timeout=timeout)
+                            f"--junitxml={xml}"], timeout=budget.timeout())
     cases = []
     if xml.exists():
         for case in ET.parse(xml).getroot().iter("testcase"):
@@ -81,15 +95,15 @@ def gpu_tests(out: Path, timeout: float) -> dict:
     return {"exit_code": code, "seconds": secs, "counts": counts, "cases": cases, "tail": tail[-1500:]}
 
 
-def kernel_bench(out: Path, mpx: float, timeout: float) -> dict:
+def kernel_bench(out: Path, mpx: float, budget: Budget) -> dict:
     path = out / "bench-kernels.json"
     code, tail, secs = _sh([sys.executable, "bench/bench_kernels.py", "--mpx", str(mpx), "--json", str(path)],
-                           timeout=timeout)
+                           timeout=budget.timeout())
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
     return {"exit_code": code, "seconds": secs, "rows": rows, "tail": tail[-1500:]}
 
 
-def slide_runs(work: Path, slides: list[Path], devices: list[str], timeout: float) -> list[dict]:
+def slide_runs(work: Path, slides: list[Path], devices: list[str], budget: Budget) -> list[dict]:
     """``gpupath run`` of each slide on each device (outputs under ``work``: only the figures go to --out)."""
     runs = []
     for slide in slides:
@@ -97,7 +111,7 @@ def slide_runs(work: Path, slides: list[Path], devices: list[str], timeout: floa
             dest = work / "runs" / f"{slide.stem}-{device}"
             shutil.rmtree(dest, ignore_errors=True)  # a fresh run, not a resumed one
             code, tail, secs = _sh([sys.executable, "-m", "gpupath", "run", str(slide), "--out", str(dest),
-                                    "--device", device], timeout=timeout)
+                                    "--device", device], timeout=budget.timeout())
             record = {"slide": slide.name, "device": device, "exit_code": code, "wall_s": secs}
             run_json = dest / "run.json"
             if run_json.exists():
@@ -129,7 +143,7 @@ def _openslide_opens(slide: Path) -> bool:
         return True
 
 
-def bench_runs(out: Path, work: Path, slides: list[Path], device: str, timeout: float) -> list[dict]:
+def bench_runs(out: Path, work: Path, slides: list[Path], device: str, budget: Budget) -> list[dict]:
     """``gpupath bench SLIDE --device DEVICE``: ours against the hand-written CPU baseline on this node."""
     rows = []
     for slide in slides:
@@ -139,7 +153,7 @@ def bench_runs(out: Path, work: Path, slides: list[Path], device: str, timeout: 
             continue
         path = out / "bench" / f"{slide.stem}.json"
         code, tail, secs = _sh([sys.executable, "-m", "gpupath", "bench", str(slide), "--device", device,
-                                "--out", str(path), "--work", str(work / "bench" / slide.stem)], timeout=timeout)
+                                "--out", str(path), "--work", str(work / "bench" / slide.stem)], timeout=budget.timeout())
         record: dict = {"slide": slide.name, "device": device, "exit_code": code, "wall_s": secs}
         if path.exists():
             result = json.loads(path.read_text())
@@ -222,13 +236,19 @@ def markdown(result: dict) -> str:
 
 
 def merge(parts: list[Path], out: Path) -> Path:
-    """One ``<date>-<gpu>.json`` and ``.md`` from the files of a proof split over several calls."""
-    results = [json.loads(p.read_text()) for p in parts]
+    """One ``<date>-<gpu>.json`` and ``.md`` from the files of a proof split over several calls
+    (files that are not a proof result are ignored; each run and bench row names its call)."""
+    loaded = [(p, json.loads(p.read_text())) for p in parts]
+    calls = [(p, r) for p, r in loaded if isinstance(r, dict) and "gpu_tests" in r and "date" in r]
+    if not calls:
+        raise SystemExit(f"{', '.join(map(str, parts))}: no proof result among them")
+    results = [r for _, r in calls]
     gpus = {r["gpu"] for r in results}
     if len(gpus) != 1:
         raise SystemExit(f"{', '.join(map(str, parts))}: from different devices ({gpus}); merge one device's files")
-    merged = {**results[0], "date": min(r["date"] for r in results), "merged_from": [p.name for p in parts],
-              "runs": [x for r in results for x in r["runs"]], "bench": [x for r in results for x in r.get("bench", [])]}
+    merged = {**results[0], "date": min(r["date"] for r in results), "merged_from": [p.name for p, _ in calls],
+              "runs": [{**x, "call": p.stem} for p, r in calls for x in r["runs"]],
+              "bench": [{**x, "call": p.stem} for p, r in calls for x in r.get("bench", [])]}
     for key in ("gpu_tests", "paths", "kernels"):
         with_rows = [r[key] for r in results if r.get(key) and (r[key].get("cases") or r[key].get("rows")
                                                                  if isinstance(r[key], dict) else r[key])]
@@ -253,8 +273,12 @@ def main() -> int:
     ap.add_argument("--dry-run", action="store_true", help="no GPU: small slide, CPU only (CI)")
     ap.add_argument("--steps", default="tests,kernels,runs,bench",
                     help="comma-separated subset of tests,kernels,runs,bench (split a proof over several calls)")
-    ap.add_argument("--step-timeout", type=float, default=480.0,
-                    help="seconds for each command (the device tool ends a call after 600 s)")
+    ap.add_argument("--step-timeout", type=float, default=480.0, help="seconds for each command at most")
+    ap.add_argument("--call-budget", type=float, default=570.0,
+                    help="seconds for the whole call (the device tool ends a call after 600 s): a command gets "
+                         "what is left, and none starts with less than 10 s")
+    ap.add_argument("--no-real", action="store_true",
+                    help="the generated slide only (a later call at another --size: the real files ran already)")
     args = ap.parse_args()
     out, work = args.out, args.work
     out.mkdir(parents=True, exist_ok=True)
@@ -266,7 +290,7 @@ def main() -> int:
     size = "2048x2048" if args.dry_run else args.size
     width, height = (int(v) for v in re.fullmatch(r"(\d+)x(\d+)", size).groups())
     devices = ["cpu"] if gpu is None else ["cpu", "cuda"]
-    timeout = 120 if args.dry_run else args.step_timeout
+    budget = Budget(args.call_budget, 120 if args.dry_run else args.step_timeout)
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "gpu": gpu, "dry_run": args.dry_run,
               "host": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
               "gpu_tests": {"counts": {}, "cases": [], "exit_code": None}, "paths": [], "kernels": {"rows": []},
@@ -275,34 +299,38 @@ def main() -> int:
     stem = (f"{result['date'][:10]}-{re.sub(r'[^A-Za-z0-9]+', '-', gpu or 'cpu-dry-run').strip('-')}"
             f"-{'-'.join(s for s in ('tests', 'kernels', 'runs', 'bench') if s in steps)}")
 
+    side = out / stem  # this call's raw files (JUnit XML, kernel and bench JSON): FOLDER/*.json is results only
+    side.mkdir(exist_ok=True)
+
     def save() -> None:  # after every step: a call cut off by its time limit still returns the figures so far
         (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
         (out / f"{stem}.md").write_text(markdown(result))
 
     if "tests" in steps:
-        result["gpu_tests"] = gpu_tests(out, timeout)
+        result["gpu_tests"] = gpu_tests(side, budget)
         result["paths"] = gpu_paths(result["gpu_tests"]["cases"])
         save()
     if "kernels" in steps:
-        result["kernels"] = kernel_bench(out, 0.05 if args.dry_run else 64.0, timeout)
+        result["kernels"] = kernel_bench(side, 0.05 if args.dry_run else 64.0, budget)
         save()
     if steps & {"runs", "bench"}:
         slide = work / f"synthetic-{width}x{height}.svs"
         if not slide.exists():  # kept in --work: a later call (runs, then bench) reuses it
             tmp = slide.with_name(f".tmp-{slide.name}")
             code, tail, secs = _sh([sys.executable, "-m", "gpupath", "synth", str(tmp), "--width", str(width),
-                                    "--height", str(height)], timeout=timeout)
+                                    "--height", str(height)], timeout=budget.timeout())
             result["synth"] = {"exit_code": code, "seconds": secs, "tail": tail[-800:]}
             if code == 0:
                 tmp.rename(slide)
-        slides = [slide] + [args.data / name for name in REAL_FILES if (args.data / name).exists()]
+        real = [] if args.no_real else [args.data / name for name in REAL_FILES if (args.data / name).exists()]
+        slides = [slide, *real]
         if "runs" in steps:
             for one in slides:
-                result["runs"] += slide_runs(work, [one], devices, timeout)
+                result["runs"] += slide_runs(work, [one], devices, budget)
                 save()
         if "bench" in steps:
             for one in slides:
-                result["bench"] += bench_runs(out, work, [one], devices[-1], timeout)
+                result["bench"] += bench_runs(side, work, [one], devices[-1], budget)
                 save()
     save()
     print(markdown(result))

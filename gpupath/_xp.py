@@ -21,26 +21,62 @@ __all__ = [
     "is_device_array",
     "cupy_or_none",
     "gpu_available",
+    "gpu_problem",
     "device_module",
 ]
 
 
 @functools.cache
 def cupy_or_none() -> types.ModuleType | None:
-    """CuPy if it imports *and* a CUDA device answers, else None (never raises)."""
+    """CuPy if it imports, a CUDA device answers and CuPy can run a kernel on it, else None (never raises)."""
+    return _cupy_and_problem()[0]
+
+
+@functools.cache
+def _cupy_and_problem() -> tuple[types.ModuleType | None, str]:
     try:
         import cupy  # noqa: PLC0415  (optional dependency)
-
+    except Exception as exc:  # noqa: BLE001  no CuPy (or a broken install): host only
+        return None, f"CuPy does not import ({type(exc).__name__}: {exc})"
+    try:
         if cupy.cuda.runtime.getDeviceCount() < 1:
-            return None
-        return cupy
-    except Exception:  # noqa: BLE001  no CuPy, no driver or no device: all mean "host only"
-        return None
+            return None, "CuPy finds no CUDA device"
+        # a device count alone does not prove a working stack: run one kernel (NVRTC compiles it)
+        if int((cupy.arange(4, dtype=cupy.int32) + 1).sum()) != 10:
+            return None, "CuPy's test kernel gave a wrong sum"
+    except Exception as exc:  # noqa: BLE001  no driver, no device, no NVRTC: all mean "host only"
+        return None, f"CuPy cannot use a CUDA device ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    return cupy, ""
+
+
+@functools.cache
+def gpu_problem() -> str:
+    """Why the GPU paths cannot run here ("" when they can): CuPy must run a kernel on a device and
+    numba-cuda must compile and launch one (the device kernels in ``kernels/`` are Numba kernels)."""
+    cp, problem = _cupy_and_problem()
+    if cp is None:
+        return problem
+    try:
+        from numba import cuda  # noqa: PLC0415
+
+        @cuda.jit
+        def _add_one(x: Any) -> None:  # pragma: no cover - runs on the device
+            i = cuda.grid(1)
+            if i < x.size:
+                x[i] += 1
+
+        x = cp.zeros(4, cp.int32)
+        _add_one[1, 32](x)
+        if not np.array_equal(cp.asnumpy(x), np.ones(4, np.int32)):
+            return "numba-cuda's test kernel gave wrong values"
+    except Exception as exc:  # noqa: BLE001  no numba-cuda, no libNVVM, a PTX the driver refuses ...
+        return f"numba-cuda cannot launch a kernel ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    return ""
 
 
 def gpu_available() -> bool:
-    """True when CuPy imports and sees at least one CUDA device."""
-    return cupy_or_none() is not None
+    """True when the GPU paths can run: see :func:`gpu_problem`."""
+    return not gpu_problem()
 
 
 def is_device_array(x: Any) -> bool:
@@ -77,7 +113,7 @@ def device_module(device: str) -> types.ModuleType:
         raise ValueError(f"device must be cpu or cuda, got {device!r}")
     cp = cupy_or_none()
     if cp is None:
-        raise RuntimeError("device 'cuda' asked for, but CuPy or a CUDA device is missing")
+        raise RuntimeError(f"device 'cuda' asked for, but CuPy or a CUDA device is missing ({gpu_problem()})")
     return cp
 
 

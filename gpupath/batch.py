@@ -165,11 +165,11 @@ def _make_cluster(device: str, workers: int, on_note: Callable[[str], None]) -> 
     if device == "cuda":
         try:
             from dask_cuda import LocalCUDACluster  # noqa: PLC0415
-
-            return LocalCUDACluster(threads_per_worker=1, dashboard_address=None, silence_logs=40)
         except ImportError:
             on_note("dask-cuda not installed: one worker on the current GPU (pip install dask-cuda for one per GPU)")
             workers = 1
+        else:  # installed but failing to start is an error to see, not a quiet fallback
+            return LocalCUDACluster(threads_per_worker=1, dashboard_address=None, silence_logs=40)
     from distributed import LocalCluster  # noqa: PLC0415
 
     return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,

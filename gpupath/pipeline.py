@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import dataclasses
 import logging
 import os
 import platform
@@ -29,7 +30,7 @@ from threadpoolctl import threadpool_limits
 from gpupath import stain, vahadane
 from gpupath._resize import resize_batch
 from gpupath._version import __version__
-from gpupath._xp import gpu_available, is_device_array
+from gpupath._xp import gpu_available, gpu_problem, is_device_array, to_device
 from gpupath.detect.boxes import Detections, GridLayout, boxes_to_global, dedup_overlaps
 from gpupath.detect.classic import RUIFROK_HE_OD, ClassicParams
 from gpupath.detect.detector import Detector, make_detector
@@ -141,7 +142,8 @@ def resolve_device(device: str) -> Literal["cpu", "cuda"]:
     if device == "auto":
         return "cuda" if gpu_available() else "cpu"
     if device == "cuda" and not gpu_available():
-        raise ConfigError("device cuda asked for, but CuPy or a CUDA device is missing; use --device cpu or auto")
+        raise ConfigError(f"device cuda asked for, but CuPy or a CUDA device is missing ({gpu_problem()}); "
+                          "use --device cpu or auto")
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"device must be cpu, cuda or auto, got {device!r}")
     return device  # type: ignore[return-value]
@@ -239,8 +241,12 @@ def _fit_slide_stain(slide: Slide, grid: TileGrid, params: RunParams) -> tuple[s
     order = np.argsort(-grid.tissue_fraction, kind="stable")
     sample = np.sort(order[: STAIN_SAMPLE_TILES])
     fit = _NORMALISERS.get(params.stain, _NORMALISERS["macenko"])[0]
+    # the sample is spread over the whole slide: decoded on the host and uploaded (cuCIM's GPU batch
+    # reader would read the whole file span between the first and last tile into device memory)
+    host = dataclasses.replace(params, device="cpu") if params.device == "cuda" else params
     try:
-        return fit(read_grid_tiles(slide, grid, sample, params).pixels), ""
+        pixels = read_grid_tiles(slide, grid, sample, host).pixels
+        return fit(pixels if host is params else to_device(pixels)), ""
     except ValueError as exc:
         return None, f"stain fit failed ({exc}); tiles not normalised, Ruifrok H&E basis used"
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from gpupath._coords import level0_origin
-from gpupath._xp import array_module, device_module, is_device_array, ndimage_module, to_host
+from gpupath._xp import array_module, device_module, is_device_array, ndimage_module, to_device, to_host
 from gpupath.slide import Slide
 from gpupath_kernels import tissue as tissue_kernels
 
@@ -64,7 +64,9 @@ def read_overview(slide: Slide, downsample: float, *, device: str = "cpu") -> tu
     """RGB overview of the whole slide at about ``downsample`` level-0 px per output px.
 
     Reads the best level in blocks and averages k x k blocks of level pixels (k integer), so
-    memory is bounded by one block whatever the slide size.
+    memory is bounded by one block whatever the slide size. The blocks are decoded and averaged on
+    the host even for ``device="cuda"`` and the overview is uploaded once: thousands of small device
+    reads would each set up (and tear down, with a device-wide free) a GPU decoder in cuCIM.
 
     Returns
     -------
@@ -78,15 +80,15 @@ def read_overview(slide: Slide, downsample: float, *, device: str = "cpu") -> tu
     lw, lh = slide.level_dimensions[level]
     out_w, out_h = math.ceil(lw / k), math.ceil(lh / k)
     xp = device_module(device)
-    out = xp.empty((out_h, out_w, 3), xp.uint8)
+    out = np.empty((out_h, out_w, 3), np.uint8)
     for r0 in range(0, out_h, _BLOCK_PX):
         for c0 in range(0, out_w, _BLOCK_PX):
             rows, cols = min(_BLOCK_PX, out_h - r0), min(_BLOCK_PX, out_w - c0)
             loc = (level0_origin(c0 * k, level_ds), level0_origin(r0 * k, level_ds))
-            px = slide.read_rgb(loc, level, (cols * k, rows * k), device=device)
-            px = px.reshape(rows, k, cols, k, 3).astype(xp.float32).mean(axis=(1, 3))
-            out[r0 : r0 + rows, c0 : c0 + cols] = xp.rint(px).astype(xp.uint8)
-    return out, eff_ds
+            px = slide.read_rgb(loc, level, (cols * k, rows * k), device="cpu")
+            px = px.reshape(rows, k, cols, k, 3).astype(np.float32).mean(axis=(1, 3))
+            out[r0 : r0 + rows, c0 : c0 + cols] = np.rint(px).astype(np.uint8)
+    return (out if xp is np else to_device(out)), eff_ds  # one upload of the whole overview
 
 
 def otsu_threshold(values: Any) -> float:

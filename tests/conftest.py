@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpupath._xp import cupy_or_none, gpu_available
+from gpupath._xp import cupy_or_none, gpu_available, gpu_problem
 
 # Device kernels: on a machine without a GPU, run them under Numba's CUDA simulator. This must be
 # set before numba is first imported, hence here, at the top of the first conftest.
@@ -35,7 +35,7 @@ def data_file(name: str) -> Path:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if gpu_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (CuPy found no usable device)")
+    skip = pytest.mark.skip(reason=f"needs a CUDA GPU ({gpu_problem()})")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

@@ -389,6 +389,21 @@ def test_auto_falls_back_with_one_note_per_skipped_engine(monkeypatch: pytest.Mo
         make_detector("onnxruntime", device="cpu")  # named explicitly: no substitute
 
 
+def test_auto_falls_back_over_an_unforeseen_engine_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    # what an engine that never ran on a node may raise (a CUDA error, an API change): auto notes it and goes on
+    import gpupath.detect.detector as detector_module
+
+    def crashing(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered (test)")
+
+    monkeypatch.setattr(detector_module, "OnnxRuntimeEngine", crashing)
+    det, notes = make_detector("auto", device="cpu")
+    assert det.engine == "torch"
+    assert notes[0] == "engine onnxruntime skipped: RuntimeError: CUDA error: an illegal memory access was encountered (test)"
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        make_detector("onnxruntime", device="cpu")
+
+
 def test_card_figures_are_measured_again(tmp_path: Path) -> None:
     from gpupath.detect.train import EVAL_SEEDS, evaluate_synthetic
 

@@ -183,4 +183,26 @@ def test_cucim_device_decode_returns_cupy(synthetic: Path) -> None:
         tiles = slide.read_tiles([(0, 0), (256, 256)], 0, 256, device="cuda").pixels
         assert isinstance(tiles, cupy.ndarray) and tiles.shape == (2, 256, 256, 3)
         host = slide.read_tiles([(0, 0), (256, 256)], 0, 256).pixels
-        np.testing.assert_array_equal(cupy.asnumpy(tiles), host)
+        # nvJPEG and libjpeg-turbo are not bit-exact (IDCT, chroma upsampling): a few grey levels
+        diff = np.abs(cupy.asnumpy(tiles).astype(np.int16) - host)
+        assert diff.max() <= 8 and diff.mean() <= 1.0, (diff.max(), diff.mean())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["cmu-1-small-region.svs", "small.svs"])
+def test_cucim_device_reads_of_real_scans_match_host_reads(name: str) -> None:
+    """Real Aperio tiles (RGB-coded JPEG without an Adobe marker): cuCIM's GPU decode must not give false
+    colours; where it would, the reader decodes on the CPU and uploads (device_decode_ok says which)."""
+    import cupy
+
+    with open_slide(data_file(name), backend="cucim") as slide:
+        w, h = slide.dimensions
+        locations = [(0, 0), (max(w // 2 - 128, 0), max(h // 2 - 128, 0))]
+        dev = slide.read_tiles(locations, 0, 256, device="cuda").pixels
+        one = slide.read_rgb(locations[1], 0, (200, 100), device="cuda")
+        assert isinstance(dev, cupy.ndarray) and isinstance(one, cupy.ndarray)
+        host = slide.read_tiles(locations, 0, 256).pixels
+        diff = np.abs(cupy.asnumpy(dev).astype(np.int16) - host)
+        assert diff.max() <= 8 and diff.mean() <= 1.0, (diff.max(), diff.mean(), slide._reader.device_decode_ok())
+        one_diff = np.abs(cupy.asnumpy(one).astype(np.int16) - slide.read_rgb(locations[1], 0, (200, 100)))
+        assert one_diff.max() <= 8

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from gpupath._xp import array_module, cupy_or_none, gpu_available
+from gpupath._xp import array_module, cupy_or_none, gpu_available, gpu_problem
 from gpupath.convert._tiles import ConvertParams, _tiles_of_row
 from gpupath.errors import ConfigError, GpupathError
 
@@ -73,7 +73,8 @@ def _pick_device(params: ConvertParams) -> tuple[str, str]:
         problem = _device_jpeg_problem() if params.compression == "jpeg" else ""
         return ("cpu", f"converted on the CPU: {problem}") if problem else ("cuda", "")
     if not gpu_available():
-        raise ConfigError("device cuda asked for, but CuPy finds no usable CUDA GPU; use --device cpu or auto")
+        raise ConfigError(f"device cuda asked for, but CuPy finds no usable CUDA GPU ({gpu_problem()}); "
+                          "use --device cpu or auto")
     if params.compression == "jpeg" and (problem := _device_jpeg_problem()):
         raise ConfigError(f"device cuda with JPEG: {problem}; use --device cpu or auto")
     return "cuda", ""

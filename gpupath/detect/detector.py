@@ -257,10 +257,13 @@ def make_detector(engine: str = "auto", *, device: Literal["cpu", "cuda"] = "cpu
             built = _build_engine(name, card, device=device, batch_size=batch_size, tile_px=tile_px,
                                   cache_dir=cache_dir, triton_url=triton_url, triton_model=triton_model)
             break
-        except (ConfigError, KernelError) as exc:  # KernelError: a TensorRT build that failed
+        except Exception as exc:  # noqa: BLE001  auto goes on to the next engine whatever stopped this one
             if engine != "auto":
-                raise
-            notes.append(f"engine {name} skipped: {exc}")
+                raise  # named explicitly: no substitute (ConfigError, KernelError for a failed TensorRT build, ...)
+            # an engine that has never run on this node may fail in ways its code does not foresee (a CUDA
+            # error, an API change in a new TensorRT): auto says so in the note and moves on
+            why = str(exc) if isinstance(exc, (ConfigError, KernelError)) else f"{type(exc).__name__}: {exc}"
+            notes.append(f"engine {name} skipped: {why}")
     if built is None:
         raise ConfigError(f"no engine can run {card.name} on {device}: " + "; ".join(notes))
     pre, pre_name, pre_note = _build_preprocessor(preprocess, card, device=device, batch_size=batch_size,

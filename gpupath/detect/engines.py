@@ -148,11 +148,13 @@ class OnnxRuntimeEngine:
             mem = cupy.cuda.UnownedMemory(value.data_ptr(), nbytes, value)  # keeps the OrtValue alive
             result[name] = cupy.ndarray(tuple(value.shape()), _ORT_DTYPES[value.data_type()],
                                         cupy.cuda.MemoryPointer(mem, 0)).copy()  # own the memory before binding goes
+        cupy.cuda.get_current_stream().synchronize()  # the copies are done before onnxruntime may reuse its memory
         return result
 
 
-_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-               "tensor(int32)": np.int32, "tensor(double)": np.float64}
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+               "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16,
+               "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
 
 
 def _current_device_id() -> int:
@@ -200,8 +202,13 @@ class TorchEngine:
                 return {n: o.numpy() for n, o in zip(self.output_names, self.net(t), strict=True)}
             import cupy  # noqa: PLC0415
 
-            # torch runs on CuPy's current stream, so the work is ordered with the kernels before and after it
-            with torch.cuda.stream(torch.cuda.ExternalStream(cupy.cuda.get_current_stream().ptr)):
+            # torch runs on CuPy's current stream, so the work is ordered with the kernels before and after it.
+            # CuPy's null stream has ptr 0, and ExternalStream(0) would hand out a fresh stream from torch's
+            # pool instead: that one is torch's default (legacy) stream
+            cupy_stream = cupy.cuda.get_current_stream()
+            stream = (torch.cuda.default_stream() if cupy_stream.ptr == 0
+                      else torch.cuda.ExternalStream(cupy_stream.ptr))
+            with torch.cuda.stream(stream):
                 t = torch.from_dlpack(cupy.ascontiguousarray(x))  # CuPy -> torch, same memory
                 t = t.half() if self.fp16 else t.float()
                 outs = self.net(t)

@@ -10,6 +10,7 @@ others decode on the host.
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,6 +23,10 @@ from gpupath.slide._jpeg import TileGuard
 from gpupath.slide._meta import TiffLayout
 
 __all__ = ["Reader", "CucimReader", "OpenSlideReader", "TifffileReader"]
+
+log = logging.getLogger("gpupath.slide")
+DEVICE_PROBE_PX = 256        # edge of the region decoded on both devices before cuCIM's GPU decode is trusted
+DEVICE_DECODE_TOLERANCE = 8  # grey levels: JPEG decoders (IDCT, upsampling) may differ by a few
 
 
 class Reader(Protocol):
@@ -84,6 +89,12 @@ class OpenSlideReader:
         self.osr.close()
 
 
+def _guard_margin(downsample: float) -> int:
+    """Level px of margin around a request for the tile check: cuCIM maps level-0 origins to level px in
+    float32 and may land one px left of (or above) ours where the downsample is not a whole number."""
+    return 0 if float(downsample).is_integer() else 1
+
+
 class CucimReader:
     """cuCIM's cuslide reader: tiled JPEG TIFF pyramids, decoded on the CPU or into GPU memory."""
 
@@ -112,13 +123,43 @@ class CucimReader:
             if isinstance(exc, Exception) and not isinstance(exc, SlideReadError):
                 raise SlideReadError(f"{path}: cannot index its JPEG tiles for checking: {exc}") from exc
             raise
+        self._device_decode_ok: bool | None = None  # None until the first device read compares it with the host
+
+    def device_decode_ok(self) -> bool:
+        """Whether cuCIM's GPU decode (nvJPEG) gives the CPU decode's pixels on a probe region.
+
+        cuCIM's device path decodes with nvJPEG, which does not take the TIFF's colour space the way
+        its libjpeg path does; a mismatch (e.g. RGB-coded JPEG tiles without an Adobe marker, read as
+        YCbCr) would be false colours without an error. Checked once, at the first device read; on a
+        mismatch the device reads decode on the CPU and upload (one warning).
+        """
+        if self._device_decode_ok is None:
+            import cupy  # noqa: PLC0415
+
+            level = len(self.level_dims) - 1
+            w, h = (min(v, DEVICE_PROBE_PX) for v in self.level_dims[level])
+            self.guard.check(level, 0, 0, w + 1, h + 1)
+            try:
+                host = np.asarray(self.img.read_region((0, 0), (w, h), level, device="cpu"))
+                dev = cupy.asnumpy(cupy.asarray(self.img.read_region((0, 0), (w, h), level, device="cuda")))
+            except Exception as exc:
+                raise SlideReadError(f"{self.path}: cuCIM cannot decode the probe region on the GPU: {exc}") from exc
+            diff = int(np.abs(host.astype(np.int16) - dev.astype(np.int16)).max()) if host.shape == dev.shape else 255
+            self._device_decode_ok = diff <= DEVICE_DECODE_TOLERANCE
+            if not self._device_decode_ok:
+                log.warning("%s: cuCIM's GPU decode differs from its CPU decode by up to %d grey levels on a probe "
+                            "region; tiles are decoded on the CPU and uploaded", self.path, diff)
+        return self._device_decode_ok
 
     def read_rgb(self, level: int, x_lvl: int, y_lvl: int, w: int, h: int, *, device: str) -> Any:
         ds = self.level0_downsamples[level]
         loc = (level0_origin(x_lvl, ds), level0_origin(y_lvl, ds))
-        # one level px of margin each side: cuCIM maps level-0 origins to level px in float32 and may
-        # land one px left of (or above) x_lvl, y_lvl on pyramids with fractional downsamples
-        self.guard.check(level, x_lvl - 1, y_lvl - 1, w + 2, h + 2)
+        m = _guard_margin(ds)
+        self.guard.check(level, x_lvl - m, y_lvl - m, w + 2 * m, h + 2 * m)
+        if device == "cuda" and not self.device_decode_ok():
+            import cupy  # noqa: PLC0415
+
+            return cupy.asarray(self.read_rgb(level, x_lvl, y_lvl, w, h, device="cpu"))  # host decode, one upload
         try:
             region = self.img.read_region(loc, (w, h), level, device=device)
         except Exception as exc:
@@ -133,8 +174,13 @@ class CucimReader:
                    num_workers: int) -> Any:
         """Decode many same-size in-bounds regions with cuCIM's batched, multi-threaded reader."""
         ds = self.level0_downsamples[level]
-        for x0, y0 in locations_l0:  # level px of a level-0 origin: floor, one px of margin each side as above
-            self.guard.check(level, int(x0 // ds) - 1, int(y0 // ds) - 1, w + 2, h + 2)
+        m = _guard_margin(ds)
+        for x0, y0 in locations_l0:  # level px of a level-0 origin: floor, with the margin as in read_rgb
+            self.guard.check(level, int(x0 // ds) - m, int(y0 // ds) - m, w + 2 * m, h + 2 * m)
+        if device == "cuda" and not self.device_decode_ok():
+            import cupy  # noqa: PLC0415
+
+            return cupy.asarray(self.read_batch(level, locations_l0, w, h, device="cpu", num_workers=num_workers))
         try:
             batches = self.img.read_region(
                 locations_l0, (w, h), level, batch_size=len(locations_l0),

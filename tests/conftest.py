@@ -32,6 +32,17 @@ def data_file(name: str) -> Path:
     return path
 
 
+def import_or_skip(name: str, reason: str) -> types.ModuleType:
+    """Import ``name`` or skip with ``reason`` and the error: unlike pytest.importorskip, also for an
+    install that is present but broken (a TensorRT whose libraries fail to load raises OSError)."""
+    import importlib  # noqa: PLC0415
+
+    try:
+        return importlib.import_module(name)
+    except Exception as exc:  # noqa: BLE001  any failure to import means the optional path cannot run here
+        pytest.skip(f"{reason} ({type(exc).__name__}: {exc})")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if gpu_available():
         return

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import data_file
+from conftest import data_file, import_or_skip
 from detect_helpers import assert_same_detections
 from gpupath.detect.card import load_card, shipped_card
 from gpupath.detect.detector import make_detector
@@ -262,7 +262,7 @@ def test_gpu_engines_match_the_cpu_engines(engine: str, preprocess: str, real_ti
     import cupy
 
     if engine == "tensorrt":
-        pytest.importorskip("tensorrt", reason="TensorRT not installed")
+        import_or_skip("tensorrt", "TensorRT not installed or not loadable")
     if engine == "torch" and not torch.cuda.is_available():
         pytest.skip("this torch build has no CUDA")
     if preprocess == "dali":

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import import_or_skip
 from gpupath.detect import _tensorrt as trt_mod
 from gpupath.detect._tensorrt import (
     EngineCache,
@@ -261,7 +262,7 @@ def test_engine_missing_onnx(tmp_path: Path) -> None:
 
 @pytest.mark.gpu
 def test_engine_matches_onnxruntime_and_caches(tmp_path: Path) -> None:
-    pytest.importorskip("tensorrt")
+    import_or_skip("tensorrt", "TensorRT not installed or not loadable")
     torch = pytest.importorskip("torch")
     ort = pytest.importorskip("onnxruntime")
     ok, reason = tensorrt_available()
@@ -311,3 +312,28 @@ def test_engine_matches_onnxruntime_and_caches(tmp_path: Path) -> None:
     healed = TensorRTEngine(onnx_path, max_batch=4, **kwargs)
     assert healed.rebuilt and "deserialize" in healed.build_reason
     assert TensorRTEngine(onnx_path, max_batch=4, **kwargs).cache_hit
+
+
+@pytest.mark.gpu
+def test_fixed_batch_engine_pads_a_short_last_batch(tmp_path: Path) -> None:
+    import_or_skip("tensorrt", "TensorRT not installed or not loadable")
+    torch = pytest.importorskip("torch")
+    ort = pytest.importorskip("onnxruntime")
+    ok, reason = tensorrt_available()
+    if not ok:
+        pytest.skip(reason)
+    import cupy as cp
+
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3, padding=1), torch.nn.Sigmoid()).eval()
+    onnx_path = tmp_path / "fixed4.onnx"  # no dynamic axes: batch fixed at 4, as some exported detectors are
+    torch.onnx.export(net, (torch.zeros(4, 3, 16, 16),), str(onnx_path), input_names=["tiles"],
+                      output_names=["heat"], opset_version=17, dynamo=False)
+    eng = TensorRTEngine(onnx_path, max_batch=4, model_sha256=hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
+                         input_name="tiles", output_names=("heat",), input_hw=(16, 16), cache_dir=tmp_path / "cache")
+    x_host = np.random.default_rng(3).uniform(0, 1, (3, 3, 16, 16)).astype(np.float32)
+    padded = np.concatenate([x_host, np.zeros((1, 3, 16, 16), np.float32)])
+    want = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(["heat"], {"tiles": padded})[0]
+    got = eng(cp.asarray(x_host))["heat"]
+    assert got.shape == (3, 2, 16, 16)  # only the real tiles' outputs
+    np.testing.assert_allclose(cp.asnumpy(got), want[:3], atol=2e-2, rtol=0)

@@ -530,7 +530,8 @@ class TensorRTEngine:
         TypeError
             ``x`` is not a device (CuPy) array.
         ValueError
-            Wrong shape, batch over ``max_batch``, or ``x`` on another GPU.
+            Wrong shape, batch over ``max_batch``, or ``x`` on another GPU. A batch under a fixed-batch
+            engine's size is padded with zero tiles, and only its own outputs are returned.
         KernelError
             TensorRT refused the input shape or the launch failed.
         """
@@ -543,13 +544,14 @@ class TensorRTEngine:
             raise ValueError(f"TensorRT input {self.input_name!r} has shape {tuple(x.shape)}; expected "
                              f"(N, {', '.join(map(str, self.sample_shape))}) ({self.layout})")
         n = int(x.shape[0])
-        if n > self.max_batch or (0 < n < self._min_batch):
+        if n > self.max_batch:
             raise ValueError(f"batch of {n} tiles is outside the engine's range "
                              f"{self._min_batch}..{self.max_batch} (max_batch)")
+        run_n = max(n, self._min_batch)  # a fixed-batch model: a slide's last, short batch is padded
         if x.device.id != self._device_id:
             raise ValueError(f"input is on GPU {x.device.id} but the engine was built on GPU {self._device_id}")
         with cp.cuda.Device(self._device_id):
-            if not ctx.set_input_shape(self.input_name, (max(n, self._min_batch), *self.sample_shape)):
+            if not ctx.set_input_shape(self.input_name, (run_n, *self.sample_shape)):
                 raise KernelError(f"TensorRT refused input shape {(n, *self.sample_shape)} for {self.input_name!r}")
             shapes = {name: tuple(int(d) for d in ctx.get_tensor_shape(name)) for name in self._all_outputs}
             bad = {name: s for name, s in shapes.items() if any(d < 0 for d in s)}
@@ -559,6 +561,8 @@ class TensorRTEngine:
                 return {name: cp.empty((0, *shapes[name][1:]), dtype=self._out_dtype(name))
                         for name in self.output_names}
             x = cp.ascontiguousarray(x, dtype=self.input_dtype)  # no copy when already right
+            if run_n > n:  # zero tiles after the real ones; their outputs are dropped below
+                x = cp.concatenate([x, cp.zeros((run_n - n, *self.sample_shape), x.dtype)])
             outs = {name: cp.empty(shapes[name], dtype=self._dtypes[name]) for name in self._all_outputs}
             ctx.set_tensor_address(self.input_name, x.data.ptr)
             for name, arr in outs.items():
@@ -568,7 +572,7 @@ class TensorRTEngine:
             stream = cp.cuda.get_current_stream()
             if not ctx.execute_async_v3(stream.ptr):
                 raise KernelError(f"{self.plan_path}: TensorRT execute_async_v3 failed for a batch of {n}")
-            return {name: outs[name].astype(cp.float32) if outs[name].dtype == cp.float16 else outs[name]
+            return {name: (outs[name].astype(cp.float32) if outs[name].dtype == cp.float16 else outs[name])[:n]
                     for name in self.output_names}
 
     def _out_dtype(self, name: str) -> np.dtype:

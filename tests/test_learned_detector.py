@@ -372,36 +372,28 @@ def test_labels_outside_the_cards_classes_fail_naming_the_model(box_model: tuple
         det.detect(real_tiles, mpp=0.5, stain_matrix_od=NO_STAIN)
 
 
-def test_auto_falls_back_with_one_note_per_skipped_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("error", "note"), [
+    # what a broken install raises
+    (ConfigError("onnxruntime: broken install (test)"), "onnxruntime: broken install (test)"),
+    # what an engine that never ran on a node may raise (a CUDA error, an API change): named by its type
+    (RuntimeError("CUDA error: an illegal memory access (test)"), "RuntimeError: CUDA error: an illegal memory access (test)"),
+])
+def test_auto_falls_back_with_one_note_per_skipped_engine(monkeypatch: pytest.MonkeyPatch, error: Exception,
+                                                          note: str) -> None:
     # ONNX Runtime cannot be made to fail on its own here, so its constructor is replaced by one that
-    # raises what a broken install raises; the fallback loop and its notes are the real code
+    # raises; the fallback loop and its notes are the real code
     import gpupath.detect.detector as detector_module
 
     def broken(*_args: object, **_kwargs: object) -> None:
-        raise ConfigError("onnxruntime: broken install (test)")
+        raise error
 
     monkeypatch.setattr(detector_module, "OnnxRuntimeEngine", broken)
     det, notes = make_detector("auto", device="cpu")
     assert det.engine == "torch"
-    assert notes[0] == "engine onnxruntime skipped: onnxruntime: broken install (test)"
+    assert notes[0] == f"engine onnxruntime skipped: {note}"
     assert notes[-1].startswith("engine auto: nuclei_v1 on torch (cpu)")
-    with pytest.raises(ConfigError, match="broken install"):
-        make_detector("onnxruntime", device="cpu")  # named explicitly: no substitute
-
-
-def test_auto_falls_back_over_an_unforeseen_engine_failure(monkeypatch: pytest.MonkeyPatch) -> None:
-    # what an engine that never ran on a node may raise (a CUDA error, an API change): auto notes it and goes on
-    import gpupath.detect.detector as detector_module
-
-    def crashing(*_args: object, **_kwargs: object) -> None:
-        raise RuntimeError("CUDA error: an illegal memory access was encountered (test)")
-
-    monkeypatch.setattr(detector_module, "OnnxRuntimeEngine", crashing)
-    det, notes = make_detector("auto", device="cpu")
-    assert det.engine == "torch"
-    assert notes[0] == "engine onnxruntime skipped: RuntimeError: CUDA error: an illegal memory access was encountered (test)"
-    with pytest.raises(RuntimeError, match="illegal memory access"):
-        make_detector("onnxruntime", device="cpu")
+    with pytest.raises(type(error), match="test"):
+        make_detector("onnxruntime", device="cpu")  # named explicitly: no substitute, the error itself
 
 
 def test_card_figures_are_measured_again(tmp_path: Path) -> None:

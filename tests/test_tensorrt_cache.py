@@ -260,8 +260,8 @@ def test_engine_missing_onnx(tmp_path: Path) -> None:
 
 # -- the real thing: TensorRT on a GPU ------------------------------------------------------------
 
-@pytest.mark.gpu
-def test_engine_matches_onnxruntime_and_caches(tmp_path: Path) -> None:
+def _tensorrt_test_modules() -> tuple[types.ModuleType, types.ModuleType, types.ModuleType]:
+    """torch (to export test models), onnxruntime (the reference) and CuPy, or skip: TensorRT must load and build."""
     import_or_skip("tensorrt", "TensorRT not installed or not loadable")
     torch = pytest.importorskip("torch")
     ort = pytest.importorskip("onnxruntime")
@@ -269,6 +269,13 @@ def test_engine_matches_onnxruntime_and_caches(tmp_path: Path) -> None:
     if not ok:
         pytest.skip(reason)
     import cupy as cp
+
+    return torch, ort, cp
+
+
+@pytest.mark.gpu
+def test_engine_matches_onnxruntime_and_caches(tmp_path: Path) -> None:
+    torch, ort, cp = _tensorrt_test_modules()
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
@@ -316,13 +323,7 @@ def test_engine_matches_onnxruntime_and_caches(tmp_path: Path) -> None:
 
 @pytest.mark.gpu
 def test_fixed_batch_engine_pads_a_short_last_batch(tmp_path: Path) -> None:
-    import_or_skip("tensorrt", "TensorRT not installed or not loadable")
-    torch = pytest.importorskip("torch")
-    ort = pytest.importorskip("onnxruntime")
-    ok, reason = tensorrt_available()
-    if not ok:
-        pytest.skip(reason)
-    import cupy as cp
+    torch, ort, cp = _tensorrt_test_modules()
 
     torch.manual_seed(1)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3, padding=1), torch.nn.Sigmoid()).eval()

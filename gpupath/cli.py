@@ -345,6 +345,8 @@ def convert_cmd(
     mpp: Annotated[Optional[float], typer.Option(help="Level-0 µm/px to write instead of the metadata.")] = None,
     backend: Annotated[str, typer.Option(help="auto | cucim | openslide | tifffile")] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda (pyramid and JPEG encode on the GPU)")] = "auto",
+    redo: Annotated[bool, typer.Option("--redo", help="With --out-dir: convert again slides whose output is "
+                                                      "already this conversion (kept by default).")] = False,
 ) -> None:
     """Convert slides to tiled pyramidal BigTIFF OME-TIFF (optionally stain-normalised)."""
     from gpupath.convert import ConvertOutcome, ConvertParams, convert_slides
@@ -362,6 +364,10 @@ def convert_cmd(
             err_console.print(f"error: {o.error}", markup=False, highlight=False, soft_wrap=True)
             return
         r = o.result
+        if o.resumed:
+            out_console.print(f"kept {r.path}: already converted from the same bytes with the same settings "
+                              "(--redo converts again)", markup=False, highlight=False, soft_wrap=True)
+            return
         for warning in r.warnings:
             err_console.print(f"warning: {o.source}: {warning}", markup=False, highlight=False, soft_wrap=True)
         out_console.print(f"wrote {r.path}: {len(r.level_dimensions)} levels, {r.level_dimensions[0][0]}x"
@@ -379,7 +385,8 @@ def convert_cmd(
         shown(outcomes[0])
     else:
         try:
-            outcomes = convert_slides(list(paths), out_dir, params, store=store, workers=workers, on_slide=shown)
+            outcomes = convert_slides(list(paths), out_dir, params, store=store, workers=workers, resume=not redo,
+                                      on_slide=shown)
         except ValueError as exc:
             raise _fail(str(exc)) from None
     raise typer.Exit(1 if any(o.result is None for o in outcomes) else 0)

@@ -261,6 +261,39 @@ def test_batch_over_a_folder_goes_on_after_a_failure(workers: int, generated: Pa
         assert tif.is_ome and len(tif.series[0].levels) == 4
 
 
+def test_batch_keeps_what_it_converted_before_and_redoes_what_changed(generated: Path, tmp_path: Path) -> None:
+    from gpupath.convert import convert_key, convert_slides, converted_before
+    from gpupath.ingest import sha256_file
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a.svs", "b.svs"):
+        (folder / name).write_bytes(generated.read_bytes())
+    out = tmp_path / "out"
+    params = ConvertParams(tile_px=512, compression="deflate", device="cpu")
+    first = convert_slides([folder], out, params, workers=0)
+    assert [o.resumed for o in first] == [False, False] and all(o.result for o in first)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+    again = convert_slides([folder], out, params, workers=0)  # an overnight batch run a second time
+    assert [o.resumed for o in again] == [True, True]
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps  # nothing rewritten
+    assert again[0].result.level_dimensions == first[0].result.level_dimensions
+    assert again[0].result.mpp == pytest.approx(first[0].result.mpp)
+
+    key = convert_key(sha256_file(folder / "a.svs"), params)
+    assert converted_before(out / "a.ome.tif", key) is not None
+    assert converted_before(out / "a.ome.tif", convert_key("0" * 64, params)) is None  # other source bytes
+    other = ConvertParams(tile_px=512, compression="deflate", quality=3, device="cpu")
+    assert [o.resumed for o in convert_slides([folder / "a.svs"], out, other, workers=0)] == [False]
+
+    (out / "b.ome.tif").write_bytes((out / "b.ome.tif").read_bytes()[:4096])  # damaged by hand: converted again
+    forced = convert_slides([folder], out, other, workers=0, resume=False)
+    assert [o.resumed for o in forced] == [False, False]
+    with tifffile.TiffFile(out / "b.ome.tif") as tif:
+        assert len(tif.series[0].levels) == 4
+
+
 def test_cli_batch(generated: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
@@ -270,6 +303,12 @@ def test_cli_batch(generated: Path, tmp_path: Path) -> None:
                                    str(tmp_path / "o"), "--workers", "0", "--compression", "deflate"])
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["gen.ome.tif", "small.ome.tif"]
+    again = CliRunner().invoke(app, ["convert", str(generated), str(data_file("small.svs")), "--out-dir",
+                                     str(tmp_path / "o"), "--workers", "0", "--compression", "deflate"])
+    assert again.exit_code == 0 and again.output.count("kept ") == 2 and "--redo converts again" in again.output
+    redo = CliRunner().invoke(app, ["convert", str(generated), "--out-dir", str(tmp_path / "o"), "--workers", "0",
+                                    "--compression", "deflate", "--redo"])
+    assert redo.exit_code == 0 and "wrote " in redo.output and "kept " not in redo.output
     bad = CliRunner().invoke(app, ["convert", str(generated)])
     assert bad.exit_code == 2 and "expected SRC OUT.ome.tif" in bad.output
 

@@ -37,6 +37,7 @@ else ``cpu`` with one note in the result's warnings saying why.
 
 from gpupath.convert._batch import ConvertOutcome, convert_slides, output_name
 from gpupath.convert._core import convert_slide
+from gpupath.convert._resume import convert_key, converted_before
 from gpupath.convert._tiles import Compression as Compression
 from gpupath.convert._tiles import ConvertDevice as ConvertDevice
 from gpupath.convert._tiles import ConvertParams, ConvertResult, pyramid_dimensions
@@ -50,4 +51,4 @@ from gpupath.convert._tiles import _halve as _halve
 from gpupath.convert._tiles import _tiles_of_row as _tiles_of_row
 
 __all__ = ["ConvertParams", "ConvertResult", "ConvertOutcome", "convert_slide", "convert_slides", "output_name",
-           "pyramid_dimensions"]
+           "pyramid_dimensions", "convert_key", "converted_before"]

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpupath.convert._core import convert_slide
+from gpupath.convert._resume import convert_key, converted_before
 from gpupath.convert._tiles import ConvertParams, ConvertResult
 from gpupath.errors import ConfigError, GpupathError
 
@@ -22,12 +23,19 @@ class ConvertOutcome:
     out: Path
     result: ConvertResult | None = None
     error: str = ""
+    resumed: bool = False   # ``out`` was already this conversion (same source bytes and settings): kept
 
 
-def _convert_task(src: str, out: str, params: ConvertParams) -> ConvertOutcome:
-    """One slide, start to end (a Dask task on a worker, or a call in this process)."""
+def _convert_task(src: str, out: str, params: ConvertParams, resume: bool = True) -> ConvertOutcome:
+    """One slide, start to end (a Dask task on a worker, or a call in this process); with ``resume``
+    an output that already is this conversion is kept (its source is hashed, never decoded)."""
+    from gpupath.ingest import sha256_file  # noqa: PLC0415
+
     try:
-        return ConvertOutcome(Path(src), Path(out), result=convert_slide(src, out, params))
+        sha = sha256_file(src)
+        if resume and (before := converted_before(out, convert_key(sha, params))) is not None:
+            return ConvertOutcome(Path(src), Path(out), result=before, resumed=True)
+        return ConvertOutcome(Path(src), Path(out), result=convert_slide(src, out, params, source_sha256=sha))
     except (GpupathError, ValueError, OSError) as exc:
         return ConvertOutcome(Path(src), Path(out), error=str(exc).splitlines()[0] if str(exc) else repr(exc))
 
@@ -39,7 +47,7 @@ def output_name(src: str | os.PathLike[str]) -> str:
 
 def convert_slides(inputs: list[str | os.PathLike[str]], out_dir: str | os.PathLike[str],
                    params: ConvertParams | None = None, *, store: str | os.PathLike[str] | None = None,
-                   workers: int | None = None, scheduler: str | None = None,
+                   workers: int | None = None, scheduler: str | None = None, resume: bool = True,
                    on_slide: Callable[[ConvertOutcome], None] | None = None) -> list[ConvertOutcome]:
     """Convert many slides to ``out_dir/<name>.ome.tif``, one Dask task per slide, as ``run`` batches.
 
@@ -52,6 +60,8 @@ def convert_slides(inputs: list[str | os.PathLike[str]], out_dir: str | os.PathL
     workers : 0 converts in this process, one slide after another; otherwise the size of a
         ``distributed.LocalCluster`` (default about one worker per two cores).
     scheduler : ``tcp://host:port`` of an existing Dask cluster instead of a local one.
+    resume : keep an output that already is this conversion (same source sha256, settings and
+        gpupath version, read from its OME-XML; see :mod:`gpupath.convert._resume`); False converts again.
     on_slide : called with each outcome as it completes.
 
     Returns
@@ -77,7 +87,7 @@ def convert_slides(inputs: list[str | os.PathLike[str]], out_dir: str | os.PathL
     n_workers = default_workers(len(jobs)) if workers is None else workers
     if scheduler is None and (n_workers == 0 or len(jobs) <= 1):
         for i, (src, dst) in enumerate(jobs):
-            outcomes[i] = _convert_task(src, dst, params)
+            outcomes[i] = _convert_task(src, dst, params, resume)
             if on_slide is not None:
                 on_slide(outcomes[i])  # type: ignore[arg-type]
         return outcomes  # type: ignore[return-value]
@@ -89,7 +99,7 @@ def convert_slides(inputs: list[str | os.PathLike[str]], out_dir: str | os.PathL
         # the CPU cluster whatever params.device: each task picks its device itself (_pick_device)
         client, _ = dask_client(stack, scheduler, device="cpu", workers=n_workers, on_note=lambda _m: None)
         token = uuid.uuid4().hex[:8]
-        futures = {client.submit(_convert_task, src, dst, params, key=f"gpupath-convert-{token}-{i}", pure=False): i
+        futures = {client.submit(_convert_task, src, dst, params, resume, key=f"gpupath-convert-{token}-{i}", pure=False): i
                    for i, (src, dst) in enumerate(jobs)}
         for fut in as_completed(list(futures)):
             i = futures[fut]

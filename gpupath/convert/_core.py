@@ -24,6 +24,7 @@ import tifffile
 from gpupath._version import __version__
 from gpupath._xp import array_module, to_host
 from gpupath.convert._device import _DeviceJpeg, _pick_device
+from gpupath.convert._resume import KEY_NAME, SOURCE_SHA_NAME, convert_key
 from gpupath.convert._tiles import (ConvertParams, ConvertResult, StainMethod, _encoder, _halve, _tiff_args,
                                     _tiles_of_row, pyramid_dimensions)
 from gpupath.errors import ConfigError, GpupathError, SlideReadError
@@ -177,18 +178,28 @@ def _strips(slide: Slide, tile_px: int, pool: ThreadPoolExecutor, device: str = 
 
 
 # ---------------------------------------------------------------------------------------- writing
-def _ome_metadata(slide: Slide, mpp: float, params: ConvertParams, device: str) -> dict[str, Any]:
+def _ome_metadata(slide: Slide, mpp: float, params: ConvertParams, device: str, source_sha256: str) -> dict[str, Any]:
     props = dict(slide.properties)
     description = props.get("tiff.ImageDescription", "")
     annotation = {k: v for k, v in props.items() if k != "tiff.ImageDescription" and not k.startswith("openslide.level[")}
     annotation.update({"gpupath.source": str(slide.path), "gpupath.version": __version__,
                        "gpupath.stain": params.stain, "gpupath.compression": params.compression,
-                       "gpupath.quality": str(params.quality), "gpupath.device": device})
+                       "gpupath.quality": str(params.quality), "gpupath.device": device,
+                       SOURCE_SHA_NAME: source_sha256, KEY_NAME: convert_key(source_sha256, params)})
     clean = {_printable(str(k)): _printable(str(v)) for k, v in annotation.items()}
     return {"axes": "YXS", "Name": slide.path.name,
             "Description": _printable(description or f"converted from {slide.path.name}"),
             "PhysicalSizeX": mpp, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": mpp, "PhysicalSizeYUnit": "µm",
             "MapAnnotation": clean}
+
+
+def _source_sha256(src: str | os.PathLike[str]) -> str:
+    from gpupath.ingest import sha256_file  # noqa: PLC0415
+
+    try:
+        return sha256_file(src)
+    except OSError as exc:
+        raise SlideReadError(f"{src}: cannot read it: {os.strerror(exc.errno) if exc.errno else exc}") from exc
 
 
 def _printable(text: str) -> str:
@@ -225,7 +236,8 @@ def _default_workers() -> int:
 
 
 def convert_slide(src: str | os.PathLike[str], out: str | os.PathLike[str], params: ConvertParams | None = None, *,
-                  on_rows: Callable[[int, int], None] | None = None) -> ConvertResult:
+                  on_rows: Callable[[int, int], None] | None = None,
+                  source_sha256: str | None = None) -> ConvertResult:
     """Convert one slide to a tiled pyramidal BigTIFF OME-TIFF.
 
     Parameters
@@ -235,6 +247,8 @@ def convert_slide(src: str | os.PathLike[str], out: str | os.PathLike[str], para
         beside it and renamed when complete.
     params : tiles, compression, quality, stain normalisation, mpp override.
     on_rows : called as ``on_rows(rows_done, height_px)`` after each level-0 strip (progress).
+    source_sha256 : the source file's sha256 when the caller has it (else read here): written to the
+        OME-XML with the conversion key (:func:`gpupath.convert.convert_key`) so a batch can skip it later.
 
     Returns
     -------
@@ -274,6 +288,7 @@ def convert_slide(src: str | os.PathLike[str], out: str | os.PathLike[str], para
     t0 = time.perf_counter()
     workers = params.workers or _default_workers()
     device, device_note = _pick_device(params)  # ConfigError here, before the slide is opened
+    sha = source_sha256 or _source_sha256(src)
     with open_slide(src, backend=params.backend, mpp=params.mpp) as slide:
         mpp = slide.require_mpp()
         w, h = slide.dimensions
@@ -304,7 +319,7 @@ def convert_slide(src: str | os.PathLike[str], out: str | os.PathLike[str], para
 
                     with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif:
                         tif.write(level0(), shape=(h, w, 3), dtype=np.uint8, subifds=len(dims) - 1,
-                                  resolution=(1e4 / mpp, 1e4 / mpp), metadata=_ome_metadata(slide, mpp, params, device),
+                                  resolution=(1e4 / mpp, 1e4 / mpp), metadata=_ome_metadata(slide, mpp, params, device, sha),
                                   **tiff_args)
                         for i, (lw, lh) in enumerate(dims[1:]):
                             ds = 2 ** (i + 1)

@@ -40,7 +40,8 @@ class ConvertParams:
     mpp : level-0 µm/px to write instead of the source's (required when the source has none).
     backend : slide reader (``auto`` as ``run``).
     workers : encoder threads (default: usable CPUs, at most 16).
-    device : ``auto`` (GPU when usable, else CPU with a note in the warnings), ``cpu`` or ``cuda``
+    device : ``auto`` (GPU when usable, else the CPU; a warning only when a GPU is there but its JPEG
+        encoder fails a test tile), ``cpu`` or ``cuda``
         (pyramid and JPEG encode on the GPU; ConfigError at conversion when no GPU is usable).
     """
 

@@ -269,6 +269,9 @@ def ingest(
             if res.warning:
                 err_console.print(f"warning: {res.source}: {res.warning}", markup=False, highlight=False,
                                   soft_wrap=True)
+        elif res.status == "already":
+            out_console.print(f"kept {res.sha256[:12] if res.sha256 else '?'} {Path(res.source).name}: {res.reason}",
+                              markup=False, highlight=False, soft_wrap=True)
         else:
             err_console.print(f"error: {res.source}: {res.reason}", markup=False, highlight=False, soft_wrap=True)
 
@@ -276,10 +279,16 @@ def ingest(
         results = ingest_slides(sources, store, checksums=checksums, on_result=on_result)
     except ConfigError as exc:
         raise _fail(str(exc)) from None
-    rejected = sum(r.status != "stored" for r in results)
-    out_console.print(f"{len(results) - rejected} stored, {rejected} rejected; store {store} "
-                      f"(manifest {store / 'manifest.parquet'})", markup=False, highlight=False, soft_wrap=True)
-    raise typer.Exit(1 if rejected else 0)
+    count = {k: sum(r.status == k for r in results) for k in ("stored", "already", "rejected")}
+    unverified = sum(r.status == "stored" and r.verified_by is None for r in results)
+    if unverified:
+        err_console.print(f"note: {unverified} slide(s) stored without a checksum to verify against (no --checksums "
+                          "entry, no <slide>.sha256 sidecar): only the copy was checked against the source file",
+                          markup=False, highlight=False, soft_wrap=True)
+    out_console.print(f"{count['stored']} stored, {count['already']} already in the store, {count['rejected']} "
+                      f"rejected; store {store} (manifest {store / 'manifest.parquet'})",
+                      markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(1 if count["rejected"] else 0)
 
 
 @app.command()

@@ -92,11 +92,21 @@ class IngestResult:
     """What became of one source given to :func:`ingest`."""
 
     source: str                                # as given
-    status: Literal["stored", "rejected"]
+    status: Literal["stored", "already", "rejected"]   # already: the same bytes are in the store (kept, not copied)
     sha256: str | None = None                  # of the main file, when it was read whole
-    stored_path: str | None = None             # absolute path of the stored file to open ("stored" only)
-    reason: str | None = None                  # why it was rejected, one line
+    stored_path: str | None = None             # absolute path of the stored file to open (stored, already)
+    reason: str | None = None                  # why it was rejected, or which stored slide it already is; one line
     warning: str | None = None                 # stored, but something to know (e.g. no mpp)
+    verified_by: str | None = None             # checksums file or sidecar the copy matched (None: none given)
+
+
+class _Already(SlideReadError):
+    """A unit whose every file is in the store already (same bytes): nothing to copy, nothing wrong."""
+
+    def __init__(self, message: str, sha256: str, stored_path: str) -> None:
+        super().__init__(message)
+        self.sha256 = sha256
+        self.stored_path = stored_path
 
 
 class _Rejected(SlideReadError):
@@ -237,6 +247,13 @@ def _unit_of(src: Path) -> tuple[_Files, str | None]:
         if not dicom:
             raise SlideReadError(f"{src}: folder without .dcm files; a folder is ingested only as a DICOM series "
                                  "(slide files are given one by one)")
+        # DICOM exports hold .dcm files, often a DICOMDIR and files without a suffix; anything else
+        # (another slide, a README) means this is a folder of files, not one series
+        other = [rel for path, rel in files if path.suffix and path.suffix.lower() != ".dcm"]
+        if other:
+            shown = ", ".join(other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
+            raise SlideReadError(f"{src}: not one DICOM series: it also holds {shown}; give slide files one by one, "
+                                 "or a folder of one series' .dcm files")
         return [dicom[0], *(f for f in files if f != dicom[0])], None
     if not stat.S_ISREG(src.stat().st_mode):
         raise SlideReadError(f"{src}: not a regular file (device, pipe or socket)")
@@ -469,7 +486,8 @@ def _duplicate(manifest: pa.Table, sha: str, copied: list[dict[str, Any]]) -> st
         return None
     row = known.slice(0, 1).to_pylist()[0]
     if sorted(f["sha256"] for f in row["files"]) == sorted(f["sha256"] for f in copied):  # names may differ
-        return f"duplicate of {row['original_path']} (stored as {row['stored_path']})"
+        raise _Already(f"already in the store: same bytes as {row['original_path']} (stored as {row['stored_path']})",
+                       sha, row["stored_path"])
     return (f"main file identical to that of {row['original_path']} (stored as {row['stored_path']}) but its other "
             "files differ; one store id cannot hold both")
 
@@ -529,7 +547,7 @@ def _ingest_one(src: Path, store: Path, manifest: pa.Table,
     elif not 0 < mpp <= MPP_PLAUSIBLE_MAX:
         warnings.append(f"metadata says {mpp:.4g} µm/px, not a microscope scan (`gpupath run` will need --mpp)")
     return IngestResult(source=str(src), status="stored", sha256=sha, stored_path=str((final / unit[0][1]).absolute()),
-                        warning="; ".join(warnings) or None), updated
+                        warning="; ".join(warnings) or None, verified_by=verified_by), updated
 
 
 def ingest(sources: Sequence[str | os.PathLike[str]], store: str | os.PathLike[str], *,
@@ -551,8 +569,10 @@ def ingest(sources: Sequence[str | os.PathLike[str]], store: str | os.PathLike[s
     Returns
     -------
     One :class:`IngestResult` per source, in order. A rejected source (missing, empty, not a
-    slide, undecodable, truncated, hash mismatch, not listed in ``checksums``, duplicate of a
-    stored slide or of an earlier source) leaves nothing in the store; the others go on.
+    slide, undecodable, truncated, hash mismatch, not listed in ``checksums``, a folder that is
+    not one DICOM series) leaves nothing in the store; the others go on. A source whose bytes are
+    in the store already (stored before, or earlier in this call) is ``already``: nothing is
+    copied and nothing is wrong, so a nightly re-ingest of a scanner folder passes.
 
     Raises
     ------
@@ -582,6 +602,9 @@ def ingest(sources: Sequence[str | os.PathLike[str]], store: str | os.PathLike[s
             src = Path(source)
             try:
                 result, manifest = _ingest_one(src, store, manifest, table)
+            except _Already as same:
+                result = IngestResult(source=str(source), status="already", sha256=same.sha256,
+                                      stored_path=str((store / same.stored_path).absolute()), reason=str(same))
             except Exception as exc:  # noqa: BLE001  (one source's failure is its result; the batch goes on)
                 reason = str(exc).removeprefix(f"{src}: ")
                 if not isinstance(exc, GpupathError):

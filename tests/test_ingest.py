@@ -125,6 +125,21 @@ def test_slide_without_mpp_is_stored_with_a_warning(tmp_path: Path, store: Path)
     assert row["mpp"] is None and (row["width_px"], row["height_px"]) == (512, 512)
 
 
+def test_a_folder_of_other_files_is_not_one_dicom_series(tmp_path: Path, store: Path) -> None:
+    # a scanner folder with one .dcm among slides and notes: not to be stored as one "series"
+    mixed = tmp_path / "mixed"
+    for name in ("boxes_0.dcm", "small.svs", "README.md"):
+        copy_in(data_file(name), mixed)
+    res = one(ingest([mixed], store))
+    assert res.status == "rejected"
+    assert res.reason.startswith("not one DICOM series: it also holds mixed/README.md, mixed/small.svs")
+    assert stored_files(store) == [] and incoming(store) == []
+    series = tmp_path / "export"  # a DICOM export: .dcm files, a DICOMDIR and files without a suffix
+    copy_in(data_file("boxes_0.dcm"), series)
+    copy_in(data_file("boxes_1.dcm"), series, "DICOMDIR")
+    assert one(ingest([series], store)).status == "stored"
+
+
 def test_dicom_series_folder_is_kept_whole(tmp_path: Path, store: Path) -> None:
     series = tmp_path / "series"
     parts = [copy_in(data_file(name), series) for name in ("boxes_0.dcm", "boxes_1.dcm")]
@@ -254,11 +269,12 @@ def test_duplicates_in_one_batch_and_across_calls(tmp_path: Path, store: Path) -
     first = copy_in(data_file("small.svs"), tmp_path / "a")
     renamed = copy_in(data_file("small.svs"), tmp_path / "b", "renamed.svs")
     results = ingest([first, first, renamed], store)
-    assert [r.status for r in results] == ["stored", "rejected", "rejected"]
+    assert [r.status for r in results] == ["stored", "already", "already"]  # nothing wrong, nothing copied
     for r in results[1:]:
-        assert r.reason.startswith(f"duplicate of {first.absolute()}") and r.sha256 == hexdigest(first)
-    again = one(ingest([renamed], store))  # a later call into the same store
-    assert again.status == "rejected" and again.reason.startswith(f"duplicate of {first.absolute()}")
+        assert r.reason.startswith(f"already in the store: same bytes as {first.absolute()}")
+        assert r.sha256 == hexdigest(first) and r.stored_path == results[0].stored_path
+    again = one(ingest([renamed], store))  # a later call into the same store: a nightly re-ingest
+    assert again.status == "already" and again.reason.startswith(f"already in the store: same bytes as {first.absolute()}")
     assert read_manifest(store).num_rows == 1 and len(stored_files(store)) == 1 and incoming(store) == []
 
 
@@ -369,7 +385,13 @@ def test_cli_exit_codes(tmp_path: Path) -> None:
     good = copy_in(data_file("small.svs"), tmp_path / "in")
     ok = gpupath(good, "--store", store)
     assert ok.returncode == 0, ok.stderr
-    assert f"stored {hexdigest(good)[:12]} small.svs" in ok.stdout and "1 stored, 0 rejected" in ok.stdout
+    assert f"stored {hexdigest(good)[:12]} small.svs" in ok.stdout
+    assert "1 stored, 0 already in the store, 0 rejected" in ok.stdout
+    assert "note: 1 slide(s) stored without a checksum to verify against" in ok.stderr  # no sums, no sidecar
+    rerun = gpupath(good, "--store", store)  # the same folder again tomorrow night
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"kept {hexdigest(good)[:12]} small.svs: already in the store" in rerun.stdout
+    assert "0 stored, 1 already in the store, 0 rejected" in rerun.stdout and "note:" not in rerun.stderr
 
     bad = copy_in(data_file("unreadable.svs"), tmp_path / "in")
     mixed = gpupath(bad, data_file("boxes.tiff"), "--store", store)
@@ -377,7 +399,7 @@ def test_cli_exit_codes(tmp_path: Path) -> None:
     errors = [line for line in mixed.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {bad}: OpenSlide cannot decode level 0 at (0, 0): Bogus marker length"]
     assert f"warning: {data_file('boxes.tiff')}: metadata says 352.8 µm/px" in mixed.stderr
-    assert "1 stored, 1 rejected" in mixed.stdout
+    assert "1 stored, 0 already in the store, 1 rejected" in mixed.stdout
 
     no_sums = gpupath(good, "--store", store, "--checksums", tmp_path / "nope")
     assert no_sums.returncode == 2 and f"error: {tmp_path / 'nope'}: checksum file not found" in no_sums.stderr

@@ -49,16 +49,30 @@ LOCK_NAME = ".gpupath.lock"
 
 
 def expand_inputs(inputs: Sequence[str | Path], *, store: str | Path | None = None) -> list[Path]:
-    """Slide files from files (as given), folders (their slide files, sorted; one file per DICOM
-    folder) and a store (every slide of its manifest). Duplicated paths are kept once."""
+    """Slide files from files, folders (their slide files, sorted; one file per DICOM folder) and a
+    store (every slide of its manifest), as absolute paths (outputs name them, and ``serve`` or
+    ``report`` may run from another folder). Duplicated paths are kept once.
+
+    Raises
+    ------
+    ConfigError
+        Only folders were given and none holds a slide file (the message names them).
+    """
     out: list[Path] = []
+    empty: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
             found = sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES)
             dicom = [p for p in found if p.suffix.lower() == ".dcm"]
             out += [p for p in found if p.suffix.lower() != ".dcm"] + dicom[:1]  # a DICOM series opens by any file
+            if not found:
+                empty.append(item)
         else:
             out.append(item)  # missing files are reported per slide, with the others going on
+    if empty and not out and store is None:
+        where = "this folder" if len(empty) == 1 else "these folders"
+        raise ConfigError(f"{', '.join(map(str, empty))}: no slide files in {where} "
+                          f"(looked for {', '.join(sorted(SLIDE_SUFFIXES))})")
     if store is not None:
         from gpupath.ingest import read_manifest  # noqa: PLC0415
 
@@ -67,6 +81,7 @@ def expand_inputs(inputs: Sequence[str | Path], *, store: str | Path | None = No
             raise ConfigError(f"--store {root}: not a folder")
         out += [root / p for p in read_manifest(root).column("stored_path").to_pylist()]
     seen: set[Path] = set()
+    out = [Path(os.path.abspath(p)) for p in out]
     return [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]  # type: ignore[func-returns-value]
 
 

@@ -30,7 +30,6 @@ import os
 import re
 import shutil
 import stat
-import struct
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ import pyarrow.parquet as pq
 
 from gpupath._version import __version__
 from gpupath.errors import ConfigError, GpupathError, SlideReadError
+from gpupath.slide._meta import tiff_truncation
 
 __all__ = ["MANIFEST_NAME", "MANIFEST_SCHEMA", "IngestResult", "ingest", "read_checksums", "read_manifest",
            "sha256_file"]
@@ -57,9 +57,6 @@ MANIFEST_VERSION = "1"
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 _GNU_LINE = re.compile(r"(\\?)([0-9a-fA-F]{64}) ([ *])(.+)")   # sha256sum: "<hex>  <name>" or "<hex> *<name>"
 _BSD_LINE = re.compile(r"SHA256 \((.+)\) = ([0-9a-fA-F]{64})")  # sha256sum --tag / shasum
-_TIFF_HEADS = {b"II*\x00": ("<", "I", "H", 12), b"MM\x00*": (">", "I", "H", 12),  # byte order, offset, count,
-               b"II+\x00": ("<", "Q", "Q", 20), b"MM\x00+": (">", "Q", "Q", 20)}  # IFD entry bytes (BigTIFF)
-
 MANIFEST_SCHEMA = pa.schema([
     pa.field("sha256", pa.string(), nullable=False),          # of the file to open = slide_id of a run on it
     pa.field("original_path", pa.string(), nullable=False),   # absolute, as given (symlinks not resolved)
@@ -302,43 +299,6 @@ def _copy_hashing(src: Path, dst: Path) -> tuple[str, int]:
     return digest.hexdigest(), n_bytes
 
 
-def _tiff_truncation(path: Path) -> str | None:
-    """Why a TIFF-family file (svs, ndpi, tif, ...) is cut short, or None: every image directory in
-    the chain and every page's pixel data must end inside the file (readers open many cut files)."""
-    import tifffile  # noqa: PLC0415
-
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(16)
-        if head[:4] not in _TIFF_HEADS:
-            return None
-        bo, off_fmt, cnt_fmt, entry_bytes = _TIFF_HEADS[head[:4]]
-        if off_fmt == "I" and size >= 1 << 32:
-            return None  # >4 GiB classic TIFF (NDPI): 32-bit offsets wrap; only tifffile's check below
-        off_size, cnt_size = struct.calcsize(off_fmt), struct.calcsize(cnt_fmt)
-        (offset,) = struct.unpack_from(bo + off_fmt, head, 4 if off_fmt == "I" else 8)
-        seen: set[int] = set()
-        while offset and offset not in seen:  # a loop is left to the readers to refuse
-            seen.add(offset)
-            fh.seek(offset)
-            raw = fh.read(cnt_size)
-            count = struct.unpack(bo + cnt_fmt, raw)[0] if len(raw) == cnt_size else 0
-            end = offset + cnt_size + count * entry_bytes + off_size
-            if end > size:
-                return f"truncated: TIFF directory at byte {offset} runs past the end of the file ({size} bytes)"
-            fh.seek(end - off_size)
-            (offset,) = struct.unpack(bo + off_fmt, fh.read(off_size))
-    try:
-        with tifffile.TiffFile(path) as tf:
-            data_end = max((int(o) + int(n) for p in tf.pages for o, n in zip(p.dataoffsets, p.databytecounts)),
-                           default=0)
-    except Exception as exc:  # noqa: BLE001  (any parse failure is a reason to refuse the copy)
-        return f"unreadable TIFF structure: {exc}"
-    if data_end > size:
-        return f"truncated: pixel data runs to byte {data_end}, file has {size} bytes"
-    return None
-
-
 def _no_info(record: logging.LogRecord) -> bool:
     return record.levelno > logging.INFO
 
@@ -347,7 +307,7 @@ def _check_slide(path: Path) -> dict[str, Any]:
     """Open ``path`` as a slide, decode a corner of its smallest and largest level; its manifest facts."""
     from gpupath.slide import open_slide  # noqa: PLC0415  (readers load only when a slide is checked)
 
-    problem = _tiff_truncation(path)
+    problem = tiff_truncation(path)
     if problem:
         raise SlideReadError(f"{path}: {problem}")
     quiet = logging.getLogger("gpupath.slide")

@@ -212,6 +212,22 @@ def test_changed_parameters_redo_a_slide_and_redo_forces_it(slides: list[Path], 
     assert not redone.resumed and pq.read_table(part).num_rows == redone.n_detections
 
 
+def test_relative_paths_are_recorded_absolute_and_empty_folders_named(slides: list[Path], tmp_path: Path) -> None:
+    # outputs name their slides: serve and report may run from another folder than the run did
+    shutil.copy(slides[0], tmp_path / "here.svs")
+    (tmp_path / "empty").mkdir()
+    run = _gpupath("run", "here.svs", "--out", "out", "--device", "cpu", "--engine", "classic", "--no-reports",
+                   cwd=tmp_path)
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode == 0, stderr
+    (row,) = pq.read_table(tmp_path / "out" / "slides.parquet").to_pylist()
+    assert row["path"] == str(tmp_path / "here.svs")
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["slides"][0]["path"] == str(tmp_path / "here.svs")
+    empty = _gpupath("run", "empty", "--out", "out2", "--device", "cpu", cwd=tmp_path)
+    _, stderr = empty.communicate(timeout=120)
+    assert empty.returncode == 2 and "error: empty: no slide files in this folder (looked for .bif, .dcm" in stderr
+
+
 def test_expand_inputs_folders_and_duplicates(slides: list[Path], tmp_path: Path) -> None:
     folder = slides[0].parent
     got = expand_inputs([folder, slides[0]])

@@ -267,6 +267,29 @@ def test_a_slide_without_a_pyramid_gets_404_not_a_whole_slide_read(tmp_path: Pat
         assert _read_level_rgb(slide, g, g.max_level, 0, 0, "cpu", None).shape[-1] == 3
 
 
+def test_a_slide_file_gone_since_the_run_is_404_and_one_log_line(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    from gpupath.pipeline import RunParams, run_slides
+    from gpupath.synthetic import SyntheticSpec, write_synthetic_slide
+
+    path = tmp_path / "moved.svs"
+    write_synthetic_slide(path, SyntheticSpec(width_px=1024, height_px=1024, mpp=0.25, seed=4), workers=1)
+    [result] = run_slides([path], tmp_path / "out", RunParams(engine="classic", reports=False))
+    assert result.status == "ok", result.error
+    path.rename(tmp_path / "elsewhere.svs")  # the lab moved the scan after the run
+    bg = serve_in_thread(create_app(tmp_path / "out", cache_bytes=2**20))
+    try:
+        with caplog.at_level("WARNING", logger="gpupath.serve"):
+            codes = [_get(bg, f"/dzi/{result.slide_id}_files/{level}/0_0.jpeg")[0] for level in (10, 9)]
+            status, body, _ = _get(bg, f"/dzi/{result.slide_id}_files/8/0_0.jpeg")
+    finally:
+        bg.stop()
+    assert codes == [404, 404] and status == 404 and body == b"404 slide file not readable on the server"
+    assert str(path) not in body.decode()  # the client learns no server paths
+    lines = [r.getMessage() for r in caplog.records if r.name == "gpupath.serve"]
+    assert len(lines) == 1 and result.slide_id in lines[0] and str(path) in lines[0]
+
+
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.5", "example.org"])
 def test_non_loopback_bind_needs_a_token(host: str) -> None:
     with pytest.raises(ConfigError, match="--token"):

@@ -26,6 +26,7 @@ import hmac
 import html
 import ipaddress
 import json
+import logging
 import math
 import re
 import threading
@@ -33,8 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from gpupath.errors import ConfigError
+from gpupath.errors import ConfigError, GpupathError
 from gpupath.serve._tiles import TILE_FORMATS, DziGeometry, TileCache, TileTooCostly, render_tile
+
+log = logging.getLogger("gpupath.serve")
 
 __all__ = ["ServedSlide", "ServeSource", "load_source", "create_app", "serve", "serve_in_thread", "BackgroundServer", "check_bind", "is_loopback",
            "SLIDE_ID_RE", "DEFAULT_CACHE_BYTES"]
@@ -249,6 +252,16 @@ def create_app(source: ServeSource | str | Path, *, token: str | None = None, ca
     def not_found(what: str = "not found") -> Response:
         return PlainTextResponse(f"404 {what}", status_code=404)
 
+    warned: set[str] = set()
+
+    def unreadable(slide_id: str, exc: Exception) -> Response:
+        """404 for a slide whose file cannot be read now; the reason (with its path) goes to the server's
+        log once per slide, never to the client (the API names slides by id only)."""
+        if slide_id not in warned:
+            warned.add(slide_id)
+            log.warning("slide %s: %s", slide_id, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return not_found("slide file not readable on the server")
+
     def known(slide_id: str) -> bool:
         return bool(SLIDE_ID_RE.match(slide_id)) and slide_id in source.slides
 
@@ -299,7 +312,10 @@ def create_app(source: ServeSource | str | Path, *, token: str | None = None, ca
         sid = req.path_params["slide_id"]
         if not known(sid):
             return not_found("unknown slide")
-        g = await run_in_threadpool(st.geometry, sid)
+        try:
+            g = await run_in_threadpool(st.geometry, sid)
+        except GpupathError as exc:
+            return unreadable(sid, exc)
         return Response(g.xml(st.tile_format), media_type="application/xml", headers=_security_headers())
 
     async def tile(req: Request) -> Response:
@@ -310,7 +326,10 @@ def create_app(source: ServeSource | str | Path, *, token: str | None = None, ca
             return not_found("unknown slide")
         if fmt != st.tile_format or level is None or col is None or row is None:
             return not_found("no such tile")
-        g = await run_in_threadpool(st.geometry, sid)
+        try:
+            g = await run_in_threadpool(st.geometry, sid)
+        except GpupathError as exc:
+            return unreadable(sid, exc)
         if not g.valid(level, col, row):
             return not_found("no such tile")
         key = (sid, level, col, row, fmt)
@@ -325,6 +344,8 @@ def create_app(source: ServeSource | str | Path, *, token: str | None = None, ca
                 data = await run_in_threadpool(work)
             except TileTooCostly as exc:
                 return PlainTextResponse(f"404 {exc}", status_code=404)
+            except GpupathError as exc:  # the slide file moved, vanished or cannot be decoded
+                return unreadable(sid, exc)
             st.cache.put(key, data)
         headers = {**_security_headers(), "Cache-Control": "private, max-age=3600"}
         return Response(data, media_type=TILE_FORMATS[fmt], headers=headers)

@@ -9,6 +9,7 @@ compressions (e.g. Deflate), so eligibility is checked here, in Python, from the
 
 from __future__ import annotations
 
+import struct
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +18,14 @@ import tifffile
 
 from gpupath.errors import SlideReadError
 
-__all__ = ["TiffLayout", "read_tiff_layout", "cucim_refusal"]
+__all__ = ["TiffLayout", "read_tiff_layout", "cucim_refusal", "tiff_truncation"]
 
 # cuCIM's cuslide plugin decodes tiled JPEG pyramids (Aperio SVS, generic tiled TIFF).
 # Anything else is left to OpenSlide or tifffile.
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
 _CUCIM_COMPRESSIONS = {7}  # JPEG (new-style, with JPEGTables)
+_TIFF_HEADS = {b"II*\x00": ("<", "I", "H", 12), b"MM\x00*": (">", "I", "H", 12),  # byte order, offset, count,
+               b"II+\x00": ("<", "Q", "Q", 20), b"MM\x00+": (">", "Q", "Q", 20)}  # IFD entry bytes (BigTIFF)
 _OME_UNIT_UM = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
 
 
@@ -201,3 +204,37 @@ def cucim_refusal(layout: TiffLayout | None) -> str | None:
         return "stripped (untiled) pyramid level"
     return None
 
+
+def tiff_truncation(path: Path) -> str | None:
+    """Why a TIFF-family file (svs, ndpi, tif, ...) is cut short, or None: every image directory in
+    the chain and every page's pixel data must end inside the file (readers open many cut files)."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+        if head[:4] not in _TIFF_HEADS:
+            return None
+        bo, off_fmt, cnt_fmt, entry_bytes = _TIFF_HEADS[head[:4]]
+        if off_fmt == "I" and size >= 1 << 32:
+            return None  # >4 GiB classic TIFF (NDPI): 32-bit offsets wrap; only tifffile's check below
+        off_size, cnt_size = struct.calcsize(off_fmt), struct.calcsize(cnt_fmt)
+        (offset,) = struct.unpack_from(bo + off_fmt, head, 4 if off_fmt == "I" else 8)
+        seen: set[int] = set()
+        while offset and offset not in seen:  # a loop is left to the readers to refuse
+            seen.add(offset)
+            fh.seek(offset)
+            raw = fh.read(cnt_size)
+            count = struct.unpack(bo + cnt_fmt, raw)[0] if len(raw) == cnt_size else 0
+            end = offset + cnt_size + count * entry_bytes + off_size
+            if end > size:
+                return f"truncated: TIFF directory at byte {offset} runs past the end of the file ({size} bytes)"
+            fh.seek(end - off_size)
+            (offset,) = struct.unpack(bo + off_fmt, fh.read(off_size))
+    try:
+        with tifffile.TiffFile(path) as tf:
+            data_end = max((int(o) + int(n) for p in tf.pages for o, n in zip(p.dataoffsets, p.databytecounts)),
+                           default=0)
+    except Exception as exc:  # noqa: BLE001  (any parse failure is a reason to refuse the copy)
+        return f"unreadable TIFF structure: {exc}"
+    if data_end > size:
+        return f"truncated: pixel data runs to byte {data_end}, file has {size} bytes"
+    return None

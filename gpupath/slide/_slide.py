@@ -31,7 +31,7 @@ from gpupath._coords import level0_origin, level_px
 from gpupath._xp import device_module
 from gpupath.errors import MetadataError, SlideReadError
 from gpupath.slide._backends import CucimReader, OpenSlideReader, Reader, TifffileReader
-from gpupath.slide._meta import TiffLayout, cucim_refusal, read_tiff_layout
+from gpupath.slide._meta import TiffLayout, cucim_refusal, read_tiff_layout, tiff_truncation
 
 __all__ = ["open_slide", "Slide", "TileBatch", "BackendName", "MPP_PLAUSIBLE_MAX"]
 
@@ -390,6 +390,15 @@ def _cucim_agrees(reader: CucimReader, probe: np.ndarray) -> str | None:
     return None
 
 
+def _tiff_cut(path: Path) -> str | None:
+    """Why a TIFF-family file is truncated, or None (also when it cannot be checked)."""
+    try:
+        problem = tiff_truncation(path)
+    except OSError:
+        return None
+    return problem if problem and problem.startswith("truncated") else None
+
+
 def _cucim_installed() -> bool:
     try:
         import cucim  # noqa: F401, PLC0415
@@ -487,4 +496,6 @@ def open_slide(path: str | os.PathLike[str], *, backend: BackendName = "auto", m
             if reasons:
                 log.info("%s: using %s (%s)", path, reader.name, "; ".join(reasons))
             return Slide(path, reader, layout, mpp)
+    if layout is None and (cut := _tiff_cut(path)):  # a cut TIFF: say so first, the readers' reasons after
+        raise SlideReadError(f"{path}: {cut} (readers: {'; '.join(reasons)})")
     raise SlideReadError(f"{path}: not a readable slide ({'; '.join(reasons)})")

@@ -398,6 +398,10 @@ def convert_cmd(
                                       on_slide=shown)
         except ValueError as exc:
             raise _fail(str(exc)) from None
+        kept = sum(o.resumed for o in outcomes)
+        failed = sum(o.result is None for o in outcomes)
+        out_console.print(f"{len(outcomes) - kept - failed} written, {kept} kept, {failed} failed; in {out_dir}",
+                          markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(1 if any(o.result is None for o in outcomes) else 0)
 
 
@@ -427,7 +431,8 @@ def demo(
 @app.command("query")
 def query_cmd(
     out: Annotated[Path, typer.Argument(help="Run folder (holds detections/).")],
-    slide: Annotated[Optional[str], typer.Option(help="Slide id, or a unique prefix of it.")] = None,
+    slide: Annotated[Optional[str], typer.Option(help="Slide id, a unique prefix of it, or the slide's path or "
+                                                      "file name as the run recorded it.")] = None,
     bbox: Annotated[Optional[str], typer.Option(help="Region X0,Y0,X1,Y1 in level-0 px (right/bottom exclusive): "
                                                      "boxes intersecting it match.")] = None,
     label: Annotated[Optional[list[str]], typer.Option(help="Class name to keep (repeat for several).")] = None,

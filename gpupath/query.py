@@ -137,12 +137,27 @@ def slide_ids(out: str | Path) -> list[str]:
     return sorted(p.name.removeprefix("slide_id=") for p in root.glob("slide_id=*") if p.is_dir())
 
 
+def _ids_by_name(out: Path, slide: str) -> list[str]:
+    """Slide ids whose path or file name in the run's slides.parquet is ``slide``."""
+    table = out / "slides.parquet"
+    if not table.is_file():
+        return []
+    rows = pq.read_table(table, columns=["path", "slide_id"]).to_pylist()
+    return sorted({r["slide_id"] for r in rows if r["slide_id"] and slide in (r["path"], Path(r["path"]).name)})
+
+
 def _resolve_slide(out: Path, slide: str) -> str:
-    """A slide id, or a unique prefix of one (as ``gpupath ingest`` prints 12 hex digits)."""
+    """A slide id, a unique prefix of one (as ``gpupath ingest`` prints 12 hex digits), or the slide's
+    path or file name as the run recorded it."""
     ids = slide_ids(out)
     if slide in ids:
         return slide
     found = [s for s in ids if slide and s.startswith(slide)]
+    if not found:
+        found = [s for s in _ids_by_name(out, slide) if s in ids]
+        if len(found) > 1:
+            raise ValueError(f"{slide!r} names {len(found)} slides of {out} ({', '.join(s[:12] for s in found)}); "
+                             "give the slide id")
     if len(found) == 1:
         return found[0]
     shown = ", ".join(s[:12] for s in (found or ids)[:5]) + (" ..." if len(found or ids) > 5 else "")

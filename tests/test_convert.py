@@ -306,6 +306,7 @@ def test_cli_batch(generated: Path, tmp_path: Path) -> None:
     again = CliRunner().invoke(app, ["convert", str(generated), str(data_file("small.svs")), "--out-dir",
                                      str(tmp_path / "o"), "--workers", "0", "--compression", "deflate"])
     assert again.exit_code == 0 and again.output.count("kept ") == 2 and "--redo converts again" in again.output
+    assert "0 written, 2 kept, 0 failed" in again.output
     redo = CliRunner().invoke(app, ["convert", str(generated), "--out-dir", str(tmp_path / "o"), "--workers", "0",
                                     "--compression", "deflate", "--redo"])
     assert redo.exit_code == 0 and "wrote " in redo.output and "kept " not in redo.output

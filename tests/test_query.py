@@ -194,6 +194,21 @@ def test_slide_by_unique_prefix(small_run: Path) -> None:
         query(small_run, slide="012")
 
 
+def test_slide_by_the_file_name_or_path_the_run_recorded(small_run: Path) -> None:
+    table = small_run / "slides.parquet"  # the module's run folder: removed again below
+    try:
+        pq.write_table(pa.table({"path": ["/scans/a.svs", "/scans/b.svs", "/other/b.svs"],
+                                 "slide_id": ["0123abcd", "0129ef00", "0129ef00"]}), table)
+        assert query(small_run, slide="a.svs").column("slide_id").unique().to_pylist() == ["0123abcd"]
+        assert query(small_run, slide="/scans/b.svs").column("slide_id").unique().to_pylist() == ["0129ef00"]
+        assert query(small_run, slide="b.svs").column("slide_id").unique().to_pylist() == ["0129ef00"]  # one id
+        pq.write_table(pa.table({"path": ["/x/c.svs", "/y/c.svs"], "slide_id": ["0123abcd", "0129ef00"]}), table)
+        with pytest.raises(ValueError, match=r"'c.svs' names 2 slides .*give the slide id"):
+            query(small_run, slide="c.svs")
+    finally:
+        table.unlink(missing_ok=True)
+
+
 def test_unknown_label_names_the_classes(small_run: Path) -> None:
     with pytest.raises(ValueError, match=r"label 'tumour' is not a class of these detections \(classes: nucleus, mitosis\)"):
         query(small_run, label="tumour")

@@ -418,7 +418,9 @@ def real_agreement(card: Path, path: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, required=True, help="folder for generated training slides (reused)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "models")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="where the model files go (default WORK/model; the shipped model is replaced only when "
+                         "--out names gpupath/detect/models; --eval-only defaults to the shipped model)")
     ap.add_argument("--real", type=Path, default=Path(__file__).resolve().parents[3] / "shared/data/cmu-1-small-region.svs")
     ap.add_argument("--steps", type=int, default=5000)
     ap.add_argument("--batch", type=int, default=16)
@@ -431,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from gpupath.detect.net import export_onnx, save_weights  # noqa: PLC0415
 
+    if args.out is None:  # never overwrite the installed, shipped model by default
+        args.out = Path(__file__).parent / "models" if args.eval_only else args.work / "model"
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.eval_only:  # re-measure (and rewrite) the card of the weights in --out

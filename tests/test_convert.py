@@ -82,6 +82,7 @@ def test_convert_opens_in_three_readers(name: str, tile_px: int, generated: Path
         mpp, vendor = s.require_mpp(), s.vendor
         source = s.read_rgb((0, 0), 0, (w, h))
         description = s.properties.get("tiff.ImageDescription", "")
+        power = s.properties.get("openslide.objective-power")
     n_levels = max(1, math.ceil(math.log2(max(w, h) / tile_px)) + 1)
     dims = [(-(-w // 2**i), -(-h // 2**i)) for i in range(n_levels)]  # ceil halving
     assert list(result.level_dimensions) == dims == pyramid_dimensions(w, h, tile_px)
@@ -98,6 +99,8 @@ def test_convert_opens_in_three_readers(name: str, tile_px: int, generated: Path
     assert f'<M K="openslide.vendor">{vendor}</M>' in xml  # the source's metadata is kept
     if description:
         assert description.splitlines()[0].replace("&", "&amp;") in xml
+    with open_slide(out) as converted:  # the objective power comes back through our OME reader
+        assert converted.properties.get("openslide.objective-power") == (f"{float(power):g}" if power else None)
 
     osr = openslide.OpenSlide(out)  # OpenSlide walks the main IFD chain
     assert osr.level_dimensions == tuple(dims)

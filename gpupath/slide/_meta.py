@@ -83,6 +83,27 @@ def _ome_mpp(xml: str) -> tuple[float, float] | None:
     return None
 
 
+def _ome_objective_power(xml: str) -> str | None:
+    """Objective magnification of an OME-XML: an Objective's NominalMagnification, else the
+    ``openslide.objective-power`` / ``aperio.AppMag`` that ``gpupath convert`` keeps in a MapAnnotation."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    notes: dict[str, str] = {}
+    for elem in root.iter():
+        tag = elem.tag.rsplit("}", 1)[-1]
+        if tag == "Objective" and elem.get("NominalMagnification"):
+            return f"{float(elem.get('NominalMagnification', '0')):g}"
+        if tag == "M" and elem.get("K"):
+            notes[elem.get("K", "")] = (elem.text or "").strip()
+    power = notes.get("openslide.objective-power") or notes.get("aperio.AppMag")
+    try:
+        return f"{float(power):g}" if power else None
+    except ValueError:
+        return None
+
+
 def _resolution_mpp(page: tifffile.TiffPage) -> tuple[tuple[float, float] | None, dict[str, str]]:
     """(x, y) µm/px from X/YResolution and ResolutionUnit, as OpenSlide's generic-tiff reader computes it."""
     tags = page.tags
@@ -155,6 +176,8 @@ def read_tiff_layout(path: Path) -> TiffLayout | None:
             series = tf.series[0]
             level_pages = [lvl.keyframe.index for lvl in series.levels]
             mpp = _ome_mpp(tf.ome_metadata or "")
+            if power := _ome_objective_power(tf.ome_metadata or ""):
+                props["openslide.objective-power"] = power
         else:
             vendor = "generic-tiff" if first.is_tiled else "tiff"
             level_pages = [p.index for p in pages if p.is_tiled] or [0]

@@ -396,6 +396,12 @@ def test_auto_falls_back_with_one_note_per_skipped_engine(monkeypatch: pytest.Mo
         make_detector("onnxruntime", device="cpu")  # named explicitly: no substitute, the error itself
 
 
+def test_classic_engine_refuses_a_preprocess_choice() -> None:
+    with pytest.raises(ConfigError, match="--preprocess dali is the learned models' input pipeline"):
+        make_detector("classic", device="cpu", preprocess="dali")
+    assert make_detector("classic", device="cpu")[0].engine == "classic"
+
+
 def test_card_figures_are_measured_again(tmp_path: Path) -> None:
     from gpupath.detect.train import EVAL_SEEDS, evaluate_synthetic
 

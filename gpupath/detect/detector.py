@@ -245,6 +245,9 @@ def make_detector(engine: str = "auto", *, device: Literal["cpu", "cuda"] = "cpu
     if engine == "classic":
         if model is not None or model_card is not None:
             raise ConfigError("--engine classic takes no --model/--model-card")
+        if preprocess != "auto":
+            raise ConfigError(f"--preprocess {preprocess} is the learned models' input pipeline; --engine classic "
+                              "has none (leave --preprocess out)")
         return ClassicDetector(classic or ClassicParams()), []
     card = _resolve_card(model, model_card)
     check_onnx_io(card)

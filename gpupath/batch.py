@@ -42,7 +42,7 @@ from gpupath.errors import ConfigError
 from gpupath.pipeline import RunParams, SlideResult, _environment, detector_record, process_slide
 from gpupath.results import write_json_atomic, write_slides_table
 
-__all__ = ["run_batch", "expand_inputs", "dask_client", "SLIDE_SUFFIXES", "default_workers"]
+__all__ = ["run_batch", "expand_inputs", "check_scheduler", "dask_client", "SLIDE_SUFFIXES", "default_workers"]
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
 LOCK_NAME = ".gpupath.lock"
@@ -157,6 +157,27 @@ def _slide_task(path: str, out: str, params: RunParams, resume: bool, checksums:
                          checksums=checksums)
 
 
+def check_scheduler(address: str, *, timeout_s: float = 5.0) -> None:
+    """ConfigError unless something accepts TCP connections at a ``tcp://host:port`` scheduler address
+    (the Dask handshake itself follows in :func:`dask_client`; other protocols are left to it)."""
+    import socket  # noqa: PLC0415
+    from urllib.parse import urlsplit  # noqa: PLC0415
+
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    if parts.scheme != "tcp":
+        return
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError as exc:
+        raise ConfigError(f"--scheduler {address}: not a tcp://host:port address ({exc})") from None
+    if not host or port is None:
+        raise ConfigError(f"--scheduler {address}: not a tcp://host:port address")
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConfigError(f"--scheduler {address}: cannot connect ({exc})") from None
+
+
 def dask_client(stack: contextlib.ExitStack, scheduler: str | None, *, device: str, workers: int,
                 on_note: Callable[[str], None]) -> tuple[Any, dict[str, Any]]:
     """A Dask client on ``scheduler``, or on a local cluster of ``workers`` processes (dask-cuda's
@@ -220,6 +241,8 @@ def run_batch(paths: Sequence[str | Path], out_dir: str | Path, params: RunParam
     One SlideResult per path, in the order of ``paths``.
     """
     note = on_note or (lambda _m: None)
+    if scheduler is not None:
+        check_scheduler(scheduler)  # seconds, before the detector is built (an engine build can take minutes)
     detector, notes = params.make_detector()
     for n in notes:
         note(n)

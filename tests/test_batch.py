@@ -181,7 +181,13 @@ def test_a_scheduler_that_does_not_answer_is_a_config_error(slides: list[Path], 
     run = _gpupath("run", slides[0], "--out", tmp_path / "out", "--device", "cpu", "--scheduler",
                    "tcp://127.0.0.1:9")
     _, stderr = run.communicate(timeout=120)
-    assert run.returncode == 2 and "cannot connect" in stderr
+    assert run.returncode == 2 and "--scheduler tcp://127.0.0.1:9: cannot connect" in stderr
+    assert "Connection refused" in stderr  # the probe's words: refused at once, not after the client's 20 s timeout
+    from gpupath.batch import check_scheduler
+    from gpupath.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not a tcp://host:port address"):
+        check_scheduler("tcp://nohost")
 
 
 def test_an_output_folder_in_use_is_refused(slides: list[Path], tmp_path: Path) -> None:

@@ -30,11 +30,11 @@ from gpupath.errors import ConfigError  # noqa: E402
 NO_STAIN = np.eye(3)[:, :2]
 # (label, engine, device, preprocess)
 ROWS = [
-    ("classic cpu", "classic", "cpu", "xp"),
+    ("classic cpu", "classic", "cpu", "auto"),  # no model input pipeline: auto is the only choice
     ("onnxruntime cpu", "onnxruntime", "cpu", "xp"),
     ("onnxruntime cpu + DALI cpu", "onnxruntime", "cpu", "dali"),
     ("torch cpu", "torch", "cpu", "xp"),
-    ("classic cuda", "classic", "cuda", "xp"),
+    ("classic cuda", "classic", "cuda", "auto"),
     ("torch cuda fp16", "torch", "cuda", "xp"),
     ("torch cuda fp16 + DALI gpu", "torch", "cuda", "dali"),
     ("tensorrt", "tensorrt", "cuda", "dali"),

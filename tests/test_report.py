@@ -67,7 +67,10 @@ def run_chromium(page: Path, tmp: Path, *args: str) -> subprocess.CompletedProce
 
 def screenshot(page: Path, tmp: Path, name: str, *, window: tuple[int, int] = (1400, 2400)) -> np.ndarray:
     png = tmp / f"{name}.png"
-    run_chromium(page, tmp, f"--screenshot={png}", f"--window-size={window[0]},{window[1]}")
+    # virtual time: the screenshot waits until the page has settled (images decoded, fonts laid out);
+    # without it a loaded CI machine once caught one of two shots mid-layout
+    run_chromium(page, tmp, f"--screenshot={png}", f"--window-size={window[0]},{window[1]}",
+                 "--virtual-time-budget=10000")
     return np.asarray(Image.open(png).convert("RGB")).astype(np.int16)
 
 
@@ -338,6 +341,9 @@ def test_report_in_chromium(hostile_run: Run, tmp_path: Path) -> None:
     twin.write_text(source.replace(data_uri, "data:image/png;base64," + base64.b64encode(flat.read_bytes()).decode()),
                     encoding="utf-8")
     try:
+        # a first Chromium start on a fresh machine may still be building its font cache: a throwaway
+        # shot first, so the two compared shots lay text out with the same fonts
+        screenshot(twin, tmp_path, "warm-up")
         shown, flat_shot = screenshot(page, tmp_path, "report"), screenshot(twin, tmp_path, "flat")
     finally:
         twin.unlink()

@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 
 from gpupath._version import __version__
 from gpupath.errors import ConfigError, GpupathError, SlideReadError
+from gpupath.results import atomic_path, fsync_path
 from gpupath.slide._meta import tiff_truncation
 
 __all__ = ["MANIFEST_NAME", "MANIFEST_SCHEMA", "IngestResult", "ingest", "read_checksums", "read_manifest",
@@ -271,14 +272,6 @@ def _unit_of(src: Path) -> tuple[_Files, str | None]:
 
 
 # ---------------------------------------------------------------------------------------- copy + checks
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _copy_hashing(src: Path, dst: Path) -> tuple[str, int]:
     """Copy ``src`` to the new file ``dst`` in 1 MiB chunks, hashing the bytes copied; fsync. (hex, bytes)."""
     digest = hashlib.sha256()
@@ -356,8 +349,6 @@ def read_manifest(store: str | os.PathLike[str]) -> pa.Table:
 
 
 def _write_manifest(store: Path, table: pa.Table) -> None:
-    from gpupath.results import atomic_path  # noqa: PLC0415
-
     table = table.replace_schema_metadata({"gpupath.version": __version__,
                                            "gpupath.manifest_version": MANIFEST_VERSION})
     with atomic_path(store / MANIFEST_NAME) as tmp:
@@ -457,13 +448,13 @@ def _seal(stage: Path, final: Path) -> None:
     for dirpath, _, names in os.walk(stage):
         for name in names:
             os.chmod(os.path.join(dirpath, name), 0o444)  # content-addressed: never edited in place
-        _fsync_dir(Path(dirpath))
+        fsync_path(Path(dirpath))
     if final.exists():  # renamed in by an ingest killed before its manifest row: never recorded, so replaced
         orphan = stage.parent / f"orphan-{uuid.uuid4().hex}"
         os.replace(final, orphan)
         _remove(orphan)
     os.replace(stage, final)
-    _fsync_dir(final.parent)
+    fsync_path(final.parent)
 
 
 def _ingest_one(src: Path, store: Path, manifest: pa.Table,

@@ -39,6 +39,7 @@ from gpupath.detect.boxes import Detections
 from gpupath.errors import ResultsError
 
 __all__ = [
+    "fsync_path",
     "SCHEMA_VERSION",
     "DETECTIONS_ROW_GROUP_ROWS",
     "check_schema_version",
@@ -121,15 +122,16 @@ def atomic_path(final: Path) -> Iterator[Path]:
     tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:12]}")
     try:
         yield tmp
-        _fsync(tmp)  # data on disk before the name points at it (a power cut leaves old or new, whole)
+        fsync_path(tmp)  # data on disk before the name points at it (a power cut leaves old or new, whole)
         os.replace(tmp, final)
-        _fsync(final.parent)
+        fsync_path(final.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()  # only left when the body raised
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a folder (so the renames in it are durable); OSError where that cannot be done."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

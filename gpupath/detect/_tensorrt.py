@@ -29,6 +29,7 @@ References: NVIDIA TensorRT Python API (``ICudaEngine``, ``IExecutionContext``, 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -134,17 +135,12 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def _fsync_dir(folder: Path) -> None:
-    """Make the renames in ``folder`` durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened; the renames are still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on a directory; durability is best effort
-        pass
-    finally:
-        os.close(fd)
+    """Make the renames in ``folder`` durable (POSIX); best effort: a no-op where directories cannot be
+    opened (Windows) or a filesystem refuses fsync on one; the renames are atomic either way."""
+    from gpupath.results import fsync_path  # noqa: PLC0415  (pyarrow only when a plan is written)
+
+    with contextlib.suppress(OSError):
+        fsync_path(folder)
 
 
 class EngineCache:

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gpupath.detect.boxes import Detections
+from gpupath.detect.boxes import Detections, random_detections
 from gpupath.query import BBox, plan_query, query
 from gpupath.results import (
     DETECTIONS_ROW_GROUP_ROWS,
@@ -43,13 +43,7 @@ STRIDE_PX = 448   # level-0 distance between tile origins (512-px tiles with 64-
 
 
 def synthetic_detections(n: int, rng: np.random.Generator) -> Detections:
-    cx, cy = rng.uniform(0, SIDE_PX, n).astype(np.float32), rng.uniform(0, SIDE_PX, n).astype(np.float32)
-    r = rng.uniform(3, 10, n).astype(np.float32)
-    tx = (np.floor(cx / STRIDE_PX) * STRIDE_PX).astype(np.int64)
-    ty = (np.floor(cy / STRIDE_PX) * STRIDE_PX).astype(np.int64)
-    return Detections(np.clip(cx - r, 0, SIDE_PX), np.clip(cy - r, 0, SIDE_PX), np.clip(cx + r, 0, SIDE_PX),
-                      np.clip(cy + r, 0, SIDE_PX), rng.uniform(0, 1, n).astype(np.float32),
-                      rng.integers(0, 2, n).astype(np.int16), tx, ty)
+    return random_detections(n, rng, side_px=SIDE_PX, n_labels=2, stride_px=STRIDE_PX)  # nucleus, mitosis
 
 
 def cpu_name() -> str:

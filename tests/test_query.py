@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gpupath.cli import app
-from gpupath.detect.boxes import Detections
+from gpupath.detect.boxes import Detections, random_detections
 from gpupath.errors import ResultsError
 from gpupath.query import RESULT_SCHEMA, BBox, parse_bbox, plan_query, query
 from gpupath.results import (
@@ -30,15 +30,8 @@ STRIDE_PX = 448            # level-0 distance between tile origins (512-px tiles
 
 
 def synthetic_detections(n: int, rng: np.random.Generator, *, side_px: int = 200_000) -> Detections:
-    """``n`` boxes (radius 3-10 px) with uniform random centres on a ``side_px`` square slide, each
-    assigned to the tile holding its centre, as the pipeline's de-duplication leaves them."""
-    cx, cy = rng.uniform(0, side_px, n).astype(np.float32), rng.uniform(0, side_px, n).astype(np.float32)
-    r = rng.uniform(3, 10, n).astype(np.float32)
-    tx = (np.floor(cx / STRIDE_PX) * STRIDE_PX).astype(np.int64)
-    ty = (np.floor(cy / STRIDE_PX) * STRIDE_PX).astype(np.int64)
-    return Detections(np.clip(cx - r, 0, side_px), np.clip(cy - r, 0, side_px), np.clip(cx + r, 0, side_px),
-                      np.clip(cy + r, 0, side_px), rng.uniform(0, 1, n).astype(np.float32),
-                      rng.integers(0, len(LABELS), n).astype(np.int16), tx, ty)
+    """``n`` random boxes on a ``side_px`` square slide in tiles every STRIDE_PX, labels of LABELS."""
+    return random_detections(n, rng, side_px=side_px, n_labels=len(LABELS), stride_px=STRIDE_PX)
 
 
 def write_slide(out: Path, slide_id: str, det: Detections, **kwargs: int) -> Path:

@@ -21,7 +21,7 @@ from gpupath._xp import array_module, is_device_array
 from gpupath_kernels import boxes as boxes_kernels
 
 __all__ = ["Detections", "GridLayout", "to_global", "boxes_to_global", "own_by_centre", "suppress_near_duplicates",
-           "dedup_overlaps", "match_one_to_one"]
+           "dedup_overlaps", "match_one_to_one", "random_detections"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,3 +276,18 @@ def match_one_to_one(a: np.ndarray, b: np.ndarray, max_px: float) -> tuple[np.nd
             ia.append(i)
             ib.append(j)
     return np.asarray(ia, np.int64), np.asarray(ib, np.int64)
+
+
+def random_detections(n: int, rng: np.random.Generator, *, side_px: int, n_labels: int,
+                      stride_px: int) -> Detections:
+    """``n`` boxes (radius 3-10 px) with uniform random centres on a ``side_px`` square slide, each
+    assigned to the tile (origins every ``stride_px`` level-0 px) holding its centre, as the pipeline's
+    de-duplication leaves them; random scores and labels in ``0..n_labels-1``. For query tests and
+    benchmarks at sizes no slide run reaches quickly."""
+    cx, cy = rng.uniform(0, side_px, n).astype(np.float32), rng.uniform(0, side_px, n).astype(np.float32)
+    r = rng.uniform(3, 10, n).astype(np.float32)
+    tx = (np.floor(cx / stride_px) * stride_px).astype(np.int64)
+    ty = (np.floor(cy / stride_px) * stride_px).astype(np.int64)
+    return Detections(np.clip(cx - r, 0, side_px), np.clip(cy - r, 0, side_px), np.clip(cx + r, 0, side_px),
+                      np.clip(cy + r, 0, side_px), rng.uniform(0, 1, n).astype(np.float32),
+                      rng.integers(0, n_labels, n).astype(np.int16), tx, ty)

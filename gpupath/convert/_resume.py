@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from gpupath._version import __version__
 from gpupath.convert._tiles import ConvertParams, ConvertResult
+from gpupath.slide._meta import ome_annotations, ome_mpp
 
 __all__ = ["convert_key", "converted_before", "KEY_NAME", "SOURCE_SHA_NAME"]
 
@@ -37,18 +37,6 @@ def convert_key(source_sha256: str, params: ConvertParams) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
-def _ome_facts(ome_xml: str) -> tuple[dict[str, str], float | None]:
-    """(MapAnnotation key -> value, Pixels PhysicalSizeX) of an OME-XML string; ({}, None) if unparsable."""
-    try:
-        root = ET.fromstring(ome_xml)
-    except ET.ParseError:
-        return {}, None
-    notes = {m.get("K", ""): m.text or "" for m in root.iter() if m.tag.rsplit("}", 1)[-1] == "M"}
-    pixels = next((e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"), None)
-    size_x = pixels.get("PhysicalSizeX") if pixels is not None else None
-    return notes, float(size_x) if size_x else None
-
-
 def converted_before(out: str | Path, key: str) -> ConvertResult | None:
     """What ``out`` holds when it is a complete conversion with ``key`` (None otherwise: absent,
     unreadable, not ours, or converted from other bytes or with other settings)."""
@@ -59,11 +47,12 @@ def converted_before(out: str | Path, key: str) -> ConvertResult | None:
         return None
     try:
         with tifffile.TiffFile(path) as tf:
-            notes, mpp = _ome_facts(tf.ome_metadata or "")
-            if notes.get(KEY_NAME) != key or mpp is None:
+            xml = tf.ome_metadata or ""
+            notes, mpp_xy = ome_annotations(xml), ome_mpp(xml)
+            if notes.get(KEY_NAME) != key or mpp_xy is None:
                 return None
             levels = [(int(lv.shape[1]), int(lv.shape[0])) for lv in tf.series[0].levels]
     except (tifffile.TiffFileError, OSError, ValueError, IndexError):
         return None  # damaged or foreign: converted again
-    return ConvertResult(path=path, level_dimensions=tuple(levels), mpp=mpp, seconds=0.0,
+    return ConvertResult(path=path, level_dimensions=tuple(levels), mpp=mpp_xy[0], seconds=0.0,
                          stain=notes.get("gpupath.stain", "none"), device=notes.get("gpupath.device", "cpu"))

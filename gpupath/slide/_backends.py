@@ -26,7 +26,7 @@ __all__ = ["Reader", "CucimReader", "OpenSlideReader", "TifffileReader"]
 
 log = logging.getLogger("gpupath.slide")
 DEVICE_PROBE_PX = 256        # edge of the region decoded on both devices before cuCIM's GPU decode is trusted
-DEVICE_DECODE_TOLERANCE = 8  # grey levels: JPEG decoders (IDCT, upsampling) may differ by a few
+DECODER_TOLERANCE = 8        # grey levels two sound JPEG decoders (IDCT, upsampling) may differ by
 
 
 class Reader(Protocol):
@@ -145,7 +145,7 @@ class CucimReader:
             except Exception as exc:
                 raise SlideReadError(f"{self.path}: cuCIM cannot decode the probe region on the GPU: {exc}") from exc
             diff = int(np.abs(host.astype(np.int16) - dev.astype(np.int16)).max()) if host.shape == dev.shape else 255
-            self._device_decode_ok = diff <= DEVICE_DECODE_TOLERANCE
+            self._device_decode_ok = diff <= DECODER_TOLERANCE
             if not self._device_decode_ok:
                 log.warning("%s: cuCIM's GPU decode differs from its CPU decode by up to %d grey levels on a probe "
                             "region; tiles are decoded on the CPU and uploaded", self.path, diff)

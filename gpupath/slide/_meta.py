@@ -18,7 +18,7 @@ import tifffile
 
 from gpupath.errors import SlideReadError
 
-__all__ = ["TiffLayout", "read_tiff_layout", "cucim_refusal", "tiff_truncation"]
+__all__ = ["TiffLayout", "read_tiff_layout", "cucim_refusal", "tiff_truncation", "ome_mpp", "ome_annotations"]
 
 # cuCIM's cuslide plugin decodes tiled JPEG pyramids (Aperio SVS, generic tiled TIFF).
 # Anything else is left to OpenSlide or tifffile.
@@ -65,7 +65,7 @@ def _aperio_properties(description: str) -> dict[str, str]:
     return props
 
 
-def _ome_mpp(xml: str) -> tuple[float, float] | None:
+def ome_mpp(xml: str) -> tuple[float, float] | None:
     """(x, y) µm/px from the first OME Pixels element's PhysicalSizeX/Y."""
     try:
         root = ET.fromstring(xml)
@@ -83,6 +83,16 @@ def _ome_mpp(xml: str) -> tuple[float, float] | None:
     return None
 
 
+def ome_annotations(xml: str) -> dict[str, str]:
+    """Key -> value of every MapAnnotation ``<M K="...">`` entry of an OME-XML string ({} if unparsable)."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return {}
+    return {m.get("K", ""): (m.text or "").strip() for m in root.iter()
+            if m.tag.rsplit("}", 1)[-1] == "M" and m.get("K")}
+
+
 def _ome_objective_power(xml: str) -> str | None:
     """Objective magnification of an OME-XML: an Objective's NominalMagnification, else the
     ``openslide.objective-power`` / ``aperio.AppMag`` that ``gpupath convert`` keeps in a MapAnnotation."""
@@ -90,14 +100,11 @@ def _ome_objective_power(xml: str) -> str | None:
         root = ET.fromstring(xml)
     except ET.ParseError:
         return None
-    notes: dict[str, str] = {}
-    for elem in root.iter():
-        tag = elem.tag.rsplit("}", 1)[-1]
-        if tag == "Objective" and elem.get("NominalMagnification"):
-            return f"{float(elem.get('NominalMagnification', '0')):g}"
-        if tag == "M" and elem.get("K"):
-            notes[elem.get("K", "")] = (elem.text or "").strip()
-    power = notes.get("openslide.objective-power") or notes.get("aperio.AppMag")
+    objective = next((e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "Objective"
+                      and e.get("NominalMagnification")), None)
+    notes = ome_annotations(xml)
+    power = (objective.get("NominalMagnification") if objective is not None
+             else notes.get("openslide.objective-power") or notes.get("aperio.AppMag"))
     try:
         return f"{float(power):g}" if power else None
     except ValueError:
@@ -175,7 +182,7 @@ def read_tiff_layout(path: Path) -> TiffLayout | None:
             vendor = "ome-tiff"
             series = tf.series[0]
             level_pages = [lvl.keyframe.index for lvl in series.levels]
-            mpp = _ome_mpp(tf.ome_metadata or "")
+            mpp = ome_mpp(tf.ome_metadata or "")
             if power := _ome_objective_power(tf.ome_metadata or ""):
                 props["openslide.objective-power"] = power
         else:

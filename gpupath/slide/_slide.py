@@ -30,7 +30,7 @@ import numpy as np
 from gpupath._coords import level0_origin, level_px
 from gpupath._xp import device_module
 from gpupath.errors import MetadataError, SlideReadError
-from gpupath.slide._backends import CucimReader, OpenSlideReader, Reader, TifffileReader
+from gpupath.slide._backends import DECODER_TOLERANCE, CucimReader, OpenSlideReader, Reader, TifffileReader
 from gpupath.slide._meta import TiffLayout, cucim_refusal, read_tiff_layout, tiff_truncation
 
 __all__ = ["open_slide", "Slide", "TileBatch", "BackendName", "MPP_PLAUSIBLE_MAX"]
@@ -40,7 +40,6 @@ log = logging.getLogger("gpupath.slide")
 BackendName = Literal["auto", "cucim", "openslide", "tifffile"]
 Device = Literal["cpu", "cuda"]
 _PROBE_PX = 64          # edge of the region decoded by both tifffile and cuCIM before trusting cuCIM
-_PROBE_TOLERANCE = 8    # grey levels: JPEG decoders (IDCT, upsampling) may differ by a few
 MPP_PLAUSIBLE_MAX = 20.0  # µm/px; above this, level 0 is no microscope scan (e.g. a 72-dpi default tag)
 
 
@@ -385,7 +384,7 @@ def _cucim_agrees(reader: CucimReader, probe: np.ndarray) -> str | None:
     h, w = probe.shape[:2]
     got = np.asarray(reader.read_rgb(level, 0, 0, w, h, device="cpu"))
     diff = int(np.abs(got.astype(np.int16) - probe.astype(np.int16)).max())
-    if diff > _PROBE_TOLERANCE:
+    if diff > DECODER_TOLERANCE:
         return f"decodes colours unlike libjpeg (max diff {diff} on a probe tile; YCbCr JPEG in an RGB TIFF?)"
     return None
 

@@ -46,7 +46,6 @@ Unknown keys are refused (a typo must not silently change what is decoded).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -162,11 +161,10 @@ _BOXES_KEYS = {"decoder", "boxes", "scores", "labels", "box_format", "box_units"
 
 
 def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """Hex SHA-256 of a model or weights file (:func:`gpupath.ingest.sha256_file`, the slides' hash)."""
+    from gpupath.ingest import sha256_file  # noqa: PLC0415  (ingest pulls pyarrow; cards load without it)
+
+    return sha256_file(path)
 
 
 def _fail(card: Path, what: str) -> ConfigError:

@@ -7,7 +7,9 @@ Tiles: 256-px tiles at 0.5 µm/px read by the pipeline's own reader from a gener
 all tiles in batches (preprocess + engine + decode; tiles already in memory on the detector's
 device), best of ``--repeat`` after one warm-up, and gives tiles/s and the ratio to the classic
 detector on the CPU measured in the same run. Rows that cannot run here (no GPU, no TensorRT,
-no DALI) are listed with the reason. Timings are printed, never asserted.
+no DALI) are listed with the reason. The earlier model nuclei_v1 runs on the CPU engines in the
+same run, and the ratio of the shipped model's tiles/s to v1's is printed per engine (the issue's
+budget: at least 0.5x). Timings are printed, never asserted.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpupath._xp import gpu_available  # noqa: E402
+from gpupath.detect.card import MODELS_DIR, SHIPPED_MODEL  # noqa: E402
 from gpupath.detect.detector import make_detector  # noqa: E402
 from gpupath.errors import ConfigError  # noqa: E402
 
@@ -40,6 +43,9 @@ ROWS = [
     ("tensorrt", "tensorrt", "cuda", "dali"),
     ("onnxruntime cuda", "onnxruntime", "cuda", "xp"),
 ]
+V1_CARD = MODELS_DIR / "nuclei_v1.yaml"
+# (label, engine, device, preprocess) of the earlier model, same tiles
+V1_ROWS = [("nuclei_v1 onnxruntime cpu", "onnxruntime", "cpu", "xp"), ("nuclei_v1 torch cpu", "torch", "cpu", "xp")]
 
 
 def bench_tiles(n: int) -> np.ndarray:
@@ -56,11 +62,13 @@ def bench_tiles(n: int) -> np.ndarray:
     return np.concatenate([tiles] * reps)[:n]
 
 
-def time_row(engine: str, device: str, preprocess: str, tiles: np.ndarray, batch: int, repeat: int) -> dict:
+def time_row(engine: str, device: str, preprocess: str, tiles: np.ndarray, batch: int, repeat: int,
+             model_card: Path | None = None) -> dict:
     try:
         if device == "cuda" and not gpu_available():
             raise ConfigError("no CUDA GPU")
-        det, _ = make_detector(engine, device=device, batch_size=batch, preprocess=preprocess)  # type: ignore[arg-type]
+        det, _ = make_detector(engine, device=device, batch_size=batch, preprocess=preprocess,  # type: ignore[arg-type]
+                               model_card=model_card)
     except (ConfigError, ImportError) as exc:
         return {"skipped": str(exc)}
     if device == "cuda":
@@ -95,8 +103,12 @@ def main() -> int:
         r = {"row": label, "engine": engine, "device": device, "preprocess": pre,
              **time_row(engine, device, pre, tiles, args.batch, args.repeat)}
         rows.append(r)
+    for label, engine, device, pre in V1_ROWS:
+        rows.append({"row": label, "engine": engine, "device": device, "preprocess": pre, "model": "nuclei_v1",
+                     **time_row(engine, device, pre, tiles, args.batch, args.repeat, model_card=V1_CARD)})
     base = next((r["seconds"] for r in rows if r["row"] == "classic cpu" and "seconds" in r), None)
     print(f"{len(tiles)} tiles of 256 px at 0.5 µm/px, batch {args.batch}, best of {args.repeat}")
+    print(f"shipped model {SHIPPED_MODEL}; rows without a model name run it")
     print(f"{'row':32s} {'tiles/s':>9s} {'x classic cpu':>14s} {'detections':>11s}")
     for r in rows:
         if "skipped" in r:
@@ -105,6 +117,12 @@ def main() -> int:
         r["x_classic_cpu"] = base / r["seconds"] if base else None
         ratio = f"{r['x_classic_cpu']:.2f}" if r["x_classic_cpu"] else "-"
         print(f"{r['row']:32s} {r['tiles_per_s']:9.1f} {ratio:>14s} {r['detections']:11d}")
+    for engine in ("onnxruntime", "torch"):
+        new = next((r for r in rows if r["row"] == f"{engine} cpu" and "seconds" in r), None)
+        old = next((r for r in rows if r["row"] == f"nuclei_v1 {engine} cpu" and "seconds" in r), None)
+        if new and old:
+            r = new["tiles_per_s"] / old["tiles_per_s"]
+            print(f"{SHIPPED_MODEL} / nuclei_v1 on {engine} cpu: {r:.2f}x the tiles/s")
     if args.json:
         args.json.write_text(json.dumps({"tiles": len(tiles), "batch": args.batch, "rows": rows}, indent=1))
     return 0

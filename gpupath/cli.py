@@ -549,3 +549,91 @@ def serve_cmd(
     err_console.print(f"serving {len(src.slides)} slides of {source} on http://{shown}:{port}/ (device: {dev})",
                       markup=False, highlight=False, soft_wrap=True)
     serve(src, host=host, port=port, token=token, cache_bytes=cache_mb * 2**20, device=dev)
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    dataset: Annotated[list[Path], typer.Argument(help="Annotation dataset folder(s): images/, centroids/ (x,y,class "
+                                                       "CSV), meta.json (mpp), splits.json.")],
+    split: Annotated[str, typer.Option(help="Split of splits.json to score (validation, train, ...) or 'all'.")] = "validation",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for wrapped slides, pipeline outputs "
+                                                                  "and evaluation.json (default: evaluate-<dataset>).")] = None,
+    engine: Annotated[str, typer.Option(help="Engine of the detector scored (as gpupath run).")] = "auto",
+    model_card: Annotated[Optional[Path], typer.Option(help="YAML card of the detector scored (its model: the card's "
+                                                            "'model' path; default: the shipped card).")] = None,
+    stain: Annotated[Optional[list[str]], typer.Option(help="macenko | vahadane | none; repeat for one row each "
+                                                            "(default macenko).")] = None,
+    compare: Annotated[str, typer.Option(help="Comparison rows, comma-separated: nuclei_v1, classic, skimage-log "
+                                              "('' for none).")] = "nuclei_v1,classic,skimage-log",
+    class_map: Annotated[Optional[Path], typer.Option(help="Class map YAML (default: the shipped one).")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N images (a quick check).")] = None,
+    card_metrics: Annotated[bool, typer.Option("--card-metrics", help="Write the figures into the scored model's "
+                                                                      "card (metrics.validation).")] = False,
+) -> None:
+    """Score a detector against human nucleus centroids through the real pipeline: P / R / F1 pooled and per class."""
+    from gpupath.detect.annotations import load_class_map
+    from gpupath.errors import GpupathError
+    from gpupath.evaluate import default_rows, evaluate_dataset, write_card_metrics
+    from gpupath.pipeline import resolve_device
+
+    try:
+        if limit is not None and limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {limit}")
+        dev = resolve_device(device)
+        cmap = load_class_map(class_map) if class_map else load_class_map()
+        rows = default_rows(engine=engine, model_card=None if model_card is None else str(model_card),
+                            stains=stain or ["macenko"], compare=[c.strip() for c in compare.split(",") if c.strip()])
+    except (GpupathError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    for folder in dataset:
+        if out is None:
+            where = Path(f"evaluate-{folder.name}")
+        else:
+            where = out if len(dataset) == 1 else out / f"evaluate-{folder.name}"
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err_console, transient=False) as progress:
+            tasks: dict[str, int] = {}
+
+            def on_step(row: str, done: int, total: int) -> None:
+                if row not in tasks:
+                    tasks[row] = progress.add_task(f"{folder.name}: {row}"[:60], total=total)
+                progress.update(tasks[row], completed=done)
+
+            try:
+                record = evaluate_dataset(folder, rows=rows, out=where, split=split, class_map=cmap, device=dev,
+                                          limit=limit, on_step=on_step)
+            except (GpupathError, ValueError, OSError) as exc:
+                raise _fail(str(exc) if str(folder) in str(exc) else f"{folder}: {exc}", 1) from None
+        _print_evaluation(record)
+        out_console.print(f"wrote {where / 'evaluation.json'}", markup=False, highlight=False)
+        if card_metrics:
+            from gpupath.detect.card import shipped_card
+
+            card_path = model_card if model_card is not None else shipped_card().card_path
+            write_card_metrics(Path(card_path), record)
+            out_console.print(f"figures written into {card_path}", markup=False, highlight=False)
+
+
+def _print_evaluation(record: dict) -> None:
+    table = Table(title=f"{record['dataset']} ({record['split']}): {record['images']} images, {record['truths']} "
+                        f"nuclei; pairs within 3 µm (6 µm)")
+    for col in ("detector", "precision", "recall", "F1", "F1 6 µm", "class macro F1", "found", "s"):
+        table.add_column(col, justify="left" if col == "detector" else "right")
+    for r in record["rows"]:
+        if "skipped" in r:
+            table.add_row(r["row"], *(["-"] * 6), "", end_section=False)
+            continue
+        a, b = r["at_3um"], r["at_6um"]
+        macro = "-" if a["class_macro_f1"] is None else f"{a['class_macro_f1']:.3f}"
+        table.add_row(r["row"], f"{a['precision']:.3f}", f"{a['recall']:.3f}", f"{a['f1']:.3f}", f"{b['f1']:.3f}",
+                      macro, str(a["found"]), f"{r['seconds']:.0f}")
+    out_console.print(table)
+    for r in record["rows"]:
+        if "skipped" in r:
+            out_console.print(f"note: {r['row']} skipped: {r['skipped']}", markup=False, highlight=False)
+            continue
+        per = r["at_3um"]["per_class"]
+        if per:
+            out_console.print(f"{r['row']}: class F1 " + ", ".join(f"{k} {v['f1']:.3f}" for k, v in per.items()),
+                              markup=False, highlight=False)

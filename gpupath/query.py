@@ -278,8 +278,9 @@ def plan_query(out: str | Path, *, slide: str | None = None, bbox: BBox | Sequen
         known = list(dict.fromkeys(name for f in plans for name in f.label_names))
         unknown = [name for name in labels if name not in known]
         if unknown:
-            raise ValueError(f"label {', '.join(map(repr, unknown))} is not a class of these detections "
-                             f"(classes: {', '.join(known) or 'none'})")
+            what = (f"label {unknown[0]!r} is not a class" if len(unknown) == 1 else
+                    f"labels {', '.join(map(repr, unknown))} are not classes")
+            raise ValueError(f"{what} of these detections (classes: {', '.join(known) or 'none'})")
     terms = []
     if bbox is not None:
         terms += [pc.field("x1_px") > bbox.x0, pc.field("x0_px") < bbox.x1,

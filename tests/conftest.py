@@ -32,6 +32,14 @@ def data_file(name: str) -> Path:
     return path
 
 
+def nuclei_dataset(name: str) -> Path:
+    """Folder of a human-annotated nuclei dataset (../shared/data/nuclei-train/<name>), or skip."""
+    path = DATA_DIR / "nuclei-train" / name
+    if not (path / "meta.json").is_file():
+        pytest.skip(f"annotation dataset {path} missing: set GPUPATH_TEST_DATA to the folder of shared test data")
+    return path
+
+
 def import_or_skip(name: str, reason: str) -> types.ModuleType:
     """Import ``name`` or skip with ``reason`` and the error: unlike pytest.importorskip, also for an
     install that is present but broken (a TensorRT whose libraries fail to load raises OSError)."""

@@ -176,14 +176,14 @@ def test_engines_on_the_cli_record_what_ran(tmp_path: Path) -> None:
     slide = data_file("cmu-1-small-region.svs")
     proc = gpupath("run", slide, "--out", tmp_path / "auto", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
-    assert "note: engine auto: nuclei_v1 on onnxruntime (cpu)" in proc.stderr
+    assert "note: engine auto: nuclei_v2 on onnxruntime (cpu)" in proc.stderr
     import json
 
     run = json.loads((tmp_path / "auto" / "run.json").read_text())
     det = run["environment"]["detector"]
-    assert det["model"] == "nuclei_v1" and det["engine"] == "onnxruntime" and len(det["model_sha256"]) == 64
+    assert det["model"] == "nuclei_v2" and det["engine"] == "onnxruntime" and len(det["model_sha256"]) == 64
     meta = pq.read_schema(next((tmp_path / "auto" / "detections").rglob("*.parquet"))).metadata
-    assert b"nuclei_v1" in b"".join(meta.values())
+    assert b"nuclei_v2" in b"".join(meta.values())
     proc = gpupath("run", slide, "--out", tmp_path / "classic", "--device", "cpu", "--engine", "classic")
     assert proc.returncode == 0 and "note:" not in proc.stderr, proc.stderr
     # the learned model refuses tiles far from its 0.5 µm/px before any slide: one error line, exit 2

@@ -54,6 +54,28 @@ def test_heatmap_wh_size_and_classes_and_no_offset() -> None:
     np.testing.assert_allclose([got.x0[0], got.y0[0], got.x1[0], got.y1[0]], [0.0, 10.0, 6.0, 12.0])
 
 
+def test_class_probabilities_label_each_peak_once() -> None:
+    outs = heat_outputs()
+    probs = np.zeros((2, 3, 16, 16), np.float32)
+    probs[:, 0] = 1.0                  # class 0 everywhere ...
+    probs[0, :, 3, 4] = (0.2, 0.1, 0.7)  # ... but the first peak's cell says class 2
+    outs["classes"] = probs
+    spec = HeatmapOutput(heatmap="heatmap", size="size", offset="offset", class_probs="classes", stride_px=4,
+                         threshold=0.5)
+    got = decode_heatmap(outs, spec)
+    order = np.argsort(got.tile_index)
+    np.testing.assert_array_equal(got.tile_index[order], [0, 1])   # one detection per peak, not per class
+    np.testing.assert_array_equal(got.label[order], [2, 0])
+    np.testing.assert_allclose(got.score[order], [0.9, 0.7], rtol=1e-6)  # the score is the heatmap's
+    outs["classes"] = probs[:, :, :8]
+    with pytest.raises(ValueError, match="same grid"):
+        decode_heatmap(outs, spec)
+    outs["heatmap"] = np.zeros((2, 3, 16, 16), np.float32)
+    outs["classes"] = probs
+    with pytest.raises(ValueError, match=r"must be \(N, 1, h, w\)"):
+        decode_heatmap(outs, spec)
+
+
 def test_heatmap_empty_and_bad_shapes() -> None:
     spec = HeatmapOutput(heatmap="heatmap", size="size", offset="offset", stride_px=4, threshold=0.95)
     assert len(decode_heatmap(heat_outputs(), spec)) == 0

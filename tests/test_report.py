@@ -308,6 +308,11 @@ def test_summary_matches_parquet(hostile_run: Run) -> None:
     assert summary["n_tiles"] == tiles.num_rows == result["n_tiles"]
     assert summary["timings_s"] == result["timings"] and set(summary["timings_s"]) >= {"tissue", "detect"}
     assert summary["overlay"]["mode"] == "boxes" and summary["overlay"]["scale_bar_um"] == 200.0
+    # every class of the detector, in its order, with the colour it is drawn in and a legend in the image
+    classes = hostile_run.run["environment"]["detector"]["classes"]
+    assert list(summary["counts"]) == list(summary["density_per_mm2"]) == classes
+    assert summary["overlay"]["class_colours"] == {name: list(label_colour(i)) for i, name in enumerate(classes)}
+    assert summary["overlay"]["legend"] is True
     assert summary["slide_metadata"]["aperio.Title"] == HOSTILE_TITLE
 
 
@@ -320,7 +325,7 @@ def test_report_in_chromium(hostile_run: Run, tmp_path: Path) -> None:
     assert_inert(dom)
     n = summary["n_detections"]
     assert dom.text_by_id["n-detections"].strip() == f"{n:,}"
-    assert dom.text_by_id["count-0"].strip() == f"{summary['counts']['nucleus']:,}"
+    assert dom.text_by_id["count-0"].strip() == f"{next(iter(summary['counts'].values())):,}"
     assert dom.text_by_id["tissue-mm2"].strip() == f"{summary['tissue_mm2']:,.3f}"
     assert HOSTILE_TITLE in dom.text_by_id["metadata"]  # the slide's free text, shown as text
     assert HOSTILE_NAME in dom.text_by_id["slide-name"]
@@ -444,3 +449,36 @@ def test_cli_report(hostile_run: Run, tmp_path: Path) -> None:
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "no run.json" in lines[0]
+
+
+# ---------------------------------------------------------------- classes: legend and totals
+
+def test_overlay_legend_names_every_class_in_its_colour() -> None:
+    thumb = np.full((400, 400, 3), 230, np.uint8)
+    boxes = np.array([[100, 100, 120, 120], [300, 300, 320, 320], [500, 520, 520, 540]], np.float64)
+    names = ["inflammatory", "epithelial", "stromal"]
+    ov = render_overlay(thumb, level0_size=(800, 800), mpp=0.5, boxes_l0=boxes, labels=np.array([0, 0, 2]),
+                        label_names=names)
+    assert ov.mode == "boxes" and ov.legend_labels == tuple(names) and ov.legend_box is not None
+    x0, y0, x1, y1 = ov.legend_box
+    assert x1 >= 390 and y0 < 100          # top right
+    legend = np.asarray(ov.image)[y0:y1 + 1, x0:x1 + 1].reshape(-1, 3)
+    for i in range(3):                     # a swatch per class, the absent "epithelial" included
+        assert (legend == label_colour(i)).all(axis=1).sum() >= 25, names[i]
+    # without names: no legend (the report then lists the classes)
+    assert render_overlay(thumb, level0_size=(800, 800), mpp=0.5, boxes_l0=boxes).legend_box is None
+
+
+def test_index_totals_classes_over_slides() -> None:
+    from gpupath.report.html import index_html
+
+    def row(name: str, counts: dict[str, int], tissue: float) -> dict:
+        return {"result": {"status": "ok", "path": f"/s/{name}.svs", "slide_id": name * 8},
+                "summary": {"counts": counts, "n_detections": sum(counts.values()), "tissue_mm2": tissue,
+                            "density_per_mm2": {k: v / tissue for k, v in counts.items()}}}
+
+    rows = [row("a", {"inflammatory": 10, "epithelial": 30, "stromal": 0}, 2.0),
+            row("b", {"inflammatory": 5, "epithelial": 0, "stromal": 15}, 3.0)]
+    dom = parse(index_html({"slides": [r["result"] for r in rows]}, rows))
+    assert [dom.text_by_id[f"class-count-{i}"].strip() for i in range(3)] == ["15", "30", "15"]
+    assert [dom.text_by_id[f"class-density-{i}"].strip() for i in range(3)] == ["3.0", "6.0", "3.0"]  # per 5 mm²

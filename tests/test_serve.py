@@ -33,7 +33,6 @@ from gpupath.serve import (  # noqa: E402
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-BOX_GREEN = (0, 255, 0)   # viewer.js PALETTE[0]: the first label ("nucleus")
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +178,17 @@ def test_detections_boxes_then_density(server, run_out: Path) -> None:
     assert status == 200
     d = json.loads(body)
     want = query(run_out, slide=sid, bbox=bbox, min_score=0.5)
-    assert d["mode"] == "boxes" and d["labels"] == ["nucleus"] and d["n"] == want.num_rows > 0
+    from gpupath.detect.card import shipped_card
+    from gpupath.report.overlay import colour_hex, label_colours
+
+    classes = list(shipped_card().classes)
+    assert d["mode"] == "boxes" and d["labels"] == classes and d["n"] == want.num_rows > 0
+    # each class in the overlay's colour, in label-index order; every box names one of them
+    assert d["colours"] == [colour_hex(rgb) for rgb in label_colours(classes).values()]
+    assert {b[5] for b in d["boxes"]} <= set(range(len(classes)))
+    from collections import Counter
+
+    assert Counter(classes[b[5]] for b in d["boxes"]) == Counter(want.column("label").to_pylist())
     assert sorted(round(b[0], 1) for b in d["boxes"]) == sorted(round(x, 1) for x in want.column("x0_px").to_pylist())
     status, body, _ = _get(bg, f"/api/detections/{sid}?x0=0&y0=0&x1=4096&y1=4096&max_boxes=10")
     d = json.loads(body)
@@ -348,7 +357,7 @@ def test_store_is_served_without_detections(tmp_path: Path) -> None:
 def test_viewer_draws_tiles_and_boxes_in_chromium(server, run_out: Path, tmp_path: Path) -> None:
     from PIL import Image
 
-    from gpupath.query import query
+    from gpupath.query import label_names, query
     from gpupath.slide import open_slide
     from gpupath.synthetic import read_nuclei
 
@@ -381,9 +390,13 @@ def test_viewer_draws_tiles_and_boxes_in_chromium(server, run_out: Path, tmp_pat
     left, top = round(b["x0_px"] - cx + 500), round(b["y0_px"] - cy + 400)
     mid_y, mid_x = round((b["y0_px"] + b["y1_px"]) / 2 - cy + 400), round((b["x0_px"] + b["x1_px"]) / 2 - cx + 500)
 
+    from gpupath.report.overlay import label_colours
+
+    box_colour = label_colours(label_names(run_out))[b["label"]]   # the box's class colour, as the overlay's
+
     def is_box(y: int, x: int) -> bool:
         near = px[y - 2:y + 3, x - 2:x + 3].reshape(-1, 3)
-        return bool(np.any(np.all(np.abs(near - BOX_GREEN) < 60, axis=1)))
+        return bool(np.any(np.all(np.abs(near - box_colour) < 60, axis=1)))
 
     assert is_box(mid_y, left) and is_box(top, mid_x)
     assert not is_box(mid_y, mid_x)   # inside: the nucleus itself (tile pixels), not the box

@@ -55,7 +55,7 @@ PEER_PINS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["opt
 PEER = next(p for p in PEER_PINS if p.startswith("nvidia-pytriton==")).replace("nvidia-pytriton==", "pytriton-")
 PEER_DIR = ROOT / ".cache" / "peers" / PEER
 SERVER_SCRIPT = ROOT / "bench" / "triton_server.py"
-MODEL = "nuclei_v1"
+MODEL = shipped_card().name   # the served name: the card's
 MAX_BATCH = 4          # the server's max_batch_size: smaller than the 6-tile batches below
 START_TIMEOUT_S = 60
 NO_STAIN = np.eye(3)   # the learned detector ignores stains

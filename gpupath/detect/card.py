@@ -4,7 +4,7 @@ A card is a small YAML file beside an ONNX model. It fixes everything the pipeli
 run a model it did not train: the input tensor (name, layout, channel order, size, µm per
 pixel, normalisation) and the outputs with their decoder (``heatmap``: centre heatmap + size
 (+ offset) maps; ``boxes``: box list + scores (+ labels)). The shipped nuclei model has one
-(``gpupath/detect/models/nuclei_v1.yaml``); bring-your-own models pass theirs with
+(``gpupath/detect/models/nuclei_v2.yaml``); bring-your-own models pass theirs with
 ``--model my.onnx --model-card card.yaml``.
 
 Card format (``format: gpupath-model-card/1``)::
@@ -27,6 +27,8 @@ Card format (``format: gpupath-model-card/1``)::
       decoder: heatmap             # heatmap | boxes
       # heatmap: (N, C, h, w) scores in [0, 1], one channel per class, h = H / stride_px
       heatmap: heatmap
+      class_probs: classes         # optional (N, C, h, w) class probabilities: the heatmap is then one
+                                   # channel (any nucleus) and a peak's label is the argmax class there
       size: size                   # (N, 1, h, w) radius in input px | (N, 2, h, w) width, height
       size_kind: radius            # radius | wh
       offset: offset               # optional (N, 2, h, w): centre = (cell + offset) * stride_px
@@ -57,7 +59,7 @@ __all__ = ["InputSpec", "HeatmapOutput", "BoxesOutput", "ModelCard", "load_card"
 
 CARD_FORMAT = "gpupath-model-card/1"
 MODELS_DIR = Path(__file__).parent / "models"
-SHIPPED_MODEL = "nuclei_v1"
+SHIPPED_MODEL = "nuclei_v2"
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,10 +94,11 @@ class HeatmapOutput:
     peak_window_px: int = 3
     threshold: float = 0.5
     decoder: Literal["heatmap"] = "heatmap"
+    class_probs: str | None = None                  # (N, C, h, w) class probabilities; heatmap is then (N, 1, h, w)
 
     @property
     def names(self) -> tuple[str, ...]:
-        return tuple(n for n in (self.heatmap, self.size, self.offset) if n is not None)
+        return tuple(n for n in (self.heatmap, self.class_probs, self.size, self.offset) if n is not None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +159,8 @@ class ModelCard:
 _DOC_KEYS = {"format", "description", "training", "metrics", "license", "version", "sha256", "weights_sha256",
              "dedup_distance_um"}
 _INPUT_KEYS = {"name", "layout", "channels", "dtype", "mpp", "size_px", "multiple_of", "scale", "mean", "std"}
-_HEATMAP_KEYS = {"decoder", "heatmap", "size", "size_kind", "offset", "stride_px", "peak_window_px", "threshold"}
+_HEATMAP_KEYS = {"decoder", "heatmap", "class_probs", "size", "size_kind", "offset", "stride_px", "peak_window_px",
+                 "threshold"}
 _BOXES_KEYS = {"decoder", "boxes", "scores", "labels", "box_format", "box_units", "threshold"}
 
 
@@ -242,8 +246,13 @@ def _parse_output(card: Path, d: Any) -> HeatmapOutput | BoxesOutput:
             raise _fail(card, f"output.stride_px must be an int >= 1, got {stride!r}")
         if not (isinstance(window, int) and window >= 1 and window % 2 == 1):
             raise _fail(card, f"output.peak_window_px must be an odd int >= 1, got {window!r}")
+        class_probs = d.get("class_probs")
+        if class_probs is not None and not isinstance(class_probs, str):
+            raise _fail(card, f"output.class_probs must name an ONNX output (class probabilities) or be absent, "
+                              f"got {class_probs!r}")
         return HeatmapOutput(
             heatmap=d["heatmap"], size=d["size"], offset=d.get("offset"), stride_px=stride, peak_window_px=window,
+            class_probs=class_probs,
             size_kind=_choice(card, "output.size_kind", d.get("size_kind", "radius"), ("radius", "wh")),
             threshold=_threshold(card, d),
         )

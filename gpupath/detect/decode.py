@@ -7,7 +7,9 @@ few numbers per detection to the host, in one copy, as :class:`TileBoxes` (tile 
 
 - ``heatmap``: local maxima of a per-class centre heatmap above a threshold (a
   ``peak_window_px`` maximum filter, as in CenterNet), centre = ``(cell + offset) * stride``,
-  size from a radius map or a width/height map.
+  size from a radius map or a width/height map. With a class map (``output.class_probs``) the
+  heatmap has one channel (any object) and each peak takes the most probable class at its
+  cell: one detection per nucleus whatever its class, so class confusion costs no duplicates.
 - ``boxes``: box lists ``(N, K, 4)`` with scores ``(N, K)`` (and labels ``(N, K)``), in xyxy or
   cxcywh, in input pixels or normalised to the input size; kept where score >= threshold.
 
@@ -70,7 +72,8 @@ def decode_heatmap(outputs: dict[str, Any], spec: HeatmapOutput, *,
 
     Parameters
     ----------
-    outputs : ``spec.heatmap`` (N, C, h, w) scores in [0, 1]; ``spec.size`` (N, 1, h, w) radius or
+    outputs : ``spec.heatmap`` (N, C, h, w) scores in [0, 1] (C = 1 with ``spec.class_probs``,
+        then (N, K, h, w) class probabilities); ``spec.size`` (N, 1, h, w) radius or
         (N, 2, h, w) width, height in input px; optional ``spec.offset`` (N, 2, h, w) centre (x, y)
         within the cell, in cells. NumPy or CuPy, all on one device.
     spec : the card's heatmap output description.
@@ -82,6 +85,12 @@ def decode_heatmap(outputs: dict[str, Any], spec: HeatmapOutput, *,
     """
     heat = _require(outputs, spec.heatmap, 4)
     size = _require(outputs, spec.size, 4)
+    class_probs = _require(outputs, spec.class_probs, 4) if spec.class_probs is not None else None
+    if class_probs is not None and (heat.shape[1] != 1 or class_probs.shape[0] != heat.shape[0]
+                                  or class_probs.shape[2:] != heat.shape[2:]):
+        raise ValueError(f"with a class map the heatmap {spec.heatmap!r} must be (N, 1, h, w) and the class map "
+                         f"{spec.class_probs!r} (N, C, h, w) on the same grid, got {tuple(heat.shape)} and "
+                         f"{tuple(class_probs.shape)}")
     want = 1 if spec.size_kind == "radius" else 2
     if size.shape[1] != want or size.shape[2:] != heat.shape[2:]:
         raise ValueError(f"size output {spec.size!r} must be (N, {want}, {heat.shape[2]}, {heat.shape[3]}) "
@@ -110,10 +119,13 @@ def decode_heatmap(outputs: dict[str, Any], spec: HeatmapOutput, *,
         hw_in = hh_in = size[n, 0, r, col].astype(xp.float64)
     else:
         hw_in, hh_in = size[n, 0, r, col].astype(xp.float64) / 2, size[n, 1, r, col].astype(xp.float64) / 2
+    score = heat[n, c, r, col].astype(xp.float64)
+    if class_probs is not None:
+        c = xp.argmax(class_probs[n, :, r, col], axis=1)
     sy, sx = scale_yx
     # results leave the device here, in one copy: a few numbers per detection
     found = to_host(xp.stack([n.astype(xp.float64), cx_in / sx, cy_in / sy, hw_in / sx, hh_in / sy,
-                              heat[n, c, r, col].astype(xp.float64), c.astype(xp.float64)]))
+                              score, c.astype(xp.float64)]))
     return TileBoxes.from_centres(tile_index=found[0].astype(np.int64), cx_px=found[1], cy_px=found[2],
                                   half_w_px=found[3], half_h_px=found[4], score=found[5], label=found[6])
 

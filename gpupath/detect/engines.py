@@ -78,7 +78,7 @@ def check_onnx_io(card: ModelCard) -> None:
     out = card.output
     ranks: dict[str | None, int]
     if isinstance(out, HeatmapOutput):
-        ranks = {out.heatmap: 4, out.size: 4, out.offset: 4}
+        ranks = {out.heatmap: 4, out.size: 4, out.offset: 4, out.class_probs: 4}
     else:
         assert isinstance(out, BoxesOutput)
         ranks = {out.boxes: 3, out.scores: 2, out.labels: 2}
@@ -94,9 +94,17 @@ def check_onnx_io(card: ModelCard) -> None:
         raise ConfigError(f"{where}: output {out.boxes!r} {list(outputs[out.boxes])} must end in 4 box coordinates")
     if isinstance(out, HeatmapOutput) and out.offset is not None and not _dim_ok(outputs[out.offset][1], 2):
         raise ConfigError(f"{where}: output {out.offset!r} {list(outputs[out.offset])} must have 2 channels (x, y)")
-    if isinstance(out, HeatmapOutput) and not _dim_ok(outputs[out.heatmap][1], len(card.classes)):
+    if isinstance(out, HeatmapOutput) and out.class_probs is None and not _dim_ok(outputs[out.heatmap][1],
+                                                                                  len(card.classes)):
         raise ConfigError(f"{where}: heatmap {out.heatmap!r} {list(outputs[out.heatmap])} needs one channel per "
                           f"class ({len(card.classes)}: {', '.join(card.classes)})")
+    if isinstance(out, HeatmapOutput) and out.class_probs is not None:
+        if not _dim_ok(outputs[out.heatmap][1], 1):
+            raise ConfigError(f"{where}: heatmap {out.heatmap!r} {list(outputs[out.heatmap])} must have 1 channel "
+                              f"when the card names class probabilities ({out.class_probs!r})")
+        if not _dim_ok(outputs[out.class_probs][1], len(card.classes)):
+            raise ConfigError(f"{where}: class probabilities {out.class_probs!r} {list(outputs[out.class_probs])} "
+                              f"need one channel per class ({len(card.classes)}: {', '.join(card.classes)})")
 
 
 class OnnxRuntimeEngine:
@@ -190,7 +198,7 @@ class TorchEngine:
             if self.fp16:
                 net = net.half()
         self.net = net
-        self.output_names = ("heatmap", "size", "offset")
+        self.output_names = tuple(net.output_names)
 
     def __call__(self, x: Any) -> dict[str, Any]:
         torch = self._torch

@@ -2,7 +2,8 @@
 
 Layout in the run folder ``out`` (all written under a temporary name and renamed when complete)::
 
-    overlays/<slide_id>.png     thumbnail (<= max_px a side) with detections, tissue outline, scale bar
+    overlays/<slide_id>.png     thumbnail (<= max_px a side) with detections, tissue outline, scale bar,
+                                class legend (or, when too dense, a density heatmap and its colour bar)
     summaries/<slide_id>.json   counts per label, density per mm² of tissue, tissue mm², tiles, s per stage
     reports/<slide_id>.html     self-contained report (overlay embedded)
     index.html                  run overview: every slide of run.json, failures with their reasons
@@ -29,6 +30,7 @@ from gpupath.report.geojson import write_geojson
 from gpupath.report.html import index_html, slide_report_html
 from gpupath.report.overlay import (
     blank_thumbnail,
+    label_colours,
     length_label,
     png_bytes,
     render_overlay,
@@ -101,7 +103,7 @@ def write_slide_outputs(out: Path, result: Mapping[str, Any], *, params: Mapping
     mpp = result.get("mpp")
     label_names = list((environment.get("detector") or {}).get("classes") or [])
     detections = read_detections(out, slide_id)
-    _, label_index = label_counts(detections, label_names)
+    counts, label_index = label_counts(detections, label_names)  # counts: the detector's classes, then any other
     boxes = np.stack([detections.column(c).to_numpy() for c in ("x0_px", "y0_px", "x1_px", "y1_px")], axis=1) \
         if detections.num_rows else np.zeros((0, 4))
     notes: list[str] = []
@@ -114,7 +116,7 @@ def write_slide_outputs(out: Path, result: Mapping[str, Any], *, params: Mapping
         if metadata is None:  # the slide is gone: keep what an earlier report recorded of its metadata
             metadata = (read_summary(out, slide_id) or {}).get("slide_metadata")
     overlay = render_overlay(thumb, level0_size=(w0, h0), mpp=mpp, boxes_l0=boxes, labels=label_index,
-                             tissue=mask, note="slide file not readable: detections on a blank canvas" if note else "")
+                             tissue=mask, label_names=list(counts), note="slide file not readable: detections on a blank canvas" if note else "")
     png = png_bytes(overlay.image)
     overlay_info = {
         "path": f"overlays/{slide_id}.png", "mode": overlay.mode, "width_px": overlay.image.width,
@@ -124,6 +126,8 @@ def write_slide_outputs(out: Path, result: Mapping[str, Any], *, params: Mapping
         "heatmap_cell_px": overlay.heatmap_cell_px or None,
         "heatmap_max_per_mm2": overlay.heatmap_max_per_mm2, "note": note,
         "tissue_outline": overlay.tissue_outline,
+        "legend": overlay.legend_box is not None,   # the class legend is drawn in the image (top right)
+        "class_colours": {name: list(rgb) for name, rgb in label_colours(list(counts)).items()},
     }
     summary = slide_summary(result, detections, label_names=label_names, metadata=metadata,
                             overlay=overlay_info, notes=notes)

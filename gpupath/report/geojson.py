@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from gpupath.query import iter_query, plan_query
-from gpupath.report.overlay import label_colour
+from gpupath.report.overlay import label_colour, label_colours
 from gpupath.results import atomic_path
 
 __all__ = ["geojson_path", "write_geojson", "write_features", "detections_to_geojson", "feature_ids"]
@@ -129,8 +129,8 @@ def _feature_lines(batch: pa.RecordBatch, *, slide_id: str | None, colours: dict
 
 
 def _colours(label_names: Sequence[str]) -> dict[str, tuple[int, int, int]]:
-    """Class name -> RGB, the overlay's colour of its label index."""
-    return {name: label_colour(i) for i, name in enumerate(label_names)}
+    """Class name -> RGB, the overlay's colour of its label index (a fresh dict: unlisted classes are added)."""
+    return dict(label_colours(label_names))
 
 
 def write_features(batches: Iterable[pa.RecordBatch | pa.Table], fh: IO[str], *, slide_id: str | None = None,

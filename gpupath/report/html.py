@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gpupath._version import __version__
-from gpupath.report.overlay import label_colour
+from gpupath.report.overlay import label_colours
 
 __all__ = ["slide_report_html", "index_html", "escape"]
 
@@ -116,14 +116,31 @@ def _detector_rows(environment: Mapping[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
-def _mode_text(overlay: Mapping[str, Any]) -> str:
+def _swatch(rgb: Any) -> str:
+    """A colour square (the legend's mark) for an RGB triple."""
+    r, g, b = (int(v) for v in rgb)
+    return f'<span class="sw" style="background:rgb({r}, {g}, {b})"></span>'
+
+
+def _colours_of(labels: Sequence[str], known: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Label -> RGB: as the overlay recorded it (``known``), else by position (:func:`label_colours`)."""
+    by_index = label_colours(list(labels))
+    known = known if isinstance(known, Mapping) else {}
+    return {name: known.get(name, by_index[name]) for name in labels}
+
+
+def _mode_text(overlay: Mapping[str, Any], n_labels: int) -> str:
     mode = overlay.get("mode")
     if mode == "heatmap":
         top = overlay.get("heatmap_max_per_mm2")
-        return (f"Detections too dense to draw one by one: density heatmap on {overlay.get('heatmap_cell_px')}-px "
-                f"cells, colour scale 0 to {_num(top, '{:,.0f}')} per mm² (legend top right).")
+        every = " of all classes together" if n_labels > 1 else ""
+        return (f"Detections too dense to draw one by one: density heatmap{every} on "
+                f"{overlay.get('heatmap_cell_px')}-px cells, colour scale 0 to {_num(top, '{:,.0f}')} per mm² "
+                "(colour bar top right; per-class numbers in the Detections table).")
     if mode in ("boxes", "dots"):
-        return f"Each detection drawn as a {'box' if mode == 'boxes' else 'dot'} in its label's colour."
+        where = "legend top right and " if overlay.get("legend") else ""
+        return (f"Each detection drawn as a {'box' if mode == 'boxes' else 'dot'} in its class's colour "
+                f"({where}swatches in the Detections table).")
     return "No detections to draw."
 
 
@@ -149,13 +166,15 @@ def slide_report_html(summary: Mapping[str, Any], *, overlay_png: bytes | None, 
     name = s.get("file_name") or s.get("slide_id") or "slide"
     counts: Mapping[str, int] = s.get("counts") or {}
     density: Mapping[str, Any] = s.get("density_per_mm2") or {}
+    ov: Mapping[str, Any] = s.get("overlay") or {}
+    colours = _colours_of(list(counts), ov.get("class_colours"))
     count_rows = "".join(
-        f'<tr data-label="{_e(label)}"><td><span class="sw" style="background:rgb{label_colour(i)}"></span>'
+        f'<tr data-label="{_e(label)}"><td>{_swatch(colours[label])}'
         f'{_e(label)}</td><td class="n" id="count-{i}">{_num(n)}</td>'
         f'<td class="n" id="density-{i}">{_num(density.get(label), "{:,.1f}")}</td></tr>'
         for i, (label, n) in enumerate(counts.items()))
     counts_table = (
-        '<table id="counts"><tr><th>label</th><th class="n">detections</th><th class="n">per mm² tissue</th></tr>'
+        '<table id="counts"><tr><th>class</th><th class="n">detections</th><th class="n">per mm² tissue</th></tr>'
         f"{count_rows}<tr><th>all</th><th class=\"n\" id=\"n-detections\">{_num(s.get('n_detections'))}</th>"
         f"<th class=\"n\" id=\"density-total\">{_num(s.get('density_total_per_mm2'), '{:,.1f}')}</th></tr></table>")
     w, h = s.get("width_px"), s.get("height_px")
@@ -176,13 +195,12 @@ def slide_report_html(summary: Mapping[str, Any], *, overlay_png: bytes | None, 
                           for k, v in timings.items())
     timing_table = (f'<table id="timings"><tr><th>stage</th><th class="n">seconds</th></tr>{timing_rows}'
                     f'<tr><th>slide total</th><th class="n">{_num(s.get("seconds"), "{:.3f}")}</th></tr></table>')
-    ov: Mapping[str, Any] = s.get("overlay") or {}
     if overlay_png is not None:
         alt = f"Overlay of {name}: detections, tissue outline and scale bar on the slide thumbnail"
         size = (f' width="{int(ov["width_px"])}" height="{int(ov["height_px"])}"'
                 if isinstance(ov.get("width_px"), int) and isinstance(ov.get("height_px"), int) else "")
         figure = (f'<figure><img id="overlay" src="{_data_uri(overlay_png, "image/png")}"{size} '
-                  f'alt="{_e(alt)}"><figcaption>{_e(_mode_text(ov))} '
+                  f'alt="{_e(alt)}"><figcaption>{_e(_mode_text(ov, len(counts)))} '
                   + ("Tissue outline in blue. " if ov.get("tissue_outline") else "")
                   + (f"Scale bar: {_e(ov.get('scale_bar_label'))}. " if ov.get("scale_bar_label") else "")
                   + (f"<b>{_e(ov.get('note'))}</b>" if ov.get("note") else "") + "</figcaption></figure>")
@@ -239,7 +257,13 @@ def index_html(run: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], *, tit
                 label_names.append(label)
     if len(label_names) < 2:
         label_names = []  # one label: its column would repeat "detections"
-    head = "".join(f'<th class="n">{_e(label)}</th>' for label in label_names)
+    known: dict[str, Any] = {}
+    for row in rows:  # the colours the overlays were drawn in
+        for label, rgb in (((row.get("summary") or {}).get("overlay") or {}).get("class_colours") or {}).items():
+            known.setdefault(label, rgb)
+    colours = _colours_of(label_names, known)
+    head = "".join(f'<th class="n" data-label="{_e(label)}">{_swatch(colours[label])}{_e(label)}</th>'
+                   for label in label_names)
     lines = []
     for i, row in enumerate(rows):
         r: Mapping[str, Any] = row.get("result") or {}
@@ -250,7 +274,11 @@ def index_html(run: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], *, tit
                  if row.get("thumb_jpeg") else "")
         status = _e(r.get("status")) + (" (resumed)" if r.get("resumed") else "")
         counts = s.get("counts") or {}
-        cells = "".join(f'<td class="n">{_num(counts.get(label)) if s else "–"}</td>' for label in label_names)
+        density = s.get("density_per_mm2") or {}
+        cells = "".join(f'<td class="n">{_num(counts.get(label)) if s else "–"}'
+                        + (f'<div class="muted">{_num(density.get(label), "{:,.0f}")} /mm²</div>'
+                           if s and density.get(label) is not None else "") + "</td>"
+                        for label in label_names)
         n_det = s.get("n_detections", r.get("n_detections")) if r.get("status") == "ok" else None
         problem = r.get("error") or r.get("warning") or ""
         if row.get("report_error"):
@@ -265,6 +293,7 @@ def index_html(run: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], *, tit
     slides_table = (f'<table id="slides"><tr><th></th><th>slide</th><th>status</th><th class="n">detections</th>{head}'
                     '<th class="n">per mm²</th><th class="n">tissue mm²</th><th class="n">tiles</th>'
                     f'<th class="n">seconds</th><th>error / warning</th></tr>{"".join(lines)}</table>')
+    classes_html = _class_totals(rows, label_names, colours)
     failed = [row.get("result") or {} for row in rows if (row.get("result") or {}).get("status") != "ok"]
     if failed:
         failed_html = ('<table id="failed"><tr><th>slide</th><th>reason</th></tr>'
@@ -290,11 +319,37 @@ def index_html(run: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], *, tit
 <p class="muted">Report made by gpupath {_e(__version__)} on {_when(dt.datetime.now(dt.UTC).timestamp())}</p>
 {_kv_table(run_rows, table_id="run")}
 <h2>Slides</h2>{slides_table}
+{classes_html}
 <h2>Failed slides</h2>{failed_html}
 <h2>Detector</h2>{_kv_table(_detector_rows(env), table_id="detector")}
 <h2>Parameters</h2>{_json_block(run.get("params") or {}, "params")}
 <h2>Environment</h2>{_kv_table(_environment_rows(env), table_id="environment")}"""
     return _page(f"{title} – gpupath", body)
+
+
+def _class_totals(rows: Sequence[Mapping[str, Any]], label_names: Sequence[str], colours: Mapping[str, Any]) -> str:
+    """Detections per class over the slides with a summary: count, and per mm² of their tissue; the
+    colour swatch of each class is the legend of the overlays. Empty with fewer than two classes."""
+    if not label_names:
+        return ""
+    summaries = [row["summary"] for row in rows if row.get("summary")]
+    totals = {label: sum(int((sm.get("counts") or {}).get(label) or 0) for sm in summaries) for label in label_names}
+    areas = [sm.get("tissue_mm2") for sm in summaries]
+    tissue_mm2 = sum(a for a in areas if isinstance(a, (int, float)) and a > 0)
+
+    def per_mm2(n: int) -> float | None:
+        return n / tissue_mm2 if tissue_mm2 > 0 else None
+
+    body = "".join(
+        f'<tr data-label="{_e(label)}"><td>{_swatch(colours[label])}{_e(label)}</td>'
+        f'<td class="n" id="class-count-{i}">{_num(n)}</td>'
+        f'<td class="n" id="class-density-{i}">{_num(per_mm2(n), "{:,.1f}")}</td></tr>'
+        for i, (label, n) in enumerate(totals.items()))
+    n_all = sum(totals.values())
+    return ('<h2>Detections per class</h2><table id="classes"><tr><th>class</th><th class="n">detections</th>'
+            f'<th class="n">per mm² tissue</th></tr>{body}<tr><th>all ({len(summaries)} slide{"s" * (len(summaries) != 1)}, '
+            f'{_num(tissue_mm2, "{:,.3f}")} mm² tissue)</th><th class="n">{_num(n_all)}</th>'
+            f'<th class="n">{_num(per_mm2(n_all), "{:,.1f}")}</th></tr></table>')
 
 
 def _file_name(path: str) -> str:

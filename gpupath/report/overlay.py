@@ -6,6 +6,12 @@ half-open) with integer labels, and optionally a tissue mask (any resolution, al
 whole slide). Returns an :class:`Overlay` (a PIL RGB image and how it was drawn). Host only
 (NumPy, SciPy, Pillow): a report is drawn once per slide, on at most ``max_px`` x ``max_px`` pixels.
 
+Colours: label index ``i`` (the position of its class in the detector's class list) is drawn in
+``label_colour(i)``; :func:`label_colours` maps class names to those colours, and the HTML
+report, the GeoJSON export and the viewer use the same map. Given the class names, an overlay
+whose detections are drawn one by one carries a legend in its top-right corner: a swatch, the
+class name and its count per class, every class of the detector included (0 when absent).
+
 Drawing rule: detections are drawn one by one (box outlines, or dots where a box is under
 ``MIN_BOX_PX`` overlay px) while their mean spacing over the tissue stays at or above
 ``sqrt(DENSE_PX2)`` overlay px; denser than that, single marks would merge into a solid
@@ -20,6 +26,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -31,7 +38,7 @@ from gpupath.slide import Slide
 from gpupath.tissue import read_overview
 
 __all__ = ["Overlay", "render_overlay", "slide_thumbnail", "blank_thumbnail", "nice_length_um", "label_colour",
-           "colour_map", "length_label", "png_bytes", "LABEL_COLOURS", "TISSUE_COLOUR", "DENSE_PX2", "HEATMAP_CELL_PX", "HEATMAP_MAX_CELL_PX",
+           "label_colours", "colour_hex", "colour_map", "length_label", "png_bytes", "LABEL_COLOURS", "TISSUE_COLOUR", "DENSE_PX2", "HEATMAP_CELL_PX", "HEATMAP_MAX_CELL_PX",
            "HEATMAP_PER_CELL", "MIN_BOX_PX"]
 
 DENSE_PX2 = 25.0          # overlay px² of tissue per detection below which a heatmap is drawn (spacing < 5 px)
@@ -71,6 +78,8 @@ class Overlay:
     heatmap_max_per_mm2: float | None   # density at the top of the colour map (heatmap mode)
     heatmap_cell_px: int                # heatmap cell side, overlay px (0: no heatmap)
     tissue_outline: bool                # a tissue outline was drawn
+    legend_box: tuple[int, int, int, int] | None = None  # class legend, overlay px (x0, y0, x1, y1), inclusive
+    legend_labels: tuple[str, ...] = ()  # the classes it names, top to bottom (colour: label_colour(row))
 
     @property
     def downsample(self) -> float:
@@ -81,6 +90,17 @@ class Overlay:
 def label_colour(label: int) -> tuple[int, int, int]:
     """RGB colour of a label index in overlays and report legends."""
     return LABEL_COLOURS[int(label) % len(LABEL_COLOURS)]
+
+
+def label_colours(label_names: Sequence[str]) -> dict[str, tuple[int, int, int]]:
+    """Class name -> RGB colour: the name's position in ``label_names`` is its label index."""
+    return {name: label_colour(i) for i, name in enumerate(label_names)}
+
+
+def colour_hex(rgb: Sequence[int]) -> str:
+    """``#rrggbb`` of an RGB triple (0-255)."""
+    r, g, b = (int(v) for v in rgb)
+    return f"#{r:02x}{g:02x}{b:02x}"
 
 
 def slide_thumbnail(slide: Slide, *, max_px: int = 1024) -> np.ndarray:
@@ -168,7 +188,7 @@ def colour_map(values: np.ndarray) -> np.ndarray:
 
 def render_overlay(thumbnail: np.ndarray, *, level0_size: tuple[int, int], mpp: float | None,
                    boxes_l0: np.ndarray, labels: np.ndarray | None = None, tissue: np.ndarray | None = None,
-                   dense_px2: float = DENSE_PX2, note: str = "") -> Overlay:
+                   label_names: Sequence[str] | None = None, dense_px2: float = DENSE_PX2, note: str = "") -> Overlay:
     """Draw detections, the tissue outline and a scale bar on a slide thumbnail.
 
     Parameters
@@ -180,6 +200,9 @@ def render_overlay(thumbnail: np.ndarray, *, level0_size: tuple[int, int], mpp: 
     labels : (N,) int label indices (colours: :func:`label_colour`); None: all label 0.
     tissue : (rows, cols) bool tissue mask over the whole slide, any resolution; None: no outline,
         and the dense test uses the whole thumbnail's area.
+    label_names : class name of each label index (every label of ``labels`` must have one); given,
+        detections drawn one by one get a class legend (swatch, name, count) in the top-right
+        corner. None: no legend.
     dense_px2 : overlay px² of tissue per detection under which a heatmap is drawn.
     note : a line written across the top of the image (e.g. why it is blank).
 
@@ -194,6 +217,10 @@ def render_overlay(thumbnail: np.ndarray, *, level0_size: tuple[int, int], mpp: 
     labels = np.zeros(len(boxes), np.int64) if labels is None else np.asarray(labels, np.int64)
     if labels.shape != (len(boxes),):
         raise ValueError(f"labels must be ({len(boxes)},), got {labels.shape}")
+    names = None if label_names is None else [str(n) for n in label_names]
+    if names is not None and len(labels) and not (0 <= labels.min() and labels.max() < len(names)):
+        raise ValueError(f"labels must index label_names ({len(names)} names), got labels "
+                         f"{labels.min()}..{labels.max()}")
     w0, h0 = level0_size
     th, tw = rgb.shape[:2]
     sx, sy = tw / w0, th / h0
@@ -219,11 +246,16 @@ def render_overlay(thumbnail: np.ndarray, *, level0_size: tuple[int, int], mpp: 
         draw.rectangle((0, 0, tw, band_px), fill=(255, 255, 255))
         _draw_text(draw, (4, 4), note, size_px=size, fill=(160, 0, 0))
     bar_um, bar_px, bar_xy = _draw_scale_bar(draw, tw, th, mpp / sx if mpp else None)
+    legend_box = None
     if heat_max is not None:
         _draw_legend(draw, tw, band_px, heat_max, per_mm2=mpp is not None)
+    elif names and mode != "none":  # marks in class colours: say which colour is which class
+        counts = np.bincount(labels, minlength=len(names))
+        legend_box = _draw_class_legend(draw, tw, th, band_px, [(n, int(c)) for n, c in zip(names, counts)])
     return Overlay(image=img, scale_x=sx, scale_y=sy, mode=mode, n_drawn=len(boxes), scale_bar_um=bar_um,
                    scale_bar_px=bar_px, scale_bar_xy=bar_xy, heatmap_max_per_mm2=heat_max,
-                   heatmap_cell_px=cell_px, tissue_outline=tissue_small is not None)
+                   heatmap_cell_px=cell_px, tissue_outline=tissue_small is not None, legend_box=legend_box,
+                   legend_labels=tuple(names) if legend_box is not None and names else ())
 
 
 def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -320,6 +352,31 @@ def _draw_legend(draw: ImageDraw.ImageDraw, tw: int, y_top: int, top: float, *, 
     for i, c in enumerate(ramp):
         draw.line((x0 + i, y0, x0 + i, y0 + bar_h - 1), fill=tuple(int(v) for v in c))
     _draw_text(draw, (x1 - text_w, y0 + bar_h + pad), label, size_px=size, fill=(0, 0, 0))
+
+
+def _draw_class_legend(draw: ImageDraw.ImageDraw, tw: int, th: int, y_top: int,
+                       entries: list[tuple[str, int]]) -> tuple[int, int, int, int] | None:
+    """Class legend in the top-right corner (below ``y_top``): one row per class, a swatch in its label
+    colour, its name and count, on a white box; returns the box (inclusive px) or None where it does
+    not fit in half the image."""
+    size = max(9, min(14, tw // 50))
+    pad = 4
+    texts = [f"{name} ({count:,})" for name, count in entries]
+    text_h = max(_text_size(draw, "Ag", size_px=size)[1], size)
+    text_w = max(_text_size(draw, t, size_px=size)[0] for t in texts)
+    swatch = text_h
+    box_w = 3 * pad + swatch + text_w
+    box_h = pad + len(texts) * (text_h + pad)
+    x1, y0 = tw - pad - 1, y_top + pad
+    x0, y1 = x1 - box_w, y0 + box_h
+    if box_w > tw // 2 or y1 > y_top + (th - y_top) // 2:
+        return None  # a legend covering half the slide hides more than it explains; the report lists the classes
+    draw.rectangle((x0, y0, x1, y1), fill=(255, 255, 255), outline=(90, 90, 90))
+    for row, text in enumerate(texts):
+        ry = y0 + pad + row * (text_h + pad)
+        draw.rectangle((x0 + pad, ry, x0 + pad + swatch - 1, ry + swatch - 1), fill=label_colour(row))
+        _draw_text(draw, (x0 + 2 * pad + swatch, ry), text, size_px=size, fill=(0, 0, 0))
+    return x0, y0, x1, y1
 
 
 def png_bytes(image: Image.Image, *, max_px: int | None = None, fmt: str = "PNG") -> bytes:

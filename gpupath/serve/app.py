@@ -9,8 +9,11 @@ slides only, addressed by slide id (sha256, 64 hex digits; never by path):
 ``/api/slides``                         JSON: id, name, dims, mpp, counts, DZI geometry
 ``/dzi/{id}.dzi``                       Deep Zoom descriptor
 ``/dzi/{id}_files/{level}/{col}_{row}.{jpeg|png}``   tiles (:mod:`gpupath.serve._tiles`)
-``/api/detections/{id}?x0=&y0=&x1=&y1=&min_score=&max_boxes=``   level-0 px viewport: boxes, or a
-                                        density grid when more than ``max_boxes`` match
+``/api/detections/{id}?x0=&y0=&x1=&y1=&min_score=&max_boxes=``   level-0 px viewport: boxes
+                                        ``[x0, y0, x1, y1, score, label index]``, or a density grid when
+                                        more than ``max_boxes`` match; ``labels`` (every class of the
+                                        slide, in label-index order) and ``colours`` (``#rrggbb`` each,
+                                        the overlay's colours)
 ``/reports/{id}.html``, ``/index.html`` the run's HTML reports, with links into the viewer
 
 Security: only GET/HEAD; ids are matched against ``^[0-9a-f]{64}$`` and then looked up in the
@@ -355,7 +358,8 @@ def create_app(source: ServeSource | str | Path, *, token: str | None = None, ca
         if not known(sid):
             return not_found("unknown slide")
         if source.kind != "run":
-            return JSONResponse({"mode": "boxes", "labels": [], "n": 0, "boxes": []}, headers=_security_headers())
+            return JSONResponse({"mode": "boxes", "labels": [], "colours": [], "n": 0, "boxes": []},
+                                headers=_security_headers())
         q = req.query_params
         try:
             bbox = tuple(float(q[k]) for k in ("x0", "y0", "x1", "y1"))
@@ -374,21 +378,31 @@ def create_app(source: ServeSource | str | Path, *, token: str | None = None, ca
                                      f"0 <= max_boxes <= {MAX_BOXES_LIMIT}", status_code=400)
 
         def work() -> dict[str, Any]:
-            from gpupath.query import query  # noqa: PLC0415
+            import pyarrow as pa  # noqa: PLC0415
 
-            t = query(source.root, slide=sid, bbox=bbox, min_score=min_score if min_score > 0 else None)
+            from gpupath.query import RESULT_SCHEMA, iter_query, plan_query  # noqa: PLC0415
+            from gpupath.report.overlay import colour_hex, label_colours  # noqa: PLC0415
+
+            plan = plan_query(source.root, slide=sid, bbox=bbox, min_score=min_score if min_score > 0 else None)
+            t = pa.Table.from_batches(list(iter_query(plan)), schema=RESULT_SCHEMA)
             cols = {c: t.column(c).to_numpy() for c in ("x0_px", "y0_px", "x1_px", "y1_px", "score")}
+            # every class of the slide's detections (from the file metadata, so also in an empty viewport),
+            # in label-index order, with the colour the overlay, report and GeoJSON give it
+            names = [str(n) for n in plan.label_names]
             label = t.column("label").combine_chunks() if t.num_rows else None
-            names = [str(v) for v in label.dictionary.to_pylist()] if label is not None else []
+            stored = [str(v) for v in label.dictionary.to_pylist()] if label is not None else []
+            names += [n for n in stored if n not in names]
+            colours = [colour_hex(rgb) for rgb in label_colours(names).values()]
             if t.num_rows > max_boxes:
-                return {"mode": "density", "labels": names, "n": t.num_rows,
+                return {"mode": "density", "labels": names, "colours": colours, "n": t.num_rows,
                         "grid": _density(cols["x0_px"], cols["y0_px"], cols["x1_px"], cols["y1_px"], bbox)}
-            idx = label.indices.to_numpy(zero_copy_only=False).tolist() if label is not None else []
+            remap = [names.index(n) for n in stored]   # the stored dictionary's codes -> index into names
+            idx = [remap[k] for k in label.indices.to_numpy(zero_copy_only=False).tolist()] if label is not None else []
             boxes = [[round(float(a), 1), round(float(b), 1), round(float(c), 1), round(float(d), 1),
                       round(float(s), 3), int(k)]
                      for a, b, c, d, s, k in zip(cols["x0_px"], cols["y0_px"], cols["x1_px"], cols["y1_px"],
                                                  cols["score"], idx)]
-            return {"mode": "boxes", "labels": names, "n": t.num_rows, "boxes": boxes}
+            return {"mode": "boxes", "labels": names, "colours": colours, "n": t.num_rows, "boxes": boxes}
 
         return JSONResponse(await run_in_threadpool(work), headers=_security_headers())
 

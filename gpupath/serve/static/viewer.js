@@ -6,7 +6,7 @@
   const ctx = canvas.getContext("2d");
   const statusEl = document.getElementById("status");
   const token = new URLSearchParams(location.search).get("token");
-  const PALETTE = ["#00ff00", "#ffff00", "#00ffff", "#ff00ff", "#ff8000", "#0080ff", "#ffffff", "#ff0000"];
+  const FALLBACK = "#00ff00";           // a label without a colour from the server (not expected)
   let slides = [], cur = null;          // cur: {id, w, h, tile, ov, maxLevel, fmt}
   let view = {x: 0, y: 0, scale: 1};    // centre in level-0 px; screen px per level-0 px
   let dets = null, detTimer = null, detSeq = 0;
@@ -93,9 +93,10 @@
       return;
     }
     ctx.lineWidth = 2;
+    const colours = dets.colours || [];   // per label index: the overlay's, report's and GeoJSON's colours
     for (const b of dets.boxes) {
       if (b[4] < minScore) continue;
-      ctx.strokeStyle = PALETTE[b[5] % PALETTE.length];
+      ctx.strokeStyle = colours[b[5]] || FALLBACK;
       ctx.strokeRect(Math.round((b[0] - vx0) * s) + 1, Math.round((b[1] - vy0) * s) + 1,
                      Math.round((b[2] - b[0]) * s), Math.round((b[3] - b[1]) * s));
     }
@@ -116,7 +117,7 @@
     el.textContent = "";
     (dets ? dets.labels : []).forEach((name, i) => {
       const row = document.createElement("div"), sw = document.createElement("span");
-      sw.style.background = PALETTE[i % PALETTE.length];
+      sw.style.background = (dets.colours || [])[i] || FALLBACK;
       row.appendChild(sw); row.appendChild(document.createTextNode(name));   // text, never HTML
       el.appendChild(row);
     });

@@ -405,7 +405,8 @@ def _process_slide(path: str | Path, out_dir: Path, params: RunParams, detector:
             t = time.perf_counter()
             layout = GridLayout(stride_l0=grid.stride_l0, overlap_l0=grid.overlap_l0, n_cols=grid.n_cols,
                                 n_rows=grid.n_rows, processed=frozenset(zip(grid.col.tolist(), grid.row.tolist())))
-            det = dedup_overlaps(Detections.concat(parts), layout, min_distance_l0_px=detector.dedup_distance_um / mpp)
+            det = dedup_overlaps(Detections.concat(parts), layout, min_distance_l0_px=detector.dedup_distance_um / mpp,
+                                 any_label=getattr(detector, "dedup_any_label", False))
             det = det.clip_to(*slide.dimensions)
             tile_pos = {(int(x), int(y)): i for i, (x, y) in enumerate(zip(grid.x, grid.y))}
             for tx, ty in zip(det.tile_x.tolist(), det.tile_y.tolist()):

@@ -104,3 +104,14 @@ def test_empty_detections_have_defined_shape() -> None:
     empty = Detections.empty()
     assert len(empty) == 0 and empty.x0.dtype == np.float32 and empty.tile_x.dtype == np.int64
     assert len(dedup_overlaps(empty, layout(), min_distance_l0_px=1.0)) == 0
+
+
+def test_twins_with_different_labels_merge_only_with_any_label() -> None:
+    # one nucleus on the line between tiles (0, 0) and (1, 0) (stride 480, overlap 32): tile 0 calls it
+    # label 0, tile 1 label 1, 1 px apart; with any_label (learned detectors) it is one detection
+    layout = GridLayout(stride_l0=480.0, overlap_l0=32.0, n_cols=2, n_rows=1, processed=frozenset({(0, 0), (1, 0)}))
+    det = Detections(x0=np.array([490.0, 491.0]), y0=np.array([100.0, 100.0]), x1=np.array([500.0, 501.0]),
+                     y1=np.array([110.0, 110.0]), score=np.array([0.9, 0.8], np.float32),
+                     label=np.array([0, 1], np.int16), tile_x=np.array([0, 480]), tile_y=np.array([0, 0]))
+    assert len(dedup_overlaps(det, layout, min_distance_l0_px=5.0, any_label=True)) == 1
+    assert len(dedup_overlaps(det, layout, min_distance_l0_px=5.0)) == 2

@@ -272,8 +272,8 @@ def test_a_card_output_the_server_lacks_fails_with_one_line(triton_url: str) -> 
         TritonEngine(renamed, url=triton_url)
     assert _one_line(exc) == (
         f"triton server {triton_url}: model '{MODEL}' vs card {MODEL}: output 'offs' not served "
-        "(inputs tiles FP32[-1, 3, -1, -1]; outputs heatmap FP32[-1, 1, -1, -1], size FP32[-1, 1, -1, -1], "
-        "offset FP32[-1, 2, -1, -1])")
+        "(inputs tiles FP32[-1, 3, -1, -1]; outputs heatmap FP32[-1, 1, -1, -1], classes FP32[-1, 3, -1, -1], "
+        "size FP32[-1, 1, -1, -1], offset FP32[-1, 2, -1, -1])")
 
 
 def test_a_request_the_server_refuses_names_the_server_and_the_batch(triton_url: str, real_tiles: np.ndarray) -> None:

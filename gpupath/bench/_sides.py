@@ -206,7 +206,7 @@ def run_baseline(slide_path: str | Path, tile_grid: dict[str, Any], *, model: di
     det = det[(det[:, 0] >= 0) & (det[:, 0] < w0) & (det[:, 1] >= 0) & (det[:, 1] < h0)]
     # one object per nucleus across overlaps: each tile keeps the centres in its core (half the overlap
     # trimmed on inner edges; kept too where the neighbour owning them was not read), then greedy NMS,
-    # best score first, of centres closer than the dedup distance
+    # best score first, of centres of different tiles closer than the dedup distance
     half = (g["read_px"] - g["stride_lvl_px"]) * g["downsample"] / 2
     tile_col, tile_row = np.asarray(g["col"])[det[:, 4].astype(int)], np.asarray(g["row"])[det[:, 4].astype(int)]
     own_col = np.clip((det[:, 0] - half) // stride_l0, 0, g["n_cols"] - 1).astype(int)
@@ -215,6 +215,7 @@ def run_baseline(slide_path: str | Path, tile_grid: dict[str, Any], *, model: di
     read_tiles[np.asarray(g["row"]), np.asarray(g["col"])] = True
     det = det[((own_col == tile_col) & (own_row == tile_row)) | ~read_tiles[own_row, own_col]]
     pairs = cKDTree(det[:, :2]).query_pairs(model["dedup_distance_um"] / mpp, output_type="ndarray")
+    pairs = pairs[det[pairs[:, 0], 4] != det[pairs[:, 1], 4]]   # across tiles only: a model's own peaks stay
     neighbours: list[list[int]] = [[] for _ in range(len(det))]
     for i, j in pairs.tolist():
         neighbours[i].append(j)

@@ -207,14 +207,15 @@ def _own_by_centre_device(det: Detections, layout: GridLayout, *, margin_l0_px: 
     return det.take(index), look[index]
 
 
-def suppress_near_duplicates(det: Detections, *, min_distance_l0_px: float) -> Detections:
+def suppress_near_duplicates(det: Detections, *, min_distance_l0_px: float, any_label: bool = False) -> Detections:
     """Greedy suppression, best score first: drop a detection whose centre lies within
-    ``min_distance_l0_px`` of a kept one of the same label."""
+    ``min_distance_l0_px`` of a kept one of the same label (of any label with ``any_label``)."""
     n = len(det)
     if n < 2:
         return det
     pairs = cKDTree(np.c_[det.cx, det.cy]).query_pairs(min_distance_l0_px, output_type="ndarray")
-    pairs = pairs[det.label[pairs[:, 0]] == det.label[pairs[:, 1]]]
+    if not any_label:
+        pairs = pairs[det.label[pairs[:, 0]] == det.label[pairs[:, 1]]]
     neighbours: list[list[int]] = [[] for _ in range(n)]
     for i, j in pairs.tolist():
         neighbours[i].append(j)
@@ -228,7 +229,8 @@ def suppress_near_duplicates(det: Detections, *, min_distance_l0_px: float) -> D
     return det.take(np.sort(np.array(keep, np.int64)))
 
 
-def dedup_overlaps(det: Detections, layout: GridLayout, *, min_distance_l0_px: float) -> Detections:
+def dedup_overlaps(det: Detections, layout: GridLayout, *, min_distance_l0_px: float,
+                   any_label: bool = False) -> Detections:
     """Each object once: centre ownership (with a boundary margin and orphans), then suppression of
     near duplicates among the detections near a boundary or orphaned.
 
@@ -247,7 +249,8 @@ def dedup_overlaps(det: Detections, layout: GridLayout, *, min_distance_l0_px: f
         return (off < band) | (off > layout.stride_l0 - band)
 
     look |= near_line(kept.cx.astype(np.float64)) | near_line(kept.cy.astype(np.float64))
-    edge = suppress_near_duplicates(kept.take(np.flatnonzero(look)), min_distance_l0_px=min_distance_l0_px)
+    edge = suppress_near_duplicates(kept.take(np.flatnonzero(look)), min_distance_l0_px=min_distance_l0_px,
+                                    any_label=any_label)
     return Detections.concat([kept.take(np.flatnonzero(~look)), edge])
 
 

@@ -84,6 +84,9 @@ class LearnedDetector:
         ran = card.weights_path if engine.name == "torch" and card.weights_path is not None else card.model_path
         self.model_sha256 = card.model_sha256 if ran == card.model_path else file_sha256(ran)
         self.dedup_distance_um = float(card.extra.get("dedup_distance_um", 2.5))
+        # twins across a tile overlap are one object whatever label each tile gave it: a model that reads
+        # the class at a peak (nuclei_v2) can label one nucleus differently from two tiles' contexts
+        self.dedup_any_label = True
         self.preprocessor = preprocessor
         self.preprocess_name = preprocess_name
 

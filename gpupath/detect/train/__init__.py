@@ -81,6 +81,12 @@ def _images(args: argparse.Namespace, class_map):  # noqa: ANN001, ANN202
     return train, tune, synthetic, counts, seeds
 
 
+# overlap de-duplication distance between centres of one nucleus seen by two tiles (tile-edge
+# context moves a centre by up to ~2 µm); it acts across tiles only, so the model's own
+# neighbouring peaks (>= 2 µm apart) are never merged
+DEDUP_UM = 2.5
+
+
 def _meta(folder: Path) -> dict:
     """A dataset's meta.json (empty when absent or unreadable: the licence then reads "not stated")."""
     try:
@@ -138,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                      metrics={"tune_f1_by_threshold": {f"{k:.2f}": round(v, 4) for k, v in by_threshold.items()},
                               "validation": "pending: gpupath evaluate ... --card-metrics"},
                      onnx_sha=file_sha256(args.out / f"{NAME}.onnx"), npz_sha=file_sha256(args.out / f"{NAME}.npz"),
-                     dedup_um=2.5)
+                     dedup_um=DEDUP_UM)
     write_card(args.out / f"{NAME}.yaml", card)
     if not args.no_generated_eval:
         card["metrics"].update(generated_slide_metrics(args.out / f"{NAME}.yaml", args.work))

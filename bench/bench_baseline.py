@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpupath.bench import results_stem, run_bench, text_report, write_results  # noqa: E402
+from gpupath.bench import results_stem, run_bench, text_report, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 TIA_VENV = ROOT / ".cache" / "peers" / "tiatoolbox-2.1.3"

@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpupath.convert import ConvertParams, _pick_device, convert_slide  # noqa: E402
-from gpupath.errors import ConfigError  # noqa: E402
+from gpupath.convert import ConvertParams, pick_device, convert_slide
+from gpupath.errors import ConfigError
 
 
 def bench(slide: Path, work: Path, params: ConvertParams, repeat: int) -> dict:
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     params = ConvertParams(tile_px=args.tile, compression=args.compression, quality=args.quality, device="cpu")
     try:
-        _pick_device(dataclasses.replace(params, device="cuda"))
+        pick_device(dataclasses.replace(params, device="cuda"))
         why_not_gpu = ""
     except ConfigError as exc:
         why_not_gpu = str(exc)

@@ -25,10 +25,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpupath._xp import gpu_available  # noqa: E402
-from gpupath.detect.card import MODELS_DIR, SHIPPED_MODEL  # noqa: E402
-from gpupath.detect.detector import make_detector  # noqa: E402
-from gpupath.errors import ConfigError  # noqa: E402
+from gpupath._xp import gpu_available
+from gpupath.detect.card import MODELS_DIR, SHIPPED_MODEL
+from gpupath.detect.detector import make_detector
+from gpupath.errors import ConfigError
 
 NO_STAIN = np.eye(3)[:, :2]
 # (label, engine, device, preprocess)
@@ -49,7 +49,7 @@ V1_ROWS = [("nuclei_v1 onnxruntime cpu", "onnxruntime", "cpu", "xp"), ("nuclei_v
 
 
 def bench_tiles(n: int) -> np.ndarray:
-    from gpupath.detect.train import read_slide_tiles
+    from gpupath.train import read_slide_tiles
     from gpupath.synthetic import SyntheticSpec, write_synthetic_slide
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -30,8 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpupath.bench import machine_info, machine_tag  # noqa: E402
-from gpupath.synthetic import SyntheticSpec, write_synthetic_slide  # noqa: E402
+from gpupath.bench import machine_info, machine_tag
+from gpupath.synthetic import SyntheticSpec, write_synthetic_slide
 
 
 def slide_for(size_px: int, work: Path) -> tuple[Path, float | None]:

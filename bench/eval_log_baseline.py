@@ -17,10 +17,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpupath.detect.annotations import read_dataset, read_image  # noqa: E402
-from gpupath.detect.matching import MatchCounts  # noqa: E402
-from gpupath.detect.train import DEFAULT_DATA  # noqa: E402
-from gpupath.evaluate import skimage_log_points  # noqa: E402
+from gpupath.detect.annotations import read_dataset, read_image
+from gpupath.detect.matching import MatchCounts
+from gpupath.train import DEFAULT_DATA
+from gpupath.evaluate import skimage_log_points
 
 THRESHOLDS = (0.05, 0.075, 0.1, 0.15, 0.2, 0.3)
 

@@ -43,9 +43,9 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
 try:
-    from pytriton.decorators import batch  # noqa: E402
-    from pytriton.model_config import ModelConfig, Tensor  # noqa: E402
-    from pytriton.triton import Triton, TritonConfig, TritonLifecyclePolicy, TritonSecurityConfig  # noqa: E402
+    from pytriton.decorators import batch
+    from pytriton.model_config import ModelConfig, Tensor
+    from pytriton.triton import Triton, TritonConfig, TritonLifecyclePolicy, TritonSecurityConfig
 except ImportError as _exc:  # run from gpupath's own venv: say which venv it needs, no traceback
     sys.exit(f"bench/triton_server.py needs nvidia-pytriton ({_exc}); run it with the python of a venv holding "
              "pyproject.toml's peers-triton pins (the Triton tests build one under .cache/peers/)")

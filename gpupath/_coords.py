@@ -22,7 +22,7 @@ def level_px(x: int | float, downsample: float) -> int:
     return math.floor(x / downsample)
 
 
-def level0_origin(x_lvl, downsample: float):  # noqa: ANN001, ANN201  (int or ndarray in, same out)
+def level0_origin(x_lvl: int | np.ndarray, downsample: float) -> int | np.ndarray:
     """Smallest level-0 px whose level pixel is ``x_lvl`` (int or int array)."""
     if isinstance(x_lvl, np.ndarray):
         return np.ceil(x_lvl * downsample - _EPS).astype(np.int64)

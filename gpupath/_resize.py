@@ -34,9 +34,9 @@ def resample_weights(in_px: int, out_px: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=64)
-def _device_weights(device: int, in_px: int, out_px: int) -> Any:
+def device_weights(device: int, in_px: int, out_px: int) -> Any:
     """:func:`resample_weights` uploaded once per device (not once per batch)."""
-    import cupy  # noqa: PLC0415
+    import cupy
 
     with cupy.cuda.Device(device):
         return cupy.asarray(resample_weights(in_px, out_px))
@@ -62,7 +62,7 @@ def resize_batch(batch: Any, out_px: int) -> Any:
         wy, wx = resample_weights(h, out_px), resample_weights(w, out_px)
     else:
         device = xp.cuda.Device().id
-        wy, wx = _device_weights(device, h, out_px), _device_weights(device, w, out_px)
+        wy, wx = device_weights(device, h, out_px), device_weights(device, w, out_px)
     planes = xp.ascontiguousarray(xp.moveaxis(batch, -1, 1), dtype=xp.float32)  # (N, 3, H, W)
     out = xp.matmul(xp.matmul(wy, planes), wx.T)                    # (N, 3, out, out), batched GEMMs
     return xp.ascontiguousarray(xp.moveaxis(xp.clip(xp.rint(out), 0, 255).astype(xp.uint8), 1, -1))

@@ -35,7 +35,7 @@ def cupy_or_none() -> types.ModuleType | None:
 @functools.cache
 def _cupy_and_problem() -> tuple[types.ModuleType | None, str]:
     try:
-        import cupy  # noqa: PLC0415  (optional dependency)
+        import cupy
     except Exception as exc:  # noqa: BLE001  no CuPy (or a broken install): host only
         return None, f"CuPy does not import ({type(exc).__name__}: {exc})"
     try:
@@ -57,7 +57,7 @@ def gpu_problem() -> str:
     if cp is None:
         return problem
     try:
-        from numba import cuda  # noqa: PLC0415
+        from numba import cuda
 
         @cuda.jit
         def _add_one(x: Any) -> None:  # pragma: no cover - runs on the device
@@ -97,10 +97,10 @@ def array_module(x: Any) -> types.ModuleType:
 def ndimage_module(xp: types.ModuleType) -> types.ModuleType:
     """``scipy.ndimage`` for NumPy, ``cupyx.scipy.ndimage`` for CuPy."""
     if xp is np:
-        import scipy.ndimage  # noqa: PLC0415
+        import scipy.ndimage
 
         return scipy.ndimage
-    import cupyx.scipy.ndimage  # noqa: PLC0415
+    import cupyx.scipy.ndimage
 
     return cupyx.scipy.ndimage
 

@@ -30,6 +30,7 @@ import contextlib
 import fcntl
 import functools
 import os
+import platform
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -39,10 +40,12 @@ from typing import Any
 
 from gpupath._version import __version__
 from gpupath.errors import ConfigError
-from gpupath.pipeline import RunParams, SlideResult, _environment, detector_record, process_slide
-from gpupath.results import write_json_atomic, write_slides_table
+from gpupath.pipeline import RunParams, SlideResult, detector_record, process_slide
+from gpupath.files import write_json_atomic
+from gpupath.results import write_slides_table
 
-__all__ = ["run_batch", "expand_inputs", "check_scheduler", "dask_client", "SLIDE_SUFFIXES", "default_workers"]
+__all__ = ["run_batch", "expand_inputs", "check_scheduler", "dask_client", "SLIDE_SUFFIXES", "default_workers", "run_slides",
+           "environment"]
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
 LOCK_NAME = ".gpupath.lock"
@@ -74,7 +77,7 @@ def expand_inputs(inputs: Sequence[str | Path], *, store: str | Path | None = No
         raise ConfigError(f"{', '.join(map(str, empty))}: no slide files in {where} "
                           f"(looked for {', '.join(sorted(SLIDE_SUFFIXES))})")
     if store is not None:
-        from gpupath.ingest import read_manifest  # noqa: PLC0415
+        from gpupath.ingest import read_manifest
 
         root = Path(store)
         if not root.is_dir():
@@ -160,8 +163,8 @@ def _slide_task(path: str, out: str, params: RunParams, resume: bool, checksums:
 def check_scheduler(address: str, *, timeout_s: float = 5.0) -> None:
     """ConfigError unless something accepts TCP connections at a ``tcp://host:port`` scheduler address
     (the Dask handshake itself follows in :func:`dask_client`; other protocols are left to it)."""
-    import socket  # noqa: PLC0415
-    from urllib.parse import urlsplit  # noqa: PLC0415
+    import socket
+    from urllib.parse import urlsplit
 
     parts = urlsplit(address if "://" in address else f"tcp://{address}")
     if parts.scheme != "tcp":
@@ -183,7 +186,7 @@ def dask_client(stack: contextlib.ExitStack, scheduler: str | None, *, device: s
     """A Dask client on ``scheduler``, or on a local cluster of ``workers`` processes (dask-cuda's
     LocalCUDACluster for ``device="cuda"`` when installed), closed with ``stack``; and what it is,
     for run.json (``kind``, ``address``). ConfigError when the scheduler does not answer."""
-    from distributed import Client  # noqa: PLC0415
+    from distributed import Client
 
     if scheduler is not None:
         try:
@@ -200,13 +203,13 @@ def _make_cluster(device: str, workers: int, on_note: Callable[[str], None]) -> 
     """A LocalCluster (dask-cuda's LocalCUDACluster on a GPU run when installed)."""
     if device == "cuda":
         try:
-            from dask_cuda import LocalCUDACluster  # noqa: PLC0415
+            from dask_cuda import LocalCUDACluster
         except ImportError:
             on_note("dask-cuda not installed: one worker on the current GPU (pip install dask-cuda for one per GPU)")
             workers = 1
         else:  # installed but failing to start is an error to see, not a quiet fallback
             return LocalCUDACluster(threads_per_worker=1, dashboard_address=None, silence_logs=40)
-    from distributed import LocalCluster  # noqa: PLC0415
+    from distributed import LocalCluster
 
     return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
                         silence_logs=40)
@@ -250,7 +253,7 @@ def run_batch(paths: Sequence[str | Path], out_dir: str | Path, params: RunParam
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder")
     paths = [Path(p) for p in paths]
-    env = _environment(params)
+    env = environment(params)
     env["detector"] = {**detector_record(detector), "notes": notes,
                        "preprocess": getattr(detector, "preprocess_name", None)}
     impl = getattr(detector, "engine_impl", None)
@@ -287,7 +290,7 @@ def run_batch(paths: Sequence[str | Path], out_dir: str | Path, params: RunParam
 
 def _write_index(out: Path, note: Callable[[str], None]) -> None:
     """index.html of the run (slides, counts, failures, parameters); a failure is a note, not an error."""
-    from gpupath.report import build_index  # noqa: PLC0415
+    from gpupath.report import build_index
 
     try:
         build_index(out)
@@ -299,7 +302,7 @@ def _run_on_dask(paths: list[Path], out: Path, params: RunParams, *, workers: in
                  resume: bool, checksums: dict[str, str] | None, env: dict[str, Any],
                  finish: Callable[[int, SlideResult], None],
                  note: Callable[[str], None]) -> None:
-    from distributed import as_completed  # noqa: PLC0415
+    from distributed import as_completed
 
     with contextlib.ExitStack() as stack:
         client, env["executor"] = dask_client(stack, scheduler, device=params.device,
@@ -321,3 +324,27 @@ def _run_on_dask(paths: list[Path], out: Path, params: RunParams, *, workers: in
                 res = SlideResult(path=str(paths[i]), error=f"{paths[i]}: {type(exc).__name__}: {exc}")
             finish(i, res)
             fut.release()
+
+
+def environment(params: RunParams) -> dict[str, Any]:
+    """Versions and machine facts recorded in run.json (a package that is absent is None)."""
+    env: dict[str, Any] = {
+        "gpupath": __version__, "python": platform.python_version(), "machine": platform.machine(),
+        "processor": platform.processor(), "device": params.device,
+    }
+    for mod in ("numpy", "scipy", "pyarrow", "tifffile", "openslide", "cucim", "cupy", "onnxruntime"):
+        try:
+            env[mod] = getattr(__import__(mod), "__version__", "?")
+        except Exception:  # noqa: BLE001  optional package absent or broken: record that
+            env[mod] = None
+    return env
+
+
+def run_slides(paths: Sequence[str | Path], out_dir: str | Path, params: RunParams, *,
+               on_slide: Callable[[SlideResult], None] | None = None,
+               on_tiles: Callable[[str, int, int], None] | None = None,
+               on_note: Callable[[str], None] | None = None, resume: bool = True) -> list[SlideResult]:
+    """Process slides one after another in this process (:func:`gpupath.batch.run_batch` with
+    ``workers=0``); writes slides.parquet and run.json after each slide, resumes complete slides."""
+    return run_batch(paths, out_dir, params, workers=0, resume=resume, on_slide=on_slide, on_tiles=on_tiles,
+                     on_note=on_note)

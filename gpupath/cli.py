@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -20,6 +19,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from gpupath._version import __version__
+
+if TYPE_CHECKING:
+    from gpupath.pipeline import SlideResult
+    from gpupath.run_plan import RunOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="GPU-native whole-slide image pipeline: read, tissue, tiles, stain, detect, Parquet.")
@@ -94,98 +97,45 @@ def info(
                       f"objective: {data['objective_power'] or '?'}; associated: {', '.join(data['associated_images']) or '-'}")
 
 
-def _run(slides: list[Path], out: Path, *, mpp: float | None, target_mpp: float | None, magnification: float | None,
-         tile: int, overlap: int, stain: str, device: str, backend: str, batch_size: int, min_tissue: float,
-         engine: str = "auto", model: Path | None = None, model_card: Path | None = None,
-         preprocess: str = "auto", store: Path | None = None, workers: int | None = None,
-         scheduler: str | None = None, redo: bool = False, triton_url: str | None = None,
-         checksums: Path | None = None, reports: bool = True) -> int:
-    from gpupath.batch import expand_inputs, run_batch
-    from gpupath.errors import ConfigError
-    from gpupath.pipeline import RunParams, resolve_device
-    from gpupath.tiling import TileSpec
+class _RunProgress:
+    """Rich progress of a batch: one bar for the slides (when several), one per slide's tiles; errors,
+    warnings and notes printed above the bars as they come."""
 
-    if target_mpp is not None and magnification is not None:
-        raise _fail("give --target-mpp or --magnification, not both")
-    if magnification is not None:
-        if not (magnification > 0 and math.isfinite(magnification)):
-            raise _fail(f"--magnification must be a positive number, got {magnification}")
-        target_mpp = 10.0 / magnification  # 10x objective ~ 1 µm/px, the usual scanner convention
-    if out.exists() and not out.is_dir():
-        raise _fail(f"--out {out}: exists and is not a folder")
-    if workers is not None and workers < 0:
-        raise _fail(f"--workers must be >= 0 (0: in this process), got {workers}")
-    try:
-        slides = expand_inputs(slides, store=store)
-        expected = None
-        if checksums is not None:
-            from gpupath.ingest import read_checksums
+    def __init__(self, progress: Progress, n_slides: int) -> None:
+        self.progress = progress
+        self.tasks: dict[str, int] = {}
+        self.started: dict[str, float] = {}
+        self.overall = progress.add_task("slides", total=n_slides, unit="slides", rate="") if n_slides > 1 else None
 
-            entries, problems = read_checksums(checksums)
-            for problem in problems:
-                err_console.print(f"warning: {checksums}: {problem}", markup=False, highlight=False, soft_wrap=True)
-            expected = {}
-            for name, sha in entries.items():  # slides are matched by file name: two different hashes for one is ambiguous
-                base = Path(name).name
-                if expected.get(base, sha) != sha:
-                    raise ConfigError(f"--checksums {checksums}: {base} is listed twice with different hashes "
-                                      "(slides are matched by file name)")
-                expected[base] = sha
-        if not slides:
-            raise ConfigError("no slides given (paths, folders of slides, or --store DIR)")
-        dev = resolve_device(device)
-        params = RunParams(
-            tile=TileSpec(tile_px=tile, overlap_px=overlap, target_mpp=0.5 if target_mpp is None else target_mpp,
-                          min_tissue=min_tissue),
-            stain=stain, device=dev, backend=backend, mpp_override=mpp, batch_size=batch_size,  # type: ignore[arg-type]
-            engine=engine, model=None if model is None else str(model),
-            model_card=None if model_card is None else str(model_card), preprocess=preprocess, reports=reports,
-            triton_url=triton_url,
-        )
-    except ConfigError as exc:
-        raise _fail(str(exc)) from None
-    if device == "auto":
-        err_console.print(f"device: {dev}" + (" (no usable CUDA GPU found)" if dev == "cpu" else ""), highlight=False)
-    t0 = time.perf_counter()
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[unit]}"),
-                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=err_console,
-                  transient=False) as progress:
-        tasks: dict[str, int] = {}
-        started: dict[str, float] = {}
-        overall = progress.add_task("slides", total=len(slides), unit="slides", rate="") if len(slides) > 1 else None
+    def _line(self, text: str) -> None:
+        self.progress.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
-        def on_progress(p: dict) -> None:
-            if overall is None:
-                return
-            eta = "-" if p["eta_s"] is None else f"{p['eta_s'] / 60:.1f} min"
-            progress.update(overall, completed=p["slides_total"] - p["slides_left"],
-                            rate=f"{p['slides_failed']} failed, {p['slides_resumed']} resumed, "
-                                 f"{p['tiles_per_s']:.1f} tiles/s, ETA {eta}")
+    def on_progress(self, p: dict) -> None:
+        if self.overall is None:
+            return
+        eta = "-" if p["eta_s"] is None else f"{p['eta_s'] / 60:.1f} min"
+        self.progress.update(self.overall, completed=p["slides_total"] - p["slides_left"],
+                             rate=f"{p['slides_failed']} failed, {p['slides_resumed']} resumed, "
+                                  f"{p['tiles_per_s']:.1f} tiles/s, ETA {eta}")
 
-        def on_tiles(path: str, done: int, total: int) -> None:
-            if path not in tasks:
-                tasks[path] = progress.add_task(Path(path).name[:40], total=total, unit="tiles", rate="")
-                started[path] = time.perf_counter()
-            rate = done / max(time.perf_counter() - started[path], 1e-9)
-            progress.update(tasks[path], completed=done, rate=f"{rate:.1f} tiles/s")
+    def on_tiles(self, path: str, done: int, total: int) -> None:
+        if path not in self.tasks:
+            self.tasks[path] = self.progress.add_task(Path(path).name[:40], total=total, unit="tiles", rate="")
+            self.started[path] = time.perf_counter()
+        rate = done / max(time.perf_counter() - self.started[path], 1e-9)
+        self.progress.update(self.tasks[path], completed=done, rate=f"{rate:.1f} tiles/s")
 
-        def on_slide(res) -> None:  # noqa: ANN001
-            if res.status != "ok":
-                progress.console.print(f"error: {res.error}", markup=False, highlight=False, soft_wrap=True)
-            elif res.warning:
-                progress.console.print(f"warning: {res.path}: {res.warning}", markup=False, highlight=False,
-                                       soft_wrap=True)
+    def on_slide(self, res: SlideResult) -> None:
+        if res.status != "ok":
+            self._line(f"error: {res.error}")
+        elif res.warning:
+            self._line(f"warning: {res.path}: {res.warning}")
 
-        def on_note(note: str) -> None:
-            progress.console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
+    def on_note(self, note: str) -> None:
+        self._line(f"note: {note}")
 
-        try:
-            results = run_batch(slides, out, params, workers=workers, scheduler=scheduler, resume=not redo,
-                                checksums=expected,
-                                on_slide=on_slide, on_tiles=on_tiles, on_note=on_note, on_progress=on_progress)
-        except ConfigError as exc:  # the detector, cluster or output folder is unusable: no slide was touched
-            raise _fail(str(exc)) from None
-    elapsed = time.perf_counter() - t0
+
+def _print_run_summary(results: list[SlideResult], out: Path, elapsed: float) -> None:
     table = Table(title=f"gpupath run -> {out}")
     for col in ("slide", "status", "tiles", "detections", "tissue mm²", "seconds"):
         table.add_column(col, justify="right" if col not in ("slide", "status") else "left")
@@ -195,12 +145,40 @@ def _run(slides: list[Path], out: Path, *, mpp: float | None, target_mpp: float 
                       "-" if r.tissue_mm2 is None else f"{r.tissue_mm2:.2f}", f"{r.seconds:.1f}")
     out_console.print(table)
     n_tiles = sum(r.n_tiles for r in results if not r.resumed)
-    failed = [r for r in results if r.status != "ok"]
+    failed = sum(r.status != "ok" for r in results)
     resumed = sum(r.resumed for r in results)
-    out_console.print(f"{len(results) - len(failed)} ok ({resumed} resumed from an earlier run), {len(failed)} failed; "
+    out_console.print(f"{len(results) - failed} ok ({resumed} resumed from an earlier run), {failed} failed; "
                       f"{n_tiles} tiles in {elapsed:.1f} s ({n_tiles / max(elapsed, 1e-9):.1f} tiles/s); "
                       f"outputs in {out}")
-    return 1 if failed else 0
+
+
+def _run(options: RunOptions) -> int:
+    """Run one validated plan with progress bars; 1 when any slide failed."""
+    from gpupath.batch import run_batch
+    from gpupath.errors import ConfigError
+    from gpupath.run_plan import plan_run
+
+    try:
+        plan = plan_run(options)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    for warning in plan.warnings:
+        err_console.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
+    if plan.device_note:
+        err_console.print(plan.device_note, highlight=False)
+    t0 = time.perf_counter()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[unit]}"),
+                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=err_console,
+                  transient=False) as progress:
+        ui = _RunProgress(progress, len(plan.slides))
+        try:
+            results = run_batch(plan.slides, plan.out, plan.params, workers=plan.workers, scheduler=plan.scheduler,
+                                resume=plan.resume, checksums=plan.checksums, on_slide=ui.on_slide,
+                                on_tiles=ui.on_tiles, on_note=ui.on_note, on_progress=ui.on_progress)
+        except ConfigError as exc:  # the detector, cluster or output folder is unusable: no slide was touched
+            raise _fail(str(exc)) from None
+    _print_run_summary(results, plan.out, time.perf_counter() - t0)
+    return 1 if any(r.status != "ok" for r in results) else 0
 
 
 _TILE_HELP = "Tile edge, px at the target resolution (256 or 512 usual)."
@@ -241,11 +219,13 @@ def run(
                                                                         "GeoJSON per slide, and index.html.")] = True,
 ) -> None:
     """Detect nuclei (or your model's objects) on slides; write Parquet tables, slides.parquet and run.json to --out."""
-    code = _run(slides or [], out, mpp=mpp, target_mpp=target_mpp, magnification=magnification, tile=tile,
-                overlap=overlap, stain=stain, device=device, backend=backend, batch_size=batch_size,
-                min_tissue=min_tissue, engine=engine, model=model, model_card=model_card, preprocess=preprocess,
-                store=store, workers=workers, scheduler=scheduler, redo=redo, triton_url=triton_url,
-                checksums=checksums, reports=reports)
+    from gpupath.run_plan import RunOptions
+
+    code = _run(RunOptions(
+        slides=tuple(slides or ()), out=out, mpp=mpp, target_mpp=target_mpp, magnification=magnification, tile=tile,
+        overlap=overlap, stain=stain, device=device, backend=backend, batch_size=batch_size, min_tissue=min_tissue,
+        engine=engine, model=model, model_card=model_card, preprocess=preprocess, store=store, workers=workers,
+        scheduler=scheduler, redo=redo, triton_url=triton_url, checksums=checksums, reports=reports))
     raise typer.Exit(code)
 
 
@@ -421,8 +401,9 @@ def demo(
         write_synthetic_slide(slide, SyntheticSpec(width_px=size, height_px=size, mpp=0.25, seed=0))
     else:
         out_console.print(f"reusing demo slide {slide}")
-    code = _run([slide], out / "run", mpp=None, target_mpp=None, magnification=None, tile=256, overlap=32,
-                stain="macenko", device=device, backend="auto", batch_size=32, min_tissue=0.05)
+    from gpupath.run_plan import RunOptions
+
+    code = _run(RunOptions(slides=(slide,), out=out / "run", device=device))
     out_console.print(f"detections: {out / 'run' / 'detections'}  (read with pyarrow.parquet.read_table)")
     out_console.print(f"slides:     {out / 'run' / 'slides.parquet'}   run record: {out / 'run' / 'run.json'}")
     raise typer.Exit(code)
@@ -445,14 +426,15 @@ def query_cmd(
 ) -> None:
     """Detections of a run by slide, region, label and score, read through the spatial index (row-group statistics)."""
     from gpupath.errors import GpupathError
-    from gpupath.query import EXPORT_FORMATS, export, iter_query, parse_bbox, plan_query
+    from gpupath.query import iter_query, parse_bbox, plan_query
+    from gpupath.report.export import EXPORT_FORMATS, FILE_ONLY, export
 
     if fmt not in ("table", *EXPORT_FORMATS):
         raise _fail(f"--format must be table, {', '.join(EXPORT_FORMATS)}; got {fmt!r}")
     if limit < 0:
         raise _fail(f"--limit must be >= 0, got {limit}")
-    if fmt == "parquet" and output is None:
-        raise _fail("--format parquet needs --output FILE")
+    if fmt in FILE_ONLY and output is None:
+        raise _fail(f"--format {fmt} needs --output FILE")
     t0 = time.perf_counter()
     try:
         region = None if bbox is None else parse_bbox(bbox)
@@ -595,7 +577,7 @@ def evaluate_cmd(
                       console=err_console, transient=False) as progress:
             tasks: dict[str, int] = {}
 
-            def on_step(row: str, done: int, total: int) -> None:
+            def on_step(row: str, done: int, total: int, tasks: dict[str, int] = tasks, folder: Path = folder) -> None:
                 if row not in tasks:
                     tasks[row] = progress.add_task(f"{folder.name}: {row}"[:60], total=total)
                 progress.update(tasks[row], completed=done)

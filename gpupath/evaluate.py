@@ -60,9 +60,9 @@ class EvalRow:
 
 def wrap_as_slide(image: AnnotatedImage, folder: Path) -> Path:
     """The image as a tiled, Deflate-compressed TIFF with its µm/px in the resolution tags (written once)."""
-    import tifffile  # noqa: PLC0415
+    import tifffile
 
-    from gpupath.results import atomic_path  # noqa: PLC0415
+    from gpupath.files import atomic_path
 
     path = folder / f"{image.dataset}-{image.name}.tif"
     if path.is_file():
@@ -82,9 +82,9 @@ def skimage_log_points(rgb: np.ndarray, mpp: float, *, threshold: float = SKIMAG
     The script a lab writes: ``rgb2hed``, hematoxylin rescaled to [0, 1] between its 1st and 99.5th
     percentile, ``blob_log`` with sigmas for radii 2.5-5.5 µm (s = r / sqrt(2)).
     """
-    from skimage.color import rgb2hed  # noqa: PLC0415
-    from skimage.exposure import rescale_intensity  # noqa: PLC0415
-    from skimage.feature import blob_log  # noqa: PLC0415
+    from skimage.color import rgb2hed
+    from skimage.exposure import rescale_intensity
+    from skimage.feature import blob_log
 
     h = rgb2hed(rgb)[..., 0]
     lo, hi = np.percentile(h, (1, 99.5))
@@ -95,7 +95,7 @@ def skimage_log_points(rgb: np.ndarray, mpp: float, *, threshold: float = SKIMAG
 
 
 def _pipeline_detector(row: EvalRow, device: str):  # noqa: ANN202
-    from gpupath.pipeline import RunParams  # noqa: PLC0415
+    from gpupath.pipeline import RunParams
 
     params = RunParams(stain=row.stain, engine=row.engine, model_card=row.model_card, reports=False,  # type: ignore[arg-type]
                        device=device)  # type: ignore[arg-type]
@@ -105,10 +105,10 @@ def _pipeline_detector(row: EvalRow, device: str):  # noqa: ANN202
 
 def _pipeline_points(slide: Path, run_dir: Path, params: Any, detector: Any, classes: tuple[str, ...]
                      ) -> tuple[np.ndarray, np.ndarray]:
-    import pyarrow.parquet as pq  # noqa: PLC0415
+    import pyarrow.parquet as pq
 
-    from gpupath.pipeline import process_slide  # noqa: PLC0415
-    from gpupath.results import slide_part_paths  # noqa: PLC0415
+    from gpupath.pipeline import process_slide
+    from gpupath.results import slide_part_paths
 
     res = process_slide(slide, run_dir, params, detector=detector, resume=False)
     if res.status != "ok":
@@ -151,7 +151,7 @@ def evaluate_dataset(dataset: str | Path, *, rows: Sequence[EvalRow], out: Path,
     limit : only the first ``limit`` images (a quick check).
     on_step : ``(row name, images done, images)`` after each image.
     """
-    from gpupath.results import write_json_atomic  # noqa: PLC0415
+    from gpupath.files import write_json_atomic
 
     class_map = class_map or load_class_map()
     images = read_dataset(dataset, split=split, class_map=class_map)[:limit]
@@ -194,7 +194,7 @@ def evaluate_dataset(dataset: str | Path, *, rows: Sequence[EvalRow], out: Path,
 
 
 def _has_skimage() -> bool:
-    import importlib.util  # noqa: PLC0415
+    import importlib.util
 
     return importlib.util.find_spec("skimage") is not None
 
@@ -224,9 +224,9 @@ def default_rows(*, engine: str, model_card: str | None, stains: Sequence[str], 
 
 def write_card_metrics(card_path: Path, record: dict[str, Any]) -> None:
     """Put an evaluation's figures under ``metrics.validation.<dataset>`` of a card (atomic rewrite)."""
-    import yaml  # noqa: PLC0415
+    import yaml
 
-    from gpupath.results import atomic_path  # noqa: PLC0415
+    from gpupath.files import atomic_path
 
     text = card_path.read_text(encoding="utf-8")
     header = "".join(line for line in text.splitlines(keepends=True) if line.startswith("#"))
@@ -241,8 +241,10 @@ def write_card_metrics(card_path: Path, record: dict[str, Any]) -> None:
             "f1_3um": round(r["at_3um"]["f1"], 4), "precision_3um": round(r["at_3um"]["precision"], 4),
             "recall_3um": round(r["at_3um"]["recall"], 4), "f1_6um": round(r["at_6um"]["f1"], 4),
             "found": r["at_3um"]["found"],
-            "class_macro_f1_3um": None if r["at_3um"]["class_macro_f1"] is None else round(r["at_3um"]["class_macro_f1"], 4),
+            "class_macro_f1_3um": None if r["at_3um"]["class_macro_f1"] is None else
+            round(r["at_3um"]["class_macro_f1"], 4),
             "class_f1_3um": None if r["at_3um"]["per_class"] is None else
-            {k: round(v["f1"], 4) for k, v in r["at_3um"]["per_class"].items()}} for r in record["rows"] if "skipped" not in r}}
+            {k: round(v["f1"], 4) for k, v in r["at_3um"]["per_class"].items()}}
+            for r in record["rows"] if "skipped" not in r}}
     with atomic_path(card_path) as tmp:
         tmp.write_text(header + yaml.safe_dump(card, sort_keys=False, allow_unicode=True, width=110), encoding="utf-8")

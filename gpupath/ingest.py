@@ -42,15 +42,14 @@ import pyarrow.parquet as pq
 
 from gpupath._version import __version__
 from gpupath.errors import ConfigError, GpupathError, SlideReadError
-from gpupath.results import atomic_path, fsync_path
-from gpupath.slide._meta import tiff_truncation
+from gpupath.files import atomic_path, fsync_path, sha256_file
+from gpupath.slide import tiff_truncation
 
 __all__ = ["MANIFEST_NAME", "MANIFEST_SCHEMA", "IngestResult", "ingest", "read_checksums", "read_manifest",
            "sha256_file"]
 
 log = logging.getLogger("gpupath.ingest")
 
-_CHUNK_BYTES = 8 << 20
 _COPY_CHUNK_BYTES = 1 << 20
 _PROBE_PX = 64  # edge of the regions decoded to prove a copy is a readable slide
 MANIFEST_NAME = "manifest.parquet"
@@ -74,15 +73,6 @@ MANIFEST_SCHEMA = pa.schema([
     pa.field("files", pa.list_(pa.struct([                   # every file of the unit, main first; path
         ("path", pa.string()), ("sha256", pa.string()), ("size_bytes", pa.int64())]))),  # relative to slides/<sha>/
 ])
-
-
-def sha256_file(path: str | os.PathLike[str], *, chunk_bytes: int = _CHUNK_BYTES) -> str:
-    """Hex SHA-256 of a file, read in ``chunk_bytes`` chunks (memory stays flat for any size)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,7 +288,7 @@ def _no_info(record: logging.LogRecord) -> bool:
 
 def _check_slide(path: Path) -> dict[str, Any]:
     """Open ``path`` as a slide, decode a corner of its smallest and largest level; its manifest facts."""
-    from gpupath.slide import open_slide  # noqa: PLC0415  (readers load only when a slide is checked)
+    from gpupath.slide import open_slide
 
     problem = tiff_truncation(path)
     if problem:
@@ -358,7 +348,7 @@ def _write_manifest(store: Path, table: pa.Table) -> None:
 @contextlib.contextmanager
 def _locked(store: Path) -> Iterator[None]:
     """Hold ``store/.lock`` (one writer per store); clear what a killed ingest left in staging."""
-    import fcntl  # noqa: PLC0415  (POSIX only: imported here so that sha256_file imports everywhere)
+    import fcntl
 
     store.mkdir(parents=True, exist_ok=True)
     fd = os.open(store / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -459,7 +449,7 @@ def _seal(stage: Path, final: Path) -> None:
 
 def _ingest_one(src: Path, store: Path, manifest: pa.Table,
                 checksums: _Checksums | None) -> tuple[IngestResult, pa.Table]:
-    from gpupath.slide import MPP_PLAUSIBLE_MAX  # noqa: PLC0415
+    from gpupath.slide import MPP_PLAUSIBLE_MAX
 
     unit, warning = _unit_of(src)
     expected, verified_by = _expectations(unit, src, checksums)

@@ -17,9 +17,8 @@ import contextlib
 import dataclasses
 import logging
 import os
-import platform
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -49,7 +48,7 @@ from gpupath.slide import MPP_PLAUSIBLE_MAX, BackendName, Slide, TileBatch, chec
 from gpupath.tiling import TileGrid, TileSpec, tile_grid
 from gpupath.tissue import compute_tissue
 
-__all__ = ["RunParams", "SlideResult", "process_slide", "run_slides", "resolve_device", "read_grid_tiles"]
+__all__ = ["RunParams", "SlideResult", "process_slide", "resolve_device", "read_grid_tiles"]
 
 log = logging.getLogger("gpupath.pipeline")
 
@@ -171,7 +170,7 @@ def _current_device_context(device: str) -> Callable[[], Any]:
     """A factory of context managers that make the calling thread's current CUDA device current."""
     if device != "cuda":
         return contextlib.nullcontext
-    import cupy  # noqa: PLC0415
+    import cupy
 
     device_id = cupy.cuda.Device().id
     return lambda: cupy.cuda.Device(device_id)
@@ -189,7 +188,7 @@ def _prefetched(slide: Slide, grid: TileGrid, params: RunParams) -> Iterator[tup
         with device_ctx():  # the reader thread decodes onto the caller's GPU (dask-cuda: one GPU per worker)
             tiles = read_grid_tiles(slide, grid, index, params)
             if params.device == "cuda":
-                import cupy  # noqa: PLC0415
+                import cupy
 
                 ready = cupy.cuda.Event(block=False, disable_timing=True)
                 ready.record()  # on the reader thread's current stream, after the batch's copies and resize
@@ -198,7 +197,7 @@ def _prefetched(slide: Slide, grid: TileGrid, params: RunParams) -> Iterator[tup
     def handed_over(done: tuple[np.ndarray, TileBatch, Any, float]) -> tuple[np.ndarray, TileBatch, float]:
         index, tiles, ready, seconds = done
         if ready is not None:  # the consumer's stream waits (on the device, not the host) for the reader's work
-            import cupy  # noqa: PLC0415
+            import cupy
 
             cupy.cuda.get_current_stream().wait_event(ready)
         return index, tiles, seconds
@@ -265,8 +264,8 @@ def _write_reports(out_dir: Path, result: SlideResult, params: RunParams, detect
                    tissue: Any) -> None:
     """A slide's overlay, summary, HTML report and QuPath GeoJSON (from its partitions, the open slide
     and its tissue mask). Derived outputs: a failure here is a warning on the slide, never a failed slide."""
-    from gpupath.report import write_slide_outputs  # noqa: PLC0415
-    from gpupath.report.geojson import write_geojson  # noqa: PLC0415
+    from gpupath.report import write_slide_outputs
+    from gpupath.report.geojson import write_geojson
 
     environment = {"device": params.device, "gpupath": __version__, "detector": detector_record(detector)}
     try:
@@ -274,7 +273,7 @@ def _write_reports(out_dir: Path, result: SlideResult, params: RunParams, detect
         write_slide_outputs(out_dir, asdict(result), params=params.to_dict(), environment=environment, slide=slide,
                             tissue=host_tissue)
         write_geojson(out_dir, result.slide_id)  # QuPath: File > Import objects
-    except Exception as exc:  # noqa: BLE001  the results are written; the pictures are a convenience
+    except Exception as exc:
         log.debug("report failed for %s", result.path, exc_info=True)
         note = f"report not written ({type(exc).__name__}: {exc}); rebuild with gpupath report"
         result.warning = f"{result.warning}; {note}" if result.warning else note
@@ -283,8 +282,8 @@ def _write_reports(out_dir: Path, result: SlideResult, params: RunParams, detect
 def results_key(params: RunParams, detector: Detector) -> str:
     """sha256 of everything that decides a slide's results: parameters (not the performance knobs),
     model name, engine and the sha256 of the model file that runs, and the gpupath version."""
-    import hashlib  # noqa: PLC0415
-    import json  # noqa: PLC0415
+    import hashlib
+    import json
 
     fields = {k: v for k, v in params.to_dict().items() if k not in PERFORMANCE_FIELDS}
     what = {"params": fields, "model": detector.name, "engine": detector.engine,
@@ -325,6 +324,130 @@ def process_slide(path: str | Path, out_dir: Path, params: RunParams, *, detecto
                               on_tiles=on_tiles)
 
 
+def _verified_sha256(path: Path, checksums: dict[str, str] | None) -> str:
+    """The slide file's sha256, after the checksum policy: listed and matching, or SlideReadError."""
+    check_slide_file(path)
+    sha = sha256_file(path)
+    want = expected_sha256(path, checksums)
+    if want is None and checksums is not None:
+        raise SlideReadError(f"{path}: not listed in the checksums file (every slide of a verified run must be)")
+    if want is not None and want != sha:
+        raise SlideReadError(f"{path}: sha256 mismatch: expected {want}, got {sha} "
+                             "(a damaged or different file; not processed)")
+    return sha
+
+
+def _tissue_and_grid(slide: Slide, path: str | Path, mpp: float, params: RunParams, detector: Detector,
+                     result: SlideResult) -> tuple[Any, TileGrid]:
+    """Tissue mask and tile grid of an open slide; NoTissueError when no tile holds enough tissue."""
+    tissue = compute_tissue(slide, mpp=mpp, device=params.device)
+    result.tissue_mm2 = tissue.area_mm2
+    grid = tile_grid(level_dimensions=slide.level_dimensions, level_downsamples=slide.level_downsamples,
+                     mpp=mpp, mask=tissue, spec=params.tile)
+    result.tile_mpp = grid.tile_mpp
+    if len(grid) == 0:
+        raise NoTissueError(
+            f"{path}: no tissue found (tissue is {tissue.fraction:.1%} of the overview; "
+            f"no {grid.tile_px}-px tile at {grid.tile_mpp:.3g} µm/px holds >= {params.tile.min_tissue:.0%})"
+        )
+    try:
+        detector.check_tiles(tile_px=grid.tile_px, tile_mpp=grid.tile_mpp)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return tissue, grid
+
+
+@dataclass(frozen=True, slots=True)
+class _StainPlan:
+    """How a slide's tiles are normalised (``fit`` None: not at all) and the stain basis the detector gets."""
+
+    fit: stain.StainFit | None
+    normalise: bool
+    basis: np.ndarray
+    warnings: tuple[str, ...]
+
+
+def _stain_plan(slide: Slide, grid: TileGrid, params: RunParams, tissue: Any) -> _StainPlan:
+    fit, stain_warning = _fit_slide_stain(slide, grid, params)
+    warnings = [stain_warning] if stain_warning else []
+    if tissue.median_grey < DARK_FIELD_GREY:
+        warnings.append(f"dark background (median grey {tissue.median_grey:.0f}): looks like fluorescence, "
+                        "for which the H&E nuclei detector is not made")
+    normalise = fit is not None and params.stain in _NORMALISERS
+    basis = RUIFROK_HE_OD if fit is None else fit.stain_matrix_od
+    if normalise:
+        basis = _NORMALISERS[params.stain][2].stain_matrix_od  # tiles are rendered in the target's stains
+    return _StainPlan(fit=fit, normalise=normalise, basis=basis, warnings=tuple(warnings))
+
+
+def _detect_tiles(slide: Slide, grid: TileGrid, params: RunParams, detector: Detector, plan: _StainPlan,
+                  timer: _Timer, on_tiles: Callable[[int, int], None] | None) -> list[Detections]:
+    """Read, normalise and detect every tile of the grid, batch by batch; level-0 detections per batch."""
+    parts: list[Detections] = []
+    done = 0
+    if on_tiles is not None:
+        on_tiles(0, len(grid))
+    for index, batch, read_s in _prefetched(slide, grid, params):
+        timer.seconds["read"] = timer.seconds.get("read", 0.0) + read_s
+        t = time.perf_counter()
+        tiles = batch.pixels
+        if plan.normalise:
+            _, apply, target = _NORMALISERS[params.stain]
+            tiles = apply(tiles, plan.fit, target=target)
+        t = timer.add("normalize", t)
+        found = detector.detect(tiles, mpp=grid.tile_mpp, stain_matrix_od=plan.basis)
+        parts.append(boxes_to_global(
+            found, origin_x=grid.x_lvl[index] * grid.downsample, origin_y=grid.y_lvl[index] * grid.downsample,
+            tile_x=batch.x, tile_y=batch.y, l0_per_px=grid.l0_per_tile_px,
+        ))
+        timer.add("detect", t)
+        done += len(index)
+        if on_tiles is not None:
+            on_tiles(done, len(grid))
+    return parts
+
+
+def _merge_tiles(parts: list[Detections], grid: TileGrid, detector: Detector, mpp: float,
+                 dimensions: tuple[int, int]) -> tuple[Detections, np.ndarray]:
+    """One slide's detections: overlap duplicates removed, clipped to the slide; and the count per tile."""
+    layout = GridLayout(stride_l0=grid.stride_l0, overlap_l0=grid.overlap_l0, n_cols=grid.n_cols,
+                        n_rows=grid.n_rows, processed=frozenset(zip(grid.col.tolist(), grid.row.tolist())))
+    det = dedup_overlaps(Detections.concat(parts), layout, min_distance_l0_px=detector.dedup_distance_um / mpp,
+                         any_label=getattr(detector, "dedup_any_label", False))
+    det = det.clip_to(*dimensions)
+    per_tile = np.zeros(len(grid), np.int64)
+    tile_pos = {(int(x), int(y)): i for i, (x, y) in enumerate(zip(grid.x, grid.y))}
+    for tx, ty in zip(det.tile_x.tolist(), det.tile_y.tolist()):
+        per_tile[tile_pos[(tx, ty)]] += 1
+    return det, per_tile
+
+
+def _write_parts(out_dir: Path, result: SlideResult, path: str | Path, mpp: float, grid: TileGrid,
+                 params: RunParams, detector: Detector, det: Detections, per_tile: np.ndarray) -> None:
+    provenance = {
+        "slide_sha256": result.sha256, "slide_path": str(path), "slide_mpp": mpp,
+        "tile_mpp": grid.tile_mpp, "model": detector.name, "engine": detector.engine,
+        "model_sha256": detector.model_sha256, "params": params.to_dict(),
+    }
+    write_slide_parts(
+        out_dir, result.slide_id,
+        detections_table(det, stride_l0=grid.stride_l0, label_names=list(detector.classes), provenance=provenance),
+        tiles_table(x=grid.x, y=grid.y, size_l0_px=grid.size_l0_px, col=grid.col, row=grid.row,
+                    level=grid.level, tissue_fraction=grid.tissue_fraction, n_detections=per_tile,
+                    provenance=provenance),
+    )
+
+
+def _resumed_result(out_dir: Path, path: str | Path, slide_id: str, key: str, start: float) -> SlideResult | None:
+    """The recorded result of complete outputs for the same results key, or None."""
+    done = completed_result(out_dir, slide_id, key)
+    if done is None:
+        return None
+    kept = SlideResult(**{k: v for k, v in done.items() if k in SlideResult.__dataclass_fields__})
+    kept.path, kept.resumed, kept.seconds = str(path), True, time.perf_counter() - start
+    return kept
+
+
 def _process_slide(path: str | Path, out_dir: Path, params: RunParams, detector: Detector, *, resume: bool,
                    checksums: dict[str, str] | None, on_tiles: Callable[[int, int], None] | None) -> SlideResult:
     start = time.perf_counter()
@@ -333,17 +456,8 @@ def _process_slide(path: str | Path, out_dir: Path, params: RunParams, detector:
     key = results_key(params, detector)
     try:
         t = time.perf_counter()
-        check_slide_file(Path(path))
-        result.sha256 = result.slide_id = sha256_file(path)
-        want = expected_sha256(Path(path), checksums)
-        if want is None and checksums is not None:
-            raise SlideReadError(f"{path}: not listed in the checksums file (every slide of a verified run must be)")
-        if want is not None and want != result.sha256:
-            raise SlideReadError(f"{path}: sha256 mismatch: expected {want}, got {result.sha256} "
-                                 "(a damaged or different file; not processed)")
-        if resume and (done := completed_result(out_dir, result.slide_id, key)) is not None:
-            kept = SlideResult(**{k: v for k, v in done.items() if k in SlideResult.__dataclass_fields__})
-            kept.path, kept.resumed, kept.seconds = str(path), True, time.perf_counter() - start
+        result.sha256 = result.slide_id = _verified_sha256(Path(path), checksums)
+        if resume and (kept := _resumed_result(out_dir, path, result.slide_id, key, start)) is not None:
             return kept
         remove_slide_parts(out_dir, result.slide_id)  # a failed re-run must not leave the old results
         t = timer.add("sha256", t)
@@ -351,119 +465,36 @@ def _process_slide(path: str | Path, out_dir: Path, params: RunParams, detector:
             result.backend, result.vendor = slide.backend, slide.vendor
             result.width_px, result.height_px = slide.dimensions
             result.level_count = slide.level_count
-            mpp = slide.require_mpp()
-            result.mpp = mpp
+            result.mpp = mpp = slide.require_mpp()
             t = timer.add("open", t)
-            tissue = compute_tissue(slide, mpp=mpp, device=params.device)
-            result.tissue_mm2 = tissue.area_mm2
-            grid = tile_grid(level_dimensions=slide.level_dimensions, level_downsamples=slide.level_downsamples,
-                             mpp=mpp, mask=tissue, spec=params.tile)
-            result.tile_mpp = grid.tile_mpp
+            tissue, grid = _tissue_and_grid(slide, path, mpp, params, detector, result)
             t = timer.add("tissue", t)
-            if len(grid) == 0:
-                raise NoTissueError(
-                    f"{path}: no tissue found (tissue is {tissue.fraction:.1%} of the overview; "
-                    f"no {grid.tile_px}-px tile at {grid.tile_mpp:.3g} µm/px holds >= {params.tile.min_tissue:.0%})"
-                )
-            try:
-                detector.check_tiles(tile_px=grid.tile_px, tile_mpp=grid.tile_mpp)
-            except ConfigError as exc:
-                raise ConfigError(f"{path}: {exc}") from None
-            fit, stain_warning = _fit_slide_stain(slide, grid, params)
-            warnings = [stain_warning] if stain_warning else []
-            if tissue.median_grey < DARK_FIELD_GREY:
-                warnings.append(f"dark background (median grey {tissue.median_grey:.0f}): looks like fluorescence, "
-                                "for which the H&E nuclei detector is not made")
-            result.warning = "; ".join(warnings)
-            normalise = fit is not None and params.stain in _NORMALISERS
-            basis = RUIFROK_HE_OD if fit is None else fit.stain_matrix_od
-            if normalise:
-                basis = _NORMALISERS[params.stain][2].stain_matrix_od  # tiles are rendered in the target's stains
+            plan = _stain_plan(slide, grid, params, tissue)
+            result.warning = "; ".join(plan.warnings)
             t = timer.add("stain_fit", t)
-            parts: list[Detections] = []
-            per_tile = np.zeros(len(grid), np.int64)
-            done = 0
-            if on_tiles is not None:
-                on_tiles(0, len(grid))
-            for index, batch, read_s in _prefetched(slide, grid, params):
-                timer.seconds["read"] = timer.seconds.get("read", 0.0) + read_s
-                t = time.perf_counter()
-                tiles = batch.pixels
-                if normalise:
-                    _, apply, target = _NORMALISERS[params.stain]
-                    tiles = apply(tiles, fit, target=target)
-                t = timer.add("normalize", t)
-                found = detector.detect(tiles, mpp=grid.tile_mpp, stain_matrix_od=basis)
-                parts.append(boxes_to_global(
-                    found, origin_x=grid.x_lvl[index] * grid.downsample, origin_y=grid.y_lvl[index] * grid.downsample,
-                    tile_x=batch.x, tile_y=batch.y, l0_per_px=grid.l0_per_tile_px,
-                ))
-                timer.add("detect", t)
-                done += len(index)
-                if on_tiles is not None:
-                    on_tiles(done, len(grid))
+            parts = _detect_tiles(slide, grid, params, detector, plan, timer, on_tiles)
             t = time.perf_counter()
-            layout = GridLayout(stride_l0=grid.stride_l0, overlap_l0=grid.overlap_l0, n_cols=grid.n_cols,
-                                n_rows=grid.n_rows, processed=frozenset(zip(grid.col.tolist(), grid.row.tolist())))
-            det = dedup_overlaps(Detections.concat(parts), layout, min_distance_l0_px=detector.dedup_distance_um / mpp,
-                                 any_label=getattr(detector, "dedup_any_label", False))
-            det = det.clip_to(*slide.dimensions)
-            tile_pos = {(int(x), int(y)): i for i, (x, y) in enumerate(zip(grid.x, grid.y))}
-            for tx, ty in zip(det.tile_x.tolist(), det.tile_y.tolist()):
-                per_tile[tile_pos[(tx, ty)]] += 1
+            det, per_tile = _merge_tiles(parts, grid, detector, mpp, slide.dimensions)
             t = timer.add("dedup", t)
-            provenance = {
-                "slide_sha256": result.sha256, "slide_path": str(path), "slide_mpp": mpp,
-                "tile_mpp": grid.tile_mpp, "model": detector.name, "engine": detector.engine,
-                "model_sha256": detector.model_sha256, "params": params.to_dict(),
-            }
-            write_slide_parts(
-                out_dir, result.slide_id,
-                detections_table(det, stride_l0=grid.stride_l0, label_names=list(detector.classes), provenance=provenance),
-                tiles_table(x=grid.x, y=grid.y, size_l0_px=grid.size_l0_px, col=grid.col, row=grid.row,
-                            level=grid.level, tissue_fraction=grid.tissue_fraction, n_detections=per_tile,
-                            provenance=provenance),
-            )
+            _write_parts(out_dir, result, path, mpp, grid, params, detector, det, per_tile)
             t = timer.add("write", t)
             result.n_tiles, result.n_detections = len(grid), len(det)
             result.status = "ok"
             result.seconds = time.perf_counter() - start
             result.timings = timer.seconds
+            # the marker vouches for both partitions (a run killed before this line is redone); the
+            # reports are derived from them and come after (rebuilt any time with gpupath report)
+            write_marker(out_dir, result.slide_id, results_key=key, result=asdict(result))
             if params.reports:
                 _write_reports(out_dir, result, params, detector, slide, tissue)
                 timer.add("report", t)
-            # last: the marker vouches for both partitions (a run killed before this line is redone)
-            write_marker(out_dir, result.slide_id, results_key=key, result=asdict(result))
+                result.seconds = time.perf_counter() - start
+                write_marker(out_dir, result.slide_id, results_key=key, result=asdict(result))  # with its warning
     except GpupathError as exc:
         result.status, result.error = "failed", str(exc)
-    except Exception as exc:  # noqa: BLE001  a bug or an unforeseen file: fail this slide, keep the batch going
+    except Exception as exc:
         log.debug("unexpected error on %s", path, exc_info=True)
         result.status, result.error = "failed", f"{path}: {type(exc).__name__}: {exc}"
     result.seconds = time.perf_counter() - start
     result.timings = timer.seconds
     return result
-
-
-def _environment(params: RunParams) -> dict[str, Any]:
-    env: dict[str, Any] = {
-        "gpupath": __version__, "python": platform.python_version(), "machine": platform.machine(),
-        "processor": platform.processor(), "device": params.device,
-    }
-    for mod in ("numpy", "scipy", "pyarrow", "tifffile", "openslide", "cucim", "cupy", "onnxruntime"):
-        try:
-            env[mod] = getattr(__import__(mod), "__version__", "?")
-        except Exception:  # noqa: BLE001  optional package absent or broken: record that
-            env[mod] = None
-    return env
-
-
-def run_slides(paths: Sequence[str | Path], out_dir: str | Path, params: RunParams, *,
-               on_slide: Callable[[SlideResult], None] | None = None,
-               on_tiles: Callable[[str, int, int], None] | None = None,
-               on_note: Callable[[str], None] | None = None, resume: bool = True) -> list[SlideResult]:
-    """Process slides one after another in this process (:func:`gpupath.batch.run_batch` with
-    ``workers=0``); writes slides.parquet and run.json after each slide, resumes complete slides."""
-    from gpupath.batch import run_batch  # noqa: PLC0415  (batch builds on this module)
-
-    return run_batch(paths, out_dir, params, workers=0, resume=resume, on_slide=on_slide, on_tiles=on_tiles,
-                     on_note=on_note)

@@ -23,11 +23,9 @@ from __future__ import annotations
 import json
 import math
 import numbers
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -35,16 +33,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from gpupath.errors import ResultsError
-from gpupath.results import DETECTIONS_SCHEMA, atomic_path, check_schema_version
+from gpupath.results import DETECTIONS_SCHEMA, check_schema_version
 
-__all__ = ["BBox", "FilePlan", "QueryPlan", "RESULT_SCHEMA", "EXPORT_FORMATS", "parse_bbox", "slide_ids",
-           "plan_query", "iter_query", "query", "label_names", "export"]
+__all__ = ["BBox", "FilePlan", "QueryPlan", "RESULT_SCHEMA", "parse_bbox", "slide_ids",
+           "plan_query", "iter_query", "query", "label_names"]
 
 # what a query returns: the stored columns, then the partition's slide id
 RESULT_SCHEMA = DETECTIONS_SCHEMA.append(pa.field("slide_id", pa.string(), nullable=False))
 
 _BATCH_ROWS = 65536
-EXPORT_FORMATS = ("csv", "parquet", "geojson")
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +170,7 @@ def _files(out: Path, slide: str | None) -> list[tuple[str, Path]]:
     files = []
     for sid in ids:
         part = root / f"slide_id={sid}"
-        # a name starting with "." is a temporary file still being written (results.atomic_path)
+        # a name starting with "." is a temporary file still being written (gpupath.files.atomic_path)
         files += [(sid, p) for p in sorted(part.glob("*.parquet")) if not p.name.startswith((".", "_"))]
     return files
 
@@ -329,65 +326,3 @@ def query(out: str | Path, *, slide: str | None = None, bbox: BBox | Sequence[fl
 def label_names(out: str | Path, *, slide: str | None = None) -> list[str]:
     """Class names of the detections in ``out`` (one slide's, or all), from the file metadata."""
     return plan_query(out, slide=slide).label_names
-
-
-def export(plan: QueryPlan, fmt: str, dest: Path | None = None, *, stdout: BinaryIO | None = None) -> int:
-    """Stream a plan's rows to ``dest`` (written atomically) or, for csv and geojson, to ``stdout``.
-
-    Parameters
-    ----------
-    plan : from :func:`plan_query`.
-    fmt : ``csv`` (a header, one row per detection, label by name), ``parquet`` (:data:`RESULT_SCHEMA`)
-        or ``geojson`` (QuPath detections, :mod:`gpupath.report.geojson`; the rows of one slide).
-    dest : output file; None: ``stdout`` (default ``sys.stdout.buffer``).
-
-    Returns
-    -------
-    The number of rows written.
-
-    Raises
-    ------
-    ValueError
-        Unknown format, parquet without ``dest``, geojson over several slides.
-    """
-    import pyarrow.csv as pcsv  # noqa: PLC0415
-
-    if fmt not in EXPORT_FORMATS:
-        raise ValueError(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
-    if fmt == "parquet" and dest is None:
-        raise ValueError("parquet output needs a file to write to")
-    if fmt == "geojson" and len(plan.slide_ids) > 1:
-        raise ValueError(f"GeoJSON holds the detections of one slide, and {len(plan.slide_ids)} slides match; "
-                         f"choose one ({', '.join(s[:12] for s in plan.slide_ids[:5])})")
-
-    def write(sink: BinaryIO) -> int:
-        count = 0
-        if fmt == "geojson":
-            import io  # noqa: PLC0415
-
-            from gpupath.report.geojson import write_features  # noqa: PLC0415  (report imports this module)
-
-            text = io.TextIOWrapper(sink, encoding="utf-8", write_through=True)
-            try:
-                count = write_features(iter_query(plan), text, label_names=plan.label_names)
-            finally:
-                text.detach()  # leave ``sink`` open for its owner
-            return count
-        writer = (pcsv.CSVWriter(sink, RESULT_SCHEMA) if fmt == "csv"
-                  else pq.ParquetWriter(sink, RESULT_SCHEMA, compression="zstd"))
-        try:
-            for batch in iter_query(plan):
-                writer.write_batch(batch)
-                count += batch.num_rows
-        finally:
-            writer.close()
-        return count
-
-    if dest is None:
-        sink = stdout if stdout is not None else sys.stdout.buffer
-        sys.stdout.flush()
-        count = write(sink)
-        sink.flush()
-        return count
-    with atomic_path(Path(dest)) as tmp, open(tmp, "wb") as fh:
-        return write(fh)

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,19 +33,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gpupath._version import __version__
-from gpupath.detect.boxes import Detections
+from gpupath.types import Detections
+from gpupath.files import atomic_path, write_json_atomic
 from gpupath.errors import ResultsError
 
 __all__ = [
-    "fsync_path",
     "SCHEMA_VERSION",
     "DETECTIONS_ROW_GROUP_ROWS",
     "check_schema_version",
     "DETECTIONS_SCHEMA",
     "TILES_SCHEMA",
     "SLIDES_SCHEMA",
-    "atomic_path",
-    "write_json_atomic",
     "detections_table",
     "tiles_table",
     "write_slide_parts",
@@ -113,35 +109,6 @@ SLIDES_SCHEMA = pa.schema([
     pa.field("seconds", pa.float64()),
     pa.field("resumed", pa.bool_()),         # True: complete outputs of an earlier run were kept, not redone
 ])
-
-
-@contextlib.contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``final``; rename it to ``final`` on success, delete it on error."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:12]}")
-    try:
-        yield tmp
-        fsync_path(tmp)  # data on disk before the name points at it (a power cut leaves old or new, whole)
-        os.replace(tmp, final)
-        fsync_path(final.parent)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()  # only left when the body raised
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file, or a folder (so the renames in it are durable); OSError where that cannot be done."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(obj: Any, final: Path) -> None:
-    with atomic_path(final) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def morton_code(col: np.ndarray, row: np.ndarray) -> np.ndarray:

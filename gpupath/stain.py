@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -64,6 +65,11 @@ __all__ = [
     "fit_macenko",
     "apply_macenko",
     "normalize_batch",
+    "fit_macenko_device",
+    "fit_tiles_device",
+    "apply_macenko_device",
+    "apply_tiles_device",
+    "fit_pixel_groups",
 ]
 
 _log = logging.getLogger(__name__)
@@ -347,8 +353,6 @@ def fit_macenko(
     """
     arr = _as_array(rgb)
     if is_device_array(arr):  # per-pixel passes as hand kernels; validates as below
-        from gpupath_kernels.macenko import fit_macenko_device  # noqa: PLC0415  (numba: lazy)
-
         return fit_macenko_device(
             arr, io=io, beta=beta, alpha=alpha, min_tissue_px=min_tissue_px, min_tissue_frac=min_tissue_frac
         )
@@ -396,8 +400,6 @@ def apply_macenko(rgb: ArrayLike, source: StainFit, *, target: StainFit = REFERE
         raise TypeError(f"source, target: expected StainFit, got {type(source).__name__}, {type(target).__name__}")
     arr = _as_array(rgb)
     if is_device_array(arr):  # one fused kernel
-        from gpupath_kernels.macenko import apply_macenko_device  # noqa: PLC0415
-
         return apply_macenko_device(arr, source, target)
     _check_rgb(arr, "rgb", (3, 4))
     xp = array_module(arr)
@@ -478,9 +480,15 @@ def normalize_batch(
             )
         return apply_macenko(arr, fit, target=target)
 
-    if is_device_array(arr):  # all tiles in one launch per pass (the tile is blockIdx.y)
-        from gpupath_kernels.macenko import apply_tiles_device, fit_tiles_device  # noqa: PLC0415
+    return _normalize_each_tile(arr, target=target, io=io, beta=beta, alpha=alpha, min_tissue_px=min_tissue_px,
+                                min_tissue_frac=min_tissue_frac)
 
+
+def _normalize_each_tile(arr: Any, *, target: StainFit, io: float, beta: float, alpha: float, min_tissue_px: int,
+                         min_tissue_frac: float) -> Any:
+    """``normalize_batch(mode="tile")`` of validated tiles: each fitted on its own; one WARNING names the
+    tiles left unchanged and why."""
+    if is_device_array(arr):  # all tiles in one launch per pass (the tile is blockIdx.y)
         results = fit_tiles_device(
             arr, io=io, beta=beta, alpha=alpha, min_tissue_px=min_tissue_px, min_tissue_frac=min_tissue_frac
         )
@@ -504,3 +512,127 @@ def normalize_batch(
             "; ".join(unchanged),
         )
     return out
+
+
+# --------------------------------------------------------------------------- the kernel path
+# The per-pixel passes as the hand-written kernels of gpupath_kernels.macenko (arrays in, arrays
+# out); the decisions (which sentence, which StainFit) stay here. Device arrays take this path;
+# NumPy input runs it under Numba's CUDA simulator (CI) or on the kernels' NumPy twins.
+
+
+def fit_pixel_groups(
+    px: Any, *, io: float, beta: float, alpha: float, min_tissue_px: int, min_tissue_frac: float,
+    use_kernels: bool | None = None,
+) -> list[StainFit | str]:
+    """A fit, or the sentence saying why there is none, per group of ``(G, P, 3)`` uint8 ``px``.
+
+    ``use_kernels=False`` runs the kernels' NumPy twins (tests at full size).
+    """
+    from gpupath_kernels import macenko as mk
+
+    n_px = px.shape[1]
+    need = max(min_tissue_px, math.ceil(min_tissue_frac * n_px))
+    g = mk.fit_groups(px, io=io, beta=beta, alpha=alpha, need_px=need, min_angle_spread_rad=_MIN_ANGLE_SPREAD_RAD,
+                      min_max_conc=_MIN_MAX_CONC, use_kernels=use_kernels)
+    out: list[StainFit | str] = []
+    for k, status in enumerate(g.status.tolist()):
+        n_tissue = int(g.n_tissue[k])
+        if status == mk.FIT_TOO_FEW:
+            out.append(_reason_too_few(n_tissue, n_px, beta, need, min_tissue_px, min_tissue_frac))
+        elif status == mk.FIT_NOT_SEPARABLE:
+            out.append(_reason_not_separable(alpha, n_tissue, float(g.phi[k, 0]), float(g.phi[k, 1])))
+        elif status == mk.FIT_SPARSE:
+            out.append(_reason_sparse(g.max_conc[k], n_tissue, n_px))
+        else:
+            out.append(StainFit(stain_matrix_od=g.stains[k], max_conc=g.max_conc[k], io=io))
+    return out
+
+
+def fit_macenko_device(
+    rgb: ArrayLike, *, io: float = 240.0, beta: float = 0.15, alpha: float = 1.0,
+    min_tissue_px: int = MIN_TISSUE_PX, min_tissue_frac: float = MIN_TISSUE_FRAC,
+) -> StainFit:
+    """:func:`fit_macenko` with the per-pixel passes in kernels (one pooled fit).
+
+    Parameters, Returns and Raises as :func:`fit_macenko` (same messages).
+
+    Notes
+    -----
+    Differs from the NumPy path only by the histogram percentiles: stain vectors within
+    ``gpupath_kernels.macenko.ANGLE_BOUND_RAD`` (0.022 deg), max_conc within half a refined bin
+    of the exact percentile under the fitted vectors (``concentrations_max``).
+    """
+    from gpupath_kernels.macenko import group_pixels
+
+    arr = _as_array(rgb)
+    _check_rgb(arr, "rgb", (3, 4))
+    _check_fit_params(io, beta, alpha, min_tissue_px, min_tissue_frac)
+    (result,) = fit_pixel_groups(group_pixels(arr, per_tile=False), io=io, beta=beta, alpha=alpha,
+                                 min_tissue_px=min_tissue_px, min_tissue_frac=min_tissue_frac)
+    if isinstance(result, str):
+        raise ValueError(f"fit_macenko: image of shape {tuple(arr.shape)}: {result}")
+    return result
+
+
+def fit_tiles_device(
+    tiles: ArrayLike, *, io: float = 240.0, beta: float = 0.15, alpha: float = 1.0,
+    min_tissue_px: int = MIN_TISSUE_PX, min_tissue_frac: float = MIN_TISSUE_FRAC,
+) -> list[StainFit | str]:
+    """One fit per tile of (N, H, W, 3) uint8 ``tiles``, one launch per pass for the batch.
+
+    Returns N entries: a :class:`StainFit`, or the sentence saying why that tile has none.
+    Raises as :func:`fit_macenko_device` for bad arguments.
+    """
+    from gpupath_kernels.macenko import group_pixels
+
+    arr = _as_array(tiles)
+    _check_rgb(arr, "tiles", (4,))
+    _check_fit_params(io, beta, alpha, min_tissue_px, min_tissue_frac)
+    return fit_pixel_groups(group_pixels(arr, per_tile=True), io=io, beta=beta, alpha=alpha,
+                            min_tissue_px=min_tissue_px, min_tissue_frac=min_tissue_frac)
+
+
+def _check_fits(*fits: object) -> None:
+    if not all(isinstance(f, StainFit) for f in fits):
+        raise TypeError(f"source, target: expected StainFit, got {', '.join(type(f).__name__ for f in fits)}")
+
+
+def _apply_device(arr: Any, sources: Sequence[StainFit | None], target: StainFit, per_tile: bool) -> Any:
+    from gpupath_kernels import macenko as mk
+
+    io_in = {s.io for s in sources if s is not None}
+    if len(io_in) > 1:  # one OD table per launch
+        raise ValueError(f"sources: expected one io for all fits, got {sorted(io_in)}")
+    if not io_in:
+        return arr.copy()
+    stains = np.stack([np.zeros((3, 2)) if s is None else s.stain_matrix_od for s in sources])
+    max_conc = np.stack([np.ones(2) if s is None else s.max_conc for s in sources])
+    out = mk.apply_groups(mk.group_pixels(arr, per_tile=per_tile), stains, max_conc, target.stain_matrix_od,
+                          target.max_conc, io_in=io_in.pop(), io_out=target.io,
+                          active=[s is not None for s in sources])
+    return out.reshape(arr.shape)
+
+
+def apply_macenko_device(rgb: ArrayLike, source: StainFit, target: StainFit = REFERENCE) -> Any:
+    """:func:`apply_macenko` as one fused kernel: uint8, same shape and device as ``rgb``.
+
+    Bit-identical to the NumPy path up to float32 rounding (``exp``, FMA): a pixel whose value
+    lies within an ulp of a rounding boundary may differ by 1 grey level.
+    """
+    _check_fits(source, target)
+    arr = _as_array(rgb)
+    _check_rgb(arr, "rgb", (3, 4))
+    return _apply_device(arr, [source], target, per_tile=False)
+
+
+def apply_tiles_device(tiles: ArrayLike, sources: Sequence[StainFit | None], target: StainFit = REFERENCE) -> Any:
+    """Re-render each tile of (N, H, W, 3) uint8 ``tiles`` from its own fit, one launch.
+
+    ``sources[k]`` is tile k's fit, or None to copy the tile unchanged; all fits share one ``io``.
+    """
+    arr = _as_array(tiles)
+    _check_rgb(arr, "tiles", (4,))
+    if len(sources) != arr.shape[0]:
+        raise ValueError(f"sources: expected one fit (or None) per tile, {arr.shape[0]}, got {len(sources)}")
+    _check_fits(target, *(s for s in sources if s is not None))
+    return _apply_device(arr, list(sources), target, per_tile=True)

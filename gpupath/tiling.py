@@ -21,7 +21,9 @@ from gpupath._coords import level0_origin
 from gpupath.errors import ConfigError
 from gpupath.tissue import TissueMask
 
-__all__ = ["TileSpec", "TileGrid", "tile_grid", "tile_level"]
+__all__ = ["TileSpec", "TileGrid", "tile_grid", "tile_level", "DEFAULT_TARGET_MPP"]
+
+DEFAULT_TARGET_MPP = 0.5  # µm/px of the tiles when a run asks for no other (20x)
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +32,7 @@ class TileSpec:
 
     tile_px: int = 256
     overlap_px: int = 0
-    target_mpp: float = 0.5      # µm/px of the tiles handed to stages
+    target_mpp: float = DEFAULT_TARGET_MPP  # µm/px of the tiles handed to stages
     min_tissue: float = 0.05     # fraction of a tile's area that must be tissue
 
     def __post_init__(self) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["simulator_enabled", "grid_1d", "launch_1d", "kernel_args", "current_stream", "cuda", "is_device_array",
-           "device_array_module", "BenchCase"]
+           "device_array_module", "to_host", "od_table", "BenchCase"]
 
 THREADS_PER_BLOCK = 256
 _SIM_BLOCKS, _SIM_THREADS = 2, 8  # simulator: every CUDA thread is a Python thread
@@ -30,7 +30,7 @@ def simulator_enabled() -> bool:
 @functools.cache
 def cuda() -> Any:
     """``numba.cuda``, imported on first use (never at import time of a kernel module)."""
-    from numba import cuda as numba_cuda  # noqa: PLC0415
+    from numba import cuda as numba_cuda
 
     return numba_cuda
 
@@ -47,7 +47,7 @@ def current_stream(*arrays: Any) -> Any:
     """Numba view of CuPy's current stream when any array is on the device (kernels then run in
     order with CuPy's work, no host wait); 0 (the default stream) otherwise, e.g. in the simulator."""
     if any(is_device_array(a) for a in arrays):
-        import cupy  # noqa: PLC0415
+        import cupy
 
         return cuda().external_stream(cupy.cuda.get_current_stream().ptr)
     return 0
@@ -84,10 +84,30 @@ def is_device_array(x: Any) -> bool:
 def device_array_module(x: Any) -> Any:
     """CuPy for device arrays; NumPy for host arrays (simulator launches take NumPy arrays)."""
     if is_device_array(x):
-        import cupy  # noqa: PLC0415
+        import cupy
 
         return cupy
     return np
+
+
+def to_host(x: Any) -> np.ndarray:
+    """A host NumPy copy of a device array (CuPy ``.get()``, else via CuPy); NumPy arrays as they are."""
+    if is_device_array(x):
+        if hasattr(x, "get"):
+            return x.get()
+        import cupy
+
+        return cupy.asarray(x).get()
+    return np.asarray(x)
+
+
+def od_table(io: float, dtype: Any) -> np.ndarray:
+    """(256,) optical density of grey levels 0..255 in ``dtype``: ln(io / (I + 1)).
+
+    The stain stage (``gpupath.stain``) computes OD with this same expression, so a kernel that
+    looks OD up in this table sees the host's values bit for bit (a test holds them equal).
+    """
+    return np.log(dtype(io) / (np.arange(256, dtype=np.uint8).astype(dtype) + 1))
 
 
 @dataclass(frozen=True, slots=True)

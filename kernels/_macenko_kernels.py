@@ -14,10 +14,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from gpupath import stain as _stain
-from gpupath._xp import to_host
-
 from . import _launch
+from ._launch import to_host
 
 _N_STATS = 10  # count, sum r, g, b, rr, rg, rb, gg, gb, bb
 _PAIRS = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
@@ -40,7 +38,7 @@ def _cuda() -> Any:
 @functools.cache
 def _od_stats_kernel() -> Any:
     cu = _cuda()
-    from numba import float64  # noqa: PLC0415  (lazy: no numba at import)
+    from numba import float64
 
     tpb = _launch.THREADS_PER_BLOCK
     n_stats = _N_STATS
@@ -104,7 +102,7 @@ def _od_stats_kernel() -> Any:
 @functools.cache
 def _angle_histogram_kernel(n_bins: int) -> Any:
     cu = _cuda()
-    from numba import int64, uint32  # noqa: PLC0415
+    from numba import int64, uint32
 
     @cu.jit
     def angle_histogram(px, lut, beta, lo, inv_width, plane, active, hist):
@@ -143,7 +141,7 @@ def _angle_histogram_kernel(n_bins: int) -> Any:
 @functools.cache
 def _concentration_histogram_kernel(n_bins: int) -> Any:
     cu = _cuda()
-    from numba import int64, uint32  # noqa: PLC0415
+    from numba import int64, uint32
 
     row = n_bins + 1  # bin 0: below the window; 1..n_bins: the window
     n_shared = 2 * row
@@ -200,7 +198,7 @@ def _concentration_histogram_kernel(n_bins: int) -> Any:
 @functools.cache
 def _apply_kernel() -> Any:
     cu = _cuda()
-    from numba import float32  # noqa: PLC0415
+    from numba import float32
 
     @cu.jit
     def apply(px, lut, mt, io_out, pinv, scale, active, out):
@@ -242,8 +240,8 @@ def _apply_kernel() -> Any:
 
 
 def od_lut(io: float, dtype: Any) -> np.ndarray:
-    """OD of grey levels 0..255 in ``dtype``: gpupath.stain's expression, hence its exact values."""
-    return _stain._od(np.arange(256, dtype=np.uint8), io, dtype)
+    """OD of grey levels 0..255 in ``dtype`` (:func:`_launch.od_table`: the stain stage's expression)."""
+    return _launch.od_table(io, dtype)
 
 
 def od_lut_on(xp: Any, io: float, dtype: Any) -> Any:
@@ -255,7 +253,7 @@ def od_lut_on(xp: Any, io: float, dtype: Any) -> Any:
 
 @functools.lru_cache(maxsize=32)
 def _device_od_lut(device: int, io: float, dtype: str) -> Any:
-    import cupy  # noqa: PLC0415
+    import cupy
 
     with cupy.cuda.Device(device):
         return cupy.asarray(od_lut(io, np.dtype(dtype)))

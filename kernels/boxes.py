@@ -51,7 +51,7 @@ __all__ = ["own_by_centre", "own_by_centre_ref", "bench_cases"]
 @functools.cache
 def _own_kernel(idx64: bool) -> Any:
     """Ownership kernel; ``idx64``: 64-bit detection indices."""
-    import numba  # noqa: PLC0415  (lazy: importing this module must not import numba)
+    import numba
 
     global cuda  # noqa: PLW0603  (see the comment at the top of the module)
     cuda = _launch.cuda()

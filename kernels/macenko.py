@@ -19,7 +19,8 @@ What it does
 In and out
     CuPy input: kernels on its device, results on that device. NumPy input: the kernels under
     Numba's CUDA simulator when ``NUMBA_ENABLE_CUDASIM=1`` (CI), else the NumPy twins
-    (``*_ref``), which state what each kernel computes. Fits are :class:`gpupath.stain.StainFit`.
+    (``*_ref``), which state what each kernel computes. Fits come back as arrays
+    (:class:`GroupFits`): this package imports nothing of gpupath; the stage builds its StainFits.
 
 Accuracy against the exact percentiles of gpupath.stain (see kernels/README.md, "macenko")
     * Stain angles are bin midpoints of an :data:`N_ANGLE_BINS`-bin histogram over [-pi, pi):
@@ -38,17 +39,14 @@ References
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
 
-from gpupath import stain as _stain
-from gpupath._xp import to_host
-
 from . import _launch
+from ._launch import to_host
 from ._macenko_kernels import (  # kernels, the constants they are built around, host helpers
     _N_STATS, _PAIRS, _PX_PER_THREAD_STATS, _PX_PER_THREAD_HIST, _od_stats_kernel,
     _angle_histogram_kernel, _concentration_histogram_kernel, _apply_kernel, od_lut, group_pixels,
@@ -73,10 +71,13 @@ __all__ = [
     "concentrations_max_ref",
     "apply",
     "apply_ref",
-    "fit_macenko_device",
-    "fit_tiles_device",
-    "apply_macenko_device",
-    "apply_tiles_device",
+    "FIT_OK",
+    "FIT_TOO_FEW",
+    "FIT_NOT_SEPARABLE",
+    "FIT_SPARSE",
+    "GroupFits",
+    "fit_groups",
+    "apply_groups",
     "bench_cases",
 ]
 
@@ -420,156 +421,96 @@ def apply_ref(
     return out
 
 
-# --------------------------------------------------------------------------- stage wrappers
+# --------------------------------------------------------------------------- fits and re-rendering of pixel groups
+
+FIT_OK, FIT_TOO_FEW, FIT_NOT_SEPARABLE, FIT_SPARSE = 0, 1, 2, 3
+"""Status of one group's fit: fitted, or the first test it failed (the stain stage words each)."""
 
 
-def _fit_groups(
-    px: Any, *, io: float, beta: float, alpha: float, min_tissue_px: int, min_tissue_frac: float,
-    use_kernels: bool | None = None,
-) -> list[_stain.StainFit | str]:
-    """A fit, or gpupath.stain's sentence saying why there is none, per group of ``px``.
+@dataclass(frozen=True, slots=True)
+class GroupFits:
+    """Macenko fits of G pixel groups, as arrays (``gpupath.stain`` turns them into ``StainFit``s).
 
-    ``use_kernels=False`` runs the same host logic on the NumPy twins (tests at full size).
+    ``status`` (G,) int8: :data:`FIT_OK` or the test that failed; ``n_tissue`` (G,) tissue pixels;
+    ``phi`` (G, 2) the alpha / 100 - alpha stain-plane angles (NaN where not reached); ``stains``
+    (G, 3, 2) H and E OD vectors and ``max_conc`` (G, 2) their robust maxima (valid where FIT_OK).
+    """
+
+    status: np.ndarray
+    n_tissue: np.ndarray
+    phi: np.ndarray
+    stains: np.ndarray
+    max_conc: np.ndarray
+
+
+def fit_groups(
+    px: Any, *, io: float, beta: float, alpha: float, need_px: int, min_angle_spread_rad: float,
+    min_max_conc: float, use_kernels: bool | None = None,
+) -> GroupFits:
+    """Fit every group of ``(G, P, 3)`` uint8 ``px`` (one launch per pass for all groups).
+
+    A group needs ``need_px`` tissue pixels (OD >= ``beta`` in all channels), extreme angles at
+    least ``min_angle_spread_rad`` apart and both robust maxima above ``min_max_conc``; later
+    passes skip groups that failed. ``use_kernels=False`` runs the NumPy twins (tests at full size).
     """
     kern = _use_kernels(px) if use_kernels is None else use_kernels
-    n_groups, n_px = px.shape[0], px.shape[1]
+    n_groups = px.shape[0]
     stats = (od_stats if kern else od_stats_ref)(px, io=io, beta=beta)
     n_tissue = stats[:, 0].astype(np.int64)
-    need = max(min_tissue_px, math.ceil(min_tissue_frac * n_px))
-    results: list[_stain.StainFit | str | None] = [
-        None if n_tissue[g] >= need
-        else _stain._reason_too_few(int(n_tissue[g]), n_px, beta, need, min_tissue_px, min_tissue_frac)
-        for g in range(n_groups)
-    ]
-    active = np.array([r is None for r in results])
-    if not active.any():
-        return results  # type: ignore[return-value]
-    plane = _planes(stats)
-    hist = (angle_histogram if kern else angle_histogram_ref)(px, plane, io=io, beta=beta, active=active)
-    phi = angle_percentiles(hist, n_tissue, alpha)  # (G, 2): alpha, 100 - alpha
-    for g in np.flatnonzero(active):
-        if phi[g, 1] - phi[g, 0] < _stain._MIN_ANGLE_SPREAD_RAD:
-            results[g] = _stain._reason_not_separable(alpha, int(n_tissue[g]), phi[g, 0], phi[g, 1])
-            active[g] = False
-    if not active.any():
-        return results  # type: ignore[return-value]
-    v = plane @ np.stack([np.cos(phi), np.sin(phi)], axis=1)  # (G, 3, 2): v_lo, v_hi
-    h_is_lo = v[:, 0, 0] > v[:, 0, 1]  # hematoxylin: larger red OD (ties: v_hi)
-    stains = np.where(h_is_lo[:, None, None], v, v[:, :, ::-1])
-    pinv = np.zeros((n_groups, 2, 3))
-    pinv[active] = _pinv(stains[active])
-    max_conc, _ = _concentrations_max(px, pinv, io, active, _MAX_CONC_Q, N_CONC_BINS, kern)
-    for g in np.flatnonzero(active):
-        if not (max_conc[g] > _stain._MIN_MAX_CONC).all():
-            results[g] = _stain._reason_sparse(max_conc[g], int(n_tissue[g]), n_px)
-        else:
-            results[g] = _stain.StainFit(stain_matrix_od=stains[g], max_conc=max_conc[g], io=io)
-    return results  # type: ignore[return-value]
+    status = np.where(n_tissue >= need_px, FIT_OK, FIT_TOO_FEW).astype(np.int8)
+    phi = np.full((n_groups, 2), np.nan)
+    stains = np.zeros((n_groups, 3, 2))
+    max_conc = np.zeros((n_groups, 2))
+    active = status == FIT_OK
+    if active.any():
+        plane = _planes(stats)
+        hist = (angle_histogram if kern else angle_histogram_ref)(px, plane, io=io, beta=beta, active=active)
+        phi[active] = angle_percentiles(hist, n_tissue, alpha)[active]  # (G, 2): alpha, 100 - alpha
+        status[active & (phi[:, 1] - phi[:, 0] < min_angle_spread_rad)] = FIT_NOT_SEPARABLE
+        active = status == FIT_OK
+    if active.any():
+        v = plane @ np.stack([np.cos(np.nan_to_num(phi)), np.sin(np.nan_to_num(phi))], axis=1)  # v_lo, v_hi
+        h_is_lo = v[:, 0, 0] > v[:, 0, 1]  # hematoxylin: larger red OD (ties: v_hi)
+        stains[active] = np.where(h_is_lo[:, None, None], v, v[:, :, ::-1])[active]
+        pinv = np.zeros((n_groups, 2, 3))
+        pinv[active] = _pinv(stains[active])
+        conc, _ = _concentrations_max(px, pinv, io, active, _MAX_CONC_Q, N_CONC_BINS, kern)
+        max_conc[active] = conc[active]
+        status[active & ~(max_conc > min_max_conc).all(axis=1)] = FIT_SPARSE
+    return GroupFits(status=status, n_tissue=n_tissue, phi=phi, stains=stains, max_conc=max_conc)
 
 
-def _check_fits(*fits: object) -> None:
-    if not all(isinstance(f, _stain.StainFit) for f in fits):
-        raise TypeError(f"source, target: expected StainFit, got {', '.join(type(f).__name__ for f in fits)}")
-
-
-def fit_macenko_device(
-    rgb: ArrayLike, *, io: float = 240.0, beta: float = 0.15, alpha: float = 1.0,
-    min_tissue_px: int = _stain.MIN_TISSUE_PX, min_tissue_frac: float = _stain.MIN_TISSUE_FRAC,
-) -> _stain.StainFit:
-    """:func:`gpupath.stain.fit_macenko` with the per-pixel passes in kernels (one pooled fit).
-
-    Parameters, Returns and Raises as :func:`gpupath.stain.fit_macenko` (same messages).
-
-    Notes
-    -----
-    Differs from the NumPy path only by the histogram percentiles: stain vectors within
-    :data:`ANGLE_BOUND_RAD` (0.022 deg), max_conc within half a refined bin of the exact
-    percentile under the fitted vectors (see :func:`concentrations_max`).
-    """
-    arr = _stain._as_array(rgb)
-    _stain._check_rgb(arr, "rgb", (3, 4))
-    _stain._check_fit_params(io, beta, alpha, min_tissue_px, min_tissue_frac)
-    (result,) = _fit_groups(group_pixels(arr, per_tile=False), io=io, beta=beta, alpha=alpha,
-                            min_tissue_px=min_tissue_px, min_tissue_frac=min_tissue_frac)
-    if isinstance(result, str):
-        raise ValueError(f"fit_macenko: image of shape {tuple(arr.shape)}: {result}")
-    return result
-
-
-def fit_tiles_device(
-    tiles: ArrayLike, *, io: float = 240.0, beta: float = 0.15, alpha: float = 1.0,
-    min_tissue_px: int = _stain.MIN_TISSUE_PX, min_tissue_frac: float = _stain.MIN_TISSUE_FRAC,
-) -> list[_stain.StainFit | str]:
-    """One fit per tile of (N, H, W, 3) uint8 ``tiles``, one launch per pass for the batch.
-
-    Returns a list of N entries: a :class:`~gpupath.stain.StainFit`, or the sentence saying why
-    that tile has none (as gpupath.stain words it). Raises as :func:`fit_macenko_device` for
-    bad arguments.
-    """
-    arr = _stain._as_array(tiles)
-    _stain._check_rgb(arr, "tiles", (4,))
-    _stain._check_fit_params(io, beta, alpha, min_tissue_px, min_tissue_frac)
-    return _fit_groups(group_pixels(arr, per_tile=True), io=io, beta=beta, alpha=alpha,
-                       min_tissue_px=min_tissue_px, min_tissue_frac=min_tissue_frac)
-
-
-def _apply_groups(arr: Any, sources: Sequence[_stain.StainFit | None], target: _stain.StainFit, per_tile: bool) -> Any:
-    px = group_pixels(arr, per_tile=per_tile)
-    active = np.array([s is not None for s in sources])
-    if not active.any():
-        return arr.copy()
-    io_in = {s.io for s in sources if s is not None}
-    if len(io_in) > 1:  # one OD table per launch
-        raise ValueError(f"sources: expected one io for all fits, got {sorted(io_in)}")
-    pinv = np.zeros((len(sources), 2, 3))
-    scale = np.zeros((len(sources), 2))
-    fitted = [s for s in sources if s is not None]
-    pinv[active] = _pinv(np.stack([s.stain_matrix_od for s in fitted]))
-    scale[active] = np.stack([target.max_conc / s.max_conc for s in fitted])
-    out = apply(px, pinv, scale, target.stain_matrix_od, io_in=io_in.pop(), io_out=target.io, active=active)
-    return out.reshape(arr.shape)
-
-
-def apply_macenko_device(rgb: ArrayLike, source: _stain.StainFit, target: _stain.StainFit = _stain.REFERENCE) -> Any:
-    """:func:`gpupath.stain.apply_macenko` as one fused kernel: uint8, same shape and device as ``rgb``.
-
-    Bit-identical to the NumPy path up to float32 rounding (``exp``, FMA): a pixel whose value
-    lies within an ulp of a rounding boundary may differ by 1 grey level.
-    """
-    _check_fits(source, target)
-    arr = _stain._as_array(rgb)
-    _stain._check_rgb(arr, "rgb", (3, 4))
-    return _apply_groups(arr, [source], target, per_tile=False)
-
-
-def apply_tiles_device(
-    tiles: ArrayLike, sources: Sequence[_stain.StainFit | None], target: _stain.StainFit = _stain.REFERENCE
+def apply_groups(
+    px: Any, stains: np.ndarray, max_conc: np.ndarray, target_matrix: np.ndarray, target_max_conc: np.ndarray, *,
+    io_in: float, io_out: float, active: ArrayLike,
 ) -> Any:
-    """Re-render each tile of (N, H, W, 3) uint8 ``tiles`` from its own fit, one launch.
-
-    ``sources[k]`` is tile k's fit, or None to copy the tile unchanged; all fits share one ``io``.
-    """
-    arr = _stain._as_array(tiles)
-    _stain._check_rgb(arr, "tiles", (4,))
-    if len(sources) != arr.shape[0]:
-        raise ValueError(f"sources: expected one fit (or None) per tile, {arr.shape[0]}, got {len(sources)}")
-    _check_fits(target, *(s for s in sources if s is not None))
-    return _apply_groups(arr, list(sources), target, per_tile=True)
+    """Re-render each active group of ``(G, P, 3)`` ``px`` from its stains (G, 3, 2) and maxima (G, 2)
+    with the target's; inactive groups are copied unchanged. One fused launch."""
+    active = np.asarray(active, dtype=bool)
+    if not active.any():
+        return px.copy()
+    pinv = np.zeros((px.shape[0], 2, 3))
+    scale = np.zeros((px.shape[0], 2))
+    pinv[active] = _pinv(np.asarray(stains)[active])
+    scale[active] = np.asarray(target_max_conc)[None] / np.asarray(max_conc)[active]
+    return apply(px, pinv, scale, target_matrix, io_in=io_in, io_out=io_out, active=active)
 
 
 # --------------------------------------------------------------------------- bench
 
 
+_BENCH_STAINS = np.array([[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.5581]])  # Macenko's H&E reference
+
+
 def _bench_pixels(rng: np.random.Generator, n_px: int) -> tuple[np.ndarray]:
     """(1, n_px, 3) uint8 H&E-like pixels (Beer-Lambert under the reference stains)."""
     conc = rng.uniform(0.0, 1.5, (n_px, 2)) * (rng.random((n_px, 1)) > 0.2)  # ~20 % background
-    od = conc @ _stain.REFERENCE.stain_matrix_od.T
+    od = conc @ _BENCH_STAINS.T
     return (np.clip(np.rint(240.0 * np.exp(-od) - 1), 0, 255).astype(np.uint8)[None],)
 
 
 def _bench_apply_params() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    ref = _stain.REFERENCE
-    return _pinv(ref.stain_matrix_od[None]), (ref.max_conc / (1.1 * ref.max_conc))[None], ref.stain_matrix_od
+    return _pinv(_BENCH_STAINS[None]), np.full((1, 2), 1 / 1.1), _BENCH_STAINS
 
 
 def bench_cases() -> list[_launch.BenchCase]:

@@ -111,14 +111,13 @@ def gaussian_taps(sigma: float, order: int, *, truncate: float = 4.0) -> np.ndar
 
 # --------------------------------------------------------------------------- kernel factories
 @functools.cache
-def _kernels(idx64: bool) -> dict[str, Any]:
-    """The four kernels, compiled on first launch; ``idx64``: 64-bit pixel indices."""
-    import numba  # noqa: PLC0415  (lazy: importing this module must not import numba)
+def _device_functions(idx64: bool) -> tuple[Any, Any, Any]:
+    """(index type, unravel, clamp): the device functions every kernel here calls; ``idx64``: 64-bit indices."""
+    import numba
 
     global cuda  # noqa: PLW0603  (see the comment at the top of the module)
     cuda = _launch.cuda()
     idx_t = numba.int64 if idx64 else numba.int32
-    f32 = numba.float32
 
     @cuda.jit(device=True)
     def unravel(i, plane, width):
@@ -138,6 +137,13 @@ def _kernels(idx64: bool) -> dict[str, Any]:
             return idx_t(n - 1)
         return idx_t(k)
 
+    return idx_t, unravel, clamp
+
+
+@functools.cache
+def _hema_kernel(idx64: bool) -> Any:
+    idx_t, unravel, _ = _device_functions(idx64)
+
     @cuda.jit
     def hema(rgb, od_lut, h0, h1, h2, out):
         # rgb (N, H, W, 3) uint8; od_lut (256,) float32 = gpupath.stain's OD of each grey level;
@@ -148,6 +154,17 @@ def _kernels(idx64: bool) -> dict[str, Any]:
         for i in range(idx_t(cuda.grid(1)), n, idx_t(cuda.gridsize(1))):
             t, r, c = unravel(i, plane, width)
             out[t, r, c] = od_lut[rgb[t, r, c, 0]] * h0 + od_lut[rgb[t, r, c, 1]] * h1 + od_lut[rgb[t, r, c, 2]] * h2
+
+    return hema
+
+
+@functools.cache
+def _log_kernels(idx64: bool) -> tuple[Any, Any]:
+    """The separable scale-normalised LoG: the pass along rows, then along columns with the max over scales."""
+    import numba
+
+    idx_t, unravel, clamp = _device_functions(idx64)
+    f32 = numba.float32
 
     @cuda.jit
     def along_rows(h, taps0, taps2, out0, out2):
@@ -192,6 +209,13 @@ def _kernels(idx64: bool) -> dict[str, Any]:
                 best[t, r, c] = resp
                 best_scale[t, r, c] = scale
 
+    return along_rows, along_cols
+
+
+@functools.cache
+def _peaks_kernel(idx64: bool) -> Any:
+    idx_t, unravel, clamp = _device_functions(idx64)
+
     @cuda.jit
     def peaks(best, half, threshold, out):
         # best (N, H, W) float; out (N, H, W) uint8: 1 where best is the maximum of its
@@ -216,22 +240,27 @@ def _kernels(idx64: bool) -> dict[str, Any]:
                             break
             out[t, r, c] = flag
 
-    return {"hema": hema, "along_rows": along_rows, "along_cols": along_cols, "peaks": peaks}
+    return peaks
+
+
+def _kernels(idx64: bool) -> dict[str, Any]:
+    """The four kernels, compiled on first launch; ``idx64``: 64-bit pixel indices."""
+    along_rows, along_cols = _log_kernels(idx64)
+    return {"hema": _hema_kernel(idx64), "along_rows": along_rows, "along_cols": along_cols,
+            "peaks": _peaks_kernel(idx64)}
 
 
 # --------------------------------------------------------------------------- NumPy / SciPy twins
 def _od_table(io: float) -> np.ndarray:
-    """(256,) float32 OD of every grey level, by gpupath.stain's own expression (so the kernel's OD
-    is the host's, bit for bit)."""
-    from gpupath.stain import od_from_rgb  # noqa: PLC0415
-
-    return np.ascontiguousarray(od_from_rgb(np.arange(256, dtype=np.uint8).repeat(3).reshape(256, 3), io=io)[:, 0])
+    """(256,) float32 OD of every grey level (:func:`_launch.od_table`, the stain stage's own
+    expression, so the kernel's OD is the host's, bit for bit)."""
+    return np.ascontiguousarray(_launch.od_table(io, np.float32))
 
 
 @functools.lru_cache(maxsize=16)
 def _device_od_table(device: int, io: float) -> Any:
     """:func:`_od_table` uploaded once per device and ``io``."""
-    import cupy  # noqa: PLC0415
+    import cupy
 
     with cupy.cuda.Device(device):
         return cupy.asarray(_od_table(io))
@@ -246,7 +275,7 @@ def hematoxylin_ref(tiles: np.ndarray, h_row: ArrayLike, *, io: float = 240.0) -
 
 def log_response_ref(h: np.ndarray, sigma: float) -> np.ndarray:
     """SciPy twin of :func:`log_response`: ``-s^2`` times two float32 second-derivative filters, float64."""
-    from scipy import ndimage  # noqa: PLC0415
+    from scipy import ndimage
 
     s = float(sigma)
     sig = (0.0, s, s)  # no smoothing across the batch axis
@@ -271,7 +300,7 @@ def best_log_response_ref(h: np.ndarray, sigmas: Sequence[float]) -> tuple[np.nd
 
 def peak_mask_ref(best: np.ndarray, *, window_px: int, threshold: float) -> np.ndarray:
     """SciPy twin of :func:`peak_mask`: ``best == maximum_filter(best)``, above threshold, border off."""
-    from scipy import ndimage  # noqa: PLC0415
+    from scipy import ndimage
 
     peak = (best == ndimage.maximum_filter(best, size=(1, window_px, window_px), mode="nearest")) & (best > threshold)
     peak[:, 0, :] = False
@@ -355,7 +384,7 @@ def _check_maps(x: Any, name: str) -> Any:
 @functools.lru_cache(maxsize=64)
 def _device_taps(sigma: float, truncate: float, device_id: int) -> tuple[Any, Any]:
     """Float32 order-0 and order-2 taps on GPU ``device_id``, uploaded once per sigma (not per batch)."""
-    import cupy  # noqa: PLC0415
+    import cupy
 
     with cupy.cuda.Device(device_id):
         return (cupy.asarray(gaussian_taps(sigma, 0, truncate=truncate), cupy.float32),

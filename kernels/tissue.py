@@ -53,7 +53,7 @@ _HIST_MAX_BLOCKS = 1024
 @functools.cache
 def _features_kernel(idx64: bool) -> Any:
     """Fused saturation / grey / candidate / histogram kernel; ``idx64``: 64-bit pixel indices."""
-    import numba  # noqa: PLC0415  (lazy: importing this module must not import numba)
+    import numba
 
     global cuda  # noqa: PLW0603  (see the comment at the top of the module)
     cuda = _launch.cuda()

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from gpupath_kernels import _launch
 from gpupath._xp import cupy_or_none, gpu_available, gpu_problem
 
 # Device kernels: on a machine without a GPU, run them under Numba's CUDA simulator. This must be
@@ -43,7 +47,7 @@ def nuclei_dataset(name: str) -> Path:
 def import_or_skip(name: str, reason: str) -> types.ModuleType:
     """Import ``name`` or skip with ``reason`` and the error: unlike pytest.importorskip, also for an
     install that is present but broken (a TensorRT whose libraries fail to load raises OSError)."""
-    import importlib  # noqa: PLC0415
+    import importlib
 
     try:
         return importlib.import_module(name)
@@ -68,3 +72,21 @@ def xp(request: pytest.FixtureRequest) -> types.ModuleType:
     if not gpu_available():
         pytest.skip("cupy backend: no usable CUDA device (gpupath._xp.gpu_available() is False)")
     return cupy_or_none()
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    put: Callable[[np.ndarray], Any]  # host array -> the kernel's input
+    get: Callable[[Any], np.ndarray]  # kernel output -> host array
+
+
+@pytest.fixture(params=["sim", pytest.param("cupy", marks=pytest.mark.gpu)])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """Where a kernel runs: NumPy arrays under the CUDA simulator (CI), or CuPy arrays on a GPU."""
+    if request.param == "sim":
+        if not _launch.simulator_enabled():
+            pytest.skip("CUDA simulator off (a GPU is present): the cupy case runs the kernels")
+        return Backend("sim", np.asarray, np.asarray)
+    cupy = pytest.importorskip("cupy")
+    return Backend("cupy", cupy.asarray, cupy.asnumpy)

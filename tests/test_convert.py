@@ -24,7 +24,7 @@ import pytest
 import tifffile
 
 from gpupath._xp import gpu_available, to_host
-from gpupath.convert import (ConvertParams, _halve, _stain_normaliser, _tiles_of_row, convert_slide,
+from gpupath.convert import (ConvertParams, halve, stain_normaliser, tiles_of_row, convert_slide,
                              pyramid_dimensions)
 from gpupath.errors import ConfigError, GpupathError, MetadataError, SlideReadError
 from gpupath.slide import open_slide
@@ -156,7 +156,7 @@ def test_macenko_normalises_every_strip_with_one_fit(tmp_path: Path) -> None:
     result = convert_slide(src, out, ConvertParams(stain="macenko", compression="deflate", device="cpu"))
     assert result.stain == "macenko" and result.warnings == ()
     with open_slide(src) as s:
-        normalise, why = _stain_normaliser(s, s.require_mpp(), "macenko")
+        normalise, why = stain_normaliser(s, s.require_mpp(), "macenko")
         assert normalise is not None, why
         source = s.read_rgb((0, 0), 0, s.dimensions)
     written = _levels(out)[0]
@@ -334,23 +334,23 @@ def test_jpeg2000_reads_back_in_tifffile(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------- device path
 @pytest.mark.parametrize(("h", "w"), [(2, 1), (2, 2), (4, 5), (6, 3), (256, 1001), (130, 64)])
-def test_halve_matches_reference(xp, h: int, w: int) -> None:  # noqa: ANN001
+def test_halve_matches_reference(xp, h: int, w: int) -> None:
     rgb = np.random.default_rng(h * 1000 + w).integers(0, 256, (h, w, 3), np.uint8)
     rgb[0, 0] = (255, 0, 1)  # extremes: no overflow of the uint16 sum, rounding half up
-    got = _halve(xp.asarray(rgb))
+    got = halve(xp.asarray(rgb))
     assert type(got) is type(xp.asarray(rgb)) and got.dtype == xp.uint8  # stays on the input's device
     np.testing.assert_array_equal(to_host(got), _ref_halve(rgb))
 
 
-def test_halve_on_a_strided_view(xp) -> None:  # noqa: ANN001
+def test_halve_on_a_strided_view(xp) -> None:
     rgb = np.random.default_rng(7).integers(0, 256, (8, 22, 3), np.uint8)
     view = xp.asarray(rgb)[:, 1::2]  # non-contiguous columns
-    np.testing.assert_array_equal(to_host(_halve(view)), _ref_halve(rgb[:, 1::2]))
+    np.testing.assert_array_equal(to_host(halve(view)), _ref_halve(rgb[:, 1::2]))
 
 
-def test_tiles_of_row_pads_on_the_rows_device(xp) -> None:  # noqa: ANN001
+def test_tiles_of_row_pads_on_the_rows_device(xp) -> None:
     rows = np.random.default_rng(1).integers(0, 256, (40, 150, 3), np.uint8)
-    tiles = _tiles_of_row(xp.asarray(rows), 64)
+    tiles = tiles_of_row(xp.asarray(rows), 64)
     assert len(tiles) == 3 and all(t.shape == (64, 64, 3) and t.flags.c_contiguous for t in tiles)
     whole = np.concatenate([to_host(t) for t in tiles], axis=1)
     np.testing.assert_array_equal(whole, np.pad(rows, ((0, 24), (0, 42), (0, 0)), mode="edge"))
@@ -445,7 +445,7 @@ def test_plain_jfif_tiles_read_back_under_the_files_jpeg_tags(generated: Path, t
         encoded.append(tile.shape)
         return imagecodecs.jpeg_encode(tile, level=90)
 
-    monkeypatch.setattr(conv, "_encoder", lambda params: jfif)
+    monkeypatch.setattr(conv, "encoder", lambda params: jfif)
     out = tmp_path / "jfif.ome.tif"
     convert_slide(generated, out, ConvertParams(device="cpu"))
     assert encoded  # the stand-in really wrote the tiles (patched where convert_slide looks it up)

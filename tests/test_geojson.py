@@ -138,7 +138,7 @@ def test_slide_geojson_is_valid_and_round_trips_the_parquet_exactly(run: Path) -
     features = doc["features"]
     assert len(features) == table.num_rows == 150_000
     ring = np.array([f["geometry"]["coordinates"][0] for f in features])          # (N, 5, 2) float64 from text
-    for k, (col, corner, axis) in enumerate((("x0_px", 0, 0), ("y0_px", 0, 1), ("x1_px", 2, 0), ("y1_px", 2, 1))):
+    for col, corner, axis in (("x0_px", 0, 0), ("y0_px", 0, 1), ("x1_px", 2, 0), ("y1_px", 2, 1)):
         np.testing.assert_array_equal(ring[:, corner, axis].astype(np.float32), table.column(col).to_numpy(), err_msg=col)
     score = np.array([f["properties"]["measurements"]["score"] for f in features])
     np.testing.assert_array_equal(score.astype(np.float32), table.column("score").to_numpy())

@@ -13,7 +13,7 @@ from conftest import DATA_DIR
 PROOF = Path(__file__).resolve().parents[1] / "bench" / "gpu_proof"
 
 
-def _module(name: str):  # noqa: ANN202
+def _module(name: str):
     spec = importlib.util.spec_from_file_location(name, PROOF / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -14,7 +14,7 @@ from conftest import data_file, import_or_skip
 from detect_helpers import assert_same_detections
 from gpupath.detect.card import SHIPPED_MODEL, load_card, shipped_card
 from gpupath.detect.detector import make_detector
-from gpupath.detect.train import read_slide_tiles
+from gpupath.train import read_slide_tiles
 from gpupath.errors import ConfigError
 from gpupath.pipeline import RunParams, process_slide
 from gpupath.slide import open_slide
@@ -386,7 +386,8 @@ def test_labels_outside_the_cards_classes_fail_naming_the_model(box_model: tuple
     # what a broken install raises
     (ConfigError("onnxruntime: broken install (test)"), "onnxruntime: broken install (test)"),
     # what an engine that never ran on a node may raise (a CUDA error, an API change): named by its type
-    (RuntimeError("CUDA error: an illegal memory access (test)"), "RuntimeError: CUDA error: an illegal memory access (test)"),
+    (RuntimeError("CUDA error: an illegal memory access (test)"),
+     "RuntimeError: CUDA error: an illegal memory access (test)"),
 ])
 def test_auto_falls_back_with_one_note_per_skipped_engine(monkeypatch: pytest.MonkeyPatch, error: Exception,
                                                           note: str) -> None:
@@ -413,7 +414,7 @@ def test_classic_engine_refuses_a_preprocess_choice() -> None:
 
 
 def test_card_figures_are_measured_again(tmp_path: Path) -> None:
-    from gpupath.detect.train import EVAL_SEEDS, evaluate_synthetic
+    from gpupath.train import EVAL_SEEDS, evaluate_synthetic
 
     card = shipped_card()
     recorded = {r["seed"]: r for r in card.extra["metrics"]["generated_slides_not_trained_on"]}

@@ -11,7 +11,8 @@ from scipy.spatial import cKDTree
 
 from conftest import READABLE, data_file
 from gpupath.detect.boxes import match_one_to_one
-from gpupath.pipeline import RunParams, process_slide, run_slides
+from gpupath.batch import run_slides
+from gpupath.pipeline import RunParams, process_slide
 from gpupath.slide import open_slide
 from gpupath.synthetic import SyntheticSpec, read_nuclei, write_synthetic_slide
 from gpupath.tiling import TileSpec
@@ -53,7 +54,8 @@ def test_known_nuclei_recall_precision(synthetic: Path, tmp_path: Path, target_m
     truth = truth_centres(synthetic)
     ti, fi = one_to_one(truth, np.c_[det["cx"], det["cy"]], MATCH_PX)
     recall, precision = len(ti) / len(truth), len(fi) / len(det["cx"])
-    assert recall >= 0.9 and precision >= 0.9, f"recall {recall:.3f}, precision {precision:.3f} at {target_mpp} µm/px, {stain}"
+    assert recall >= 0.9 and precision >= 0.9, (
+        f"recall {recall:.3f}, precision {precision:.3f} at {target_mpp} µm/px, {stain}")
 
 
 @pytest.mark.parametrize("target_mpp, engine", [(0.25, "classic"), (0.5, "classic"), (0.5, "onnxruntime")])
@@ -80,7 +82,8 @@ def test_tiles_read_from_a_fractional_downsample_level(tmp_path: Path) -> None:
     # 4099 px: level 1 is 1024 px, OpenSlide-style downsample 4.0029; tiles at 1 µm/px come from it
     slide = tmp_path / "odd.svs"
     write_synthetic_slide(slide, SyntheticSpec(width_px=4099, height_px=4099, mpp=0.25, seed=4))
-    params = {b: RunParams(backend=b, tile=TileSpec(overlap_px=32, target_mpp=1.0), engine="classic") for b in ("cucim", "tifffile")}
+    params = {b: RunParams(backend=b, tile=TileSpec(overlap_px=32, target_mpp=1.0), engine="classic")
+              for b in ("cucim", "tifffile")}
     found = {}
     for backend, p in params.items():
         res = process_slide(slide, tmp_path / backend, p)

@@ -152,7 +152,8 @@ def test_query_without_filters_returns_every_row(small_run: Path) -> None:
     assert np.all(np.diff(keys.astype(np.int64)) >= 0)   # file order: spatial
 
 
-@pytest.mark.parametrize("region", [BBox(0, 0, 300, 300), BBox(5_000.5, 7_000, 9_000, 7_500.25), BBox(19_900, 0, 20_000, 20_000)])
+@pytest.mark.parametrize("region", [BBox(0, 0, 300, 300), BBox(5_000.5, 7_000, 9_000, 7_500.25),
+                                    BBox(19_900, 0, 20_000, 20_000)])
 @pytest.mark.parametrize("label, min_score", [(None, None), ("nucleus", None), (None, 0.9), ("mitosis", 0.3)])
 def test_small_queries_match_full_scan(small_run: Path, region: BBox, label: str | None, min_score: float | None) -> None:
     got = query(small_run, bbox=region, label=label, min_score=min_score)
@@ -275,7 +276,8 @@ def test_schema_1_0_is_read_with_labels_from_the_data(one_slide: Path) -> None:
 
 
 @pytest.mark.parametrize("version, message", [
-    ("0.9", r"schema version 0\.9, this gpupath \(.*\) reads 1\.x; re-run the slide with this gpupath \(gpupath run --redo\)"),
+    ("0.9", r"schema version 0\.9, this gpupath \(.*\) reads 1\.x; "
+            r"re-run the slide with this gpupath \(gpupath run --redo\)"),
     ("2.0", r"schema version 2\.0 is newer than this gpupath \(.*\) reads \(1\.x\); upgrade gpupath"),
     ("v1", r"malformed schema version 'v1'; this gpupath reads 1\.x"),
     (None, r"no gpupath\.schema_version in its Parquet metadata: not a gpupath output file"),

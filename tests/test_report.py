@@ -22,7 +22,8 @@ import tifffile
 from PIL import Image
 
 from gpupath.errors import ConfigError
-from gpupath.pipeline import RunParams, run_slides
+from gpupath.batch import run_slides
+from gpupath.pipeline import RunParams
 from gpupath.report import (
     build_reports,
     render_overlay,
@@ -34,9 +35,9 @@ from gpupath.report.overlay import (
     HEATMAP_CELL_PX,
     SCALE_BAR_COLOUR,
     TISSUE_COLOUR,
-    label_colour,
     nice_length_um,
 )
+from gpupath.report.colours import label_colour
 from gpupath.report.summary import label_counts, read_run
 from gpupath.slide import open_slide
 from gpupath.synthetic import SyntheticSpec, write_synthetic_slide

@@ -18,8 +18,8 @@ import pytest
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
-from gpupath.errors import ConfigError  # noqa: E402
-from gpupath.serve import (  # noqa: E402
+from gpupath.errors import ConfigError
+from gpupath.serve import (
     DziGeometry,
     ServedSlide,
     ServeSource,
@@ -38,7 +38,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 @pytest.fixture(scope="module")
 def run_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A generated 4096 px slide (mpp 0.25) and its run folder, with reports."""
-    from gpupath.pipeline import RunParams, run_slides
+    from gpupath.batch import run_slides
+    from gpupath.pipeline import RunParams
     from gpupath.synthetic import SyntheticSpec, write_synthetic_slide
 
     root = tmp_path_factory.mktemp("serve")
@@ -179,7 +180,7 @@ def test_detections_boxes_then_density(server, run_out: Path) -> None:
     d = json.loads(body)
     want = query(run_out, slide=sid, bbox=bbox, min_score=0.5)
     from gpupath.detect.card import shipped_card
-    from gpupath.report.overlay import colour_hex, label_colours
+    from gpupath.report.colours import colour_hex, label_colours
 
     classes = list(shipped_card().classes)
     assert d["mode"] == "boxes" and d["labels"] == classes and d["n"] == want.num_rows > 0
@@ -278,7 +279,8 @@ def test_a_slide_without_a_pyramid_gets_404_not_a_whole_slide_read(tmp_path: Pat
 
 def test_a_slide_file_gone_since_the_run_is_404_and_one_log_line(tmp_path: Path,
                                                                    caplog: pytest.LogCaptureFixture) -> None:
-    from gpupath.pipeline import RunParams, run_slides
+    from gpupath.batch import run_slides
+    from gpupath.pipeline import RunParams
     from gpupath.synthetic import SyntheticSpec, write_synthetic_slide
 
     path = tmp_path / "moved.svs"
@@ -390,7 +392,7 @@ def test_viewer_draws_tiles_and_boxes_in_chromium(server, run_out: Path, tmp_pat
     left, top = round(b["x0_px"] - cx + 500), round(b["y0_px"] - cy + 400)
     mid_y, mid_x = round((b["y0_px"] + b["y1_px"]) / 2 - cy + 400), round((b["x0_px"] + b["x1_px"]) / 2 - cx + 500)
 
-    from gpupath.report.overlay import label_colours
+    from gpupath.report.colours import label_colours
 
     box_colour = label_colours(label_names(run_out))[b["label"]]   # the box's class colour, as the overlay's
 

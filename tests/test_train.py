@@ -28,7 +28,7 @@ def hematoxylin_disc(radius_px: float, centre=(40.5, 30.5), shape=(64, 80)) -> n
 
 @pytest.mark.parametrize("radius_px", [3.0, 5.0, 7.0])
 def test_log_size_rule_recovers_a_disc_radius(radius_px: float) -> None:
-    from gpupath.detect.train._data import log_radii
+    from gpupath.train._data import log_radii
 
     got = log_radii(hematoxylin_disc(radius_px), np.array([40.5]), np.array([30.5]))
     assert got[0] == pytest.approx(radius_px, rel=0.2)  # the scale grid steps by 15 %
@@ -52,7 +52,7 @@ def test_folded_batch_norm_is_the_same_function() -> None:
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
-def test_weights_and_onnx_give_the_torch_outputs(tmp_path) -> None:  # noqa: ANN001
+def test_weights_and_onnx_give_the_torch_outputs(tmp_path) -> None:
     import onnxruntime as ort
 
     torch.manual_seed(1)
@@ -71,8 +71,8 @@ def test_weights_and_onnx_give_the_torch_outputs(tmp_path) -> None:  # noqa: ANN
 
 
 def test_a_few_steps_on_two_real_images_lower_the_loss() -> None:
-    from gpupath.detect.train._data import annotated_train_image
-    from gpupath.detect.train._loop import TrainSettings, train
+    from gpupath.train._data import annotated_train_image
+    from gpupath.train._loop import TrainSettings, train
 
     images = [annotated_train_image(im) for im in read_dataset(nuclei_dataset("consep"), split="train")[:2]]
     net, history = train(images, n_classes=3, settings=TrainSettings(steps=60, batch=4, crop_px=64, lr=3e-3,
@@ -83,10 +83,10 @@ def test_a_few_steps_on_two_real_images_lower_the_loss() -> None:
     assert type(net) is NucleiNetV2 and not net.training
 
 
-def test_the_training_command_writes_a_model_the_pipeline_loads(tmp_path) -> None:  # noqa: ANN001
+def test_the_training_command_writes_a_model_the_pipeline_loads(tmp_path) -> None:
     from gpupath.detect.card import load_card
     from gpupath.detect.detector import make_detector
-    from gpupath.detect.train import main
+    from gpupath.train import main
 
     # a lab's own dataset in the same format: three CoNSeP training images copied into a new folder
     src, mine = nuclei_dataset("consep"), tmp_path / "my_set"

@@ -4,8 +4,8 @@
 
 The device image has torch, CuPy, Numba, numba-cuda, NumPy, SciPy, pyarrow, tifffile, typer,
 rich, Pillow, threadpoolctl and onnxruntime, but not cuCIM, nvImageCodec, imagecodecs, OpenSlide,
-torchstain, DALI, Dask (with dask-cuda), Starlette/uvicorn or gpupath. Run it in the venv of the README's test command: the versions to carry
-are read from it. This downloads their cp312 manylinux
+torchstain, DALI, Dask (with dask-cuda), Starlette/uvicorn or gpupath. Run it in the venv of the
+README's test command: the versions to carry are read from it. This downloads their cp312 manylinux
 wheels (same versions as this environment), builds gpupath's own wheel, copies the real test
 slides, and packs everything into loads of at most 60 MiB under ``.whl/`` (the device tool
 carries 64 MiB per call), splitting any wheel that is larger into parts. ``.whl/plan.json``
@@ -58,7 +58,8 @@ def download(dest: Path, dry_run: bool, python_version: str = "3.12") -> list[Pa
         return []
     plat = [arg for p in PLATFORMS for arg in ("--platform", p)]
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                    "--python-version", python_version, "--implementation", "cp", *plat, "-d", str(dest), *specs], check=True)
+                    "--python-version", python_version, "--implementation", "cp", *plat, "-d", str(dest), *specs],
+                   check=True)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dest), str(REPO)], check=True)
     wanted = {_key(*spec.split("==")) for spec in specs} | {_key("gpupath", md.version("gpupath"))}
     for stale in [w for w in dest.glob("*.whl") if _key(*w.name.split("-")[:2]) not in wanted]:

@@ -228,7 +228,8 @@ def markdown(result: dict) -> str:
               "| slide | ours on | engine | tiles | ours s | baseline s | speed-up | ours tiles/s | "
               "matched of baseline |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result.get("bench", []):
-        lines.append(f"| {r['slide']} | {r['device']} | {r.get('engine') or r.get('not_run') or 'exit ' + str(r['exit_code'])} | "
+        lines.append(f"| {r['slide']} | {r['device']} | "
+                     f"{r.get('engine') or r.get('not_run') or 'exit ' + str(r['exit_code'])} | "
                      f"{r.get('tiles', '-')} | {_f(r.get('ours_s'))} | {_f(r.get('baseline_s'))} | "
                      f"{_f(r.get('speedup_vs_baseline'))} | {_f(r.get('ours_tiles_per_s'), 1)} | "
                      f"{_f(r.get('matched_of_baseline'), 4)} |")

@@ -20,6 +20,7 @@ import numpy as np
 from gpupath.bench import _sides
 from gpupath.bench._report import machine_info
 from gpupath.bench._sides import STAGES
+from gpupath.tiling import DEFAULT_TARGET_MPP
 
 STAGE_NOTES = {"setup": "model / session load", "open": "ours: sha256 of the file + open",
                "tissue": "ours: mask + grid; baseline: thumbnail Otsu", "read": "ours: background thread",
@@ -31,7 +32,7 @@ STAGE_NOTES = {"setup": "model / session load", "open": "ours: sha256 of the fil
 
 
 def plan_job(slide: str | Path, work: Path, *, device: str = "cpu", engine: str = "onnxruntime", tile_px: int = 256,
-             overlap_px: int = 32, target_mpp: float = 0.5, min_tissue: float = 0.05, batch_size: int = 32,
+             overlap_px: int = 32, target_mpp: float = DEFAULT_TARGET_MPP, min_tissue: float = 0.05, batch_size: int = 32,
              mpp: float | None = None) -> dict[str, Any]:
     """The tile grid and model facts both sides use, as a JSON-able dict (host, gpupath's own stages)."""
     from gpupath.detect.card import HeatmapOutput, shipped_card
@@ -143,7 +144,8 @@ def run_bench(slide: str | Path, *, device: str = "cpu", work: str | Path | None
     from gpupath.ingest import sha256_file
 
     if importlib.util.find_spec("torchstain") is None:
-        raise ConfigError("the baseline's Macenko is torchstain's: pip install 'gpupath[bench]' (torchstain 1.4.1; also in the test extra)")
+        raise ConfigError("the baseline's Macenko is torchstain's: pip install 'gpupath[bench]' "
+                          "(torchstain 1.4.1; also in the test extra)")
     tmp = None if work is not None else tempfile.TemporaryDirectory(prefix="gpupath-bench-")
     work_dir = Path(work if work is not None else tmp.name)  # type: ignore[union-attr]
     work_dir.mkdir(parents=True, exist_ok=True)

@@ -33,10 +33,10 @@ def machine_info(tiatoolbox_version: str | None = None) -> dict[str, Any]:
         pass
     gpu = None
     try:
-        from gpupath._xp import gpu_available  # noqa: PLC0415
+        from gpupath._xp import gpu_available
 
         if gpu_available():
-            import cupy  # noqa: PLC0415
+            import cupy
 
             name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"]
             gpu = name.decode() if isinstance(name, bytes) else str(name)

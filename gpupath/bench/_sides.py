@@ -19,6 +19,7 @@ import json
 import resource
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ class _DevicePeak:
     :meth:`stop` gives the peak in MiB above what was in use when sampling started."""
 
     def __init__(self) -> None:
-        import cupy  # noqa: PLC0415
+        import cupy
 
         self._used, self._stop = lambda: (lambda f, t: t - f)(*cupy.cuda.runtime.memGetInfo()), threading.Event()
         self.base = self.peak = self._used()
@@ -98,46 +99,10 @@ def run_ours(job: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- baseline (child)
 
 
-def run_baseline(slide_path: str | Path, tile_grid: dict[str, Any], *, model: dict[str, Any], out_path: str | Path,
-                 batch_size: int = 32, min_tissue: float = 0.05, mpp: float | None = None) -> dict[str, Any]:
-    """The hand-written CPU pipeline on ``tile_grid``'s tiles (see the module notes).
-
-    Parameters
-    ----------
-    slide_path : slide OpenSlide opens.
-    tile_grid : ``plan_job(...)["grid"]``: level, downsample, read_px, tile_px, level-0 ``x``, ``y``
-        of each tile, grid ``col``/``row``, ``sample`` (indices of the stain-fit tiles).
-    model : ``plan_job(...)["model"]``: ONNX path, input name, normalisation, heatmap decoder facts.
-    out_path : Parquet file written (x0_px, y0_px, x1_px, y1_px level-0 half-open, score, label).
-    batch_size : tiles per ONNX Runtime call.
-    min_tissue : tissue fraction for the baseline's own tile count (reported only).
-    mpp : level-0 µm/px when the slide has none in its metadata.
-
-    Returns
-    -------
-    dict of stage seconds, end-to-end seconds, counts and peak RSS (MiB).
-    """
-    import onnxruntime as ort
-    import openslide
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import torchstain
-    from PIL import Image
-    from scipy import ndimage
-    from scipy.spatial import cKDTree
-
-    g = tile_grid
-    sec: dict[str, float] = {}
-    t_start = t = time.perf_counter()
-    session = ort.InferenceSession(model["path"], providers=["CPUExecutionProvider"])
-    t = _lap(sec, "setup", t)
-
-    slide = openslide.OpenSlide(str(slide_path))
-    mpp = mpp or float(slide.properties[openslide.PROPERTY_NAME_MPP_X])
+def _baseline_tissue(slide: Any, g: dict[str, Any], mpp: float, min_tissue: float) -> tuple[np.ndarray, int]:
+    """Tissue as labs do it: Otsu on the grey level of a ~8 µm/px thumbnail. Returns the baseline's own
+    tile mask (counted, not used: the same tiles are read) and how many of our grid's tiles it keeps."""
     w0, h0 = slide.dimensions
-    t = _lap(sec, "open", t)
-
-    # tissue as labs do it: Otsu on the grey level of a ~8 µm/px thumbnail (counted, not used: same tiles)
     thumb = np.asarray(slide.get_thumbnail((max(1, round(w0 * mpp / 8)), max(1, round(h0 * mpp / 8)))).convert("L"))
     hist = np.bincount(thumb.ravel(), minlength=256).astype(np.float64)
     levels = np.arange(256)
@@ -155,8 +120,12 @@ def run_baseline(slide_path: str | Path, tile_grid: dict[str, Any], *, model: di
     r1 = np.clip(np.ceil((rows * stride_l0 + size_l0) / ds_thumb).astype(int), 0, tissue.shape[0])
     frac = (cum[r1, c1] - cum[r0, c1] - cum[r1, c0] + cum[r0, c0]) / np.maximum((r1 - r0) * (c1 - c0), 1)
     own_tiles = frac >= min_tissue
-    both = int(own_tiles[np.asarray(g["row"]), np.asarray(g["col"])].sum())
-    t = _lap(sec, "tissue", t)
+    return own_tiles, int(own_tiles[np.asarray(g["row"]), np.asarray(g["col"])].sum())
+
+
+def _baseline_reader(slide: Any, g: dict[str, Any]) -> Callable[[int], np.ndarray]:
+    """Tile i as OpenSlide's read_region gives it, alpha over white glass, resized to tile_px (PIL)."""
+    from PIL import Image
 
     def read(i: int) -> np.ndarray:
         rgba = np.asarray(slide.read_region((g["x"][i], g["y"][i]), g["level"], (g["read_px"], g["read_px"])))
@@ -166,13 +135,17 @@ def run_baseline(slide_path: str | Path, tile_grid: dict[str, Any], *, model: di
             rgb = np.asarray(Image.fromarray(rgb).resize((g["tile_px"], g["tile_px"]), Image.BILINEAR))
         return rgb
 
-    # stain: torchstain fitted on the slide's 32 most tissue-rich tiles, its formula applied per tile
-    t_norm = time.perf_counter()
+    return read
+
+
+def _baseline_normaliser(sample: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """torchstain fitted on the slide's most tissue-rich tiles, its normalize() formula applied per tile."""
+    import torchstain
+
     macenko = torchstain.normalizers.MacenkoNormalizer(backend="numpy")
     he_ref, maxc_ref = macenko.HERef.copy(), macenko.maxCRef.copy()   # Macenko's reference: the target
-    macenko.fit(np.stack([read(i) for i in g["sample"]]), Io=IO, alpha=1, beta=0.15)  # the slide's stains
+    macenko.fit(sample, Io=IO, alpha=1, beta=0.15)  # the slide's stains
     he_slide, maxc_slide = macenko.HERef, macenko.maxCRef
-    sec["normalise"] = time.perf_counter() - t_norm
 
     def normalise(rgb: np.ndarray) -> np.ndarray:  # torchstain's normalize() with the slide's fit
         od = -np.log((rgb.reshape(-1, 3).astype(float) + 1) / IO)
@@ -180,6 +153,14 @@ def run_baseline(slide_path: str | Path, tile_grid: dict[str, Any], *, model: di
         out = IO * np.exp(-he_ref.dot(conc))
         out[out > 255] = 255
         return out.T.reshape(rgb.shape).astype(np.uint8)
+
+    return normalise
+
+
+def _baseline_detect(session: Any, read: Callable[[int], np.ndarray], normalise: Callable[[np.ndarray], np.ndarray],
+                     g: dict[str, Any], model: dict[str, Any], batch_size: int, sec: dict[str, float]) -> np.ndarray:
+    """(N, 5) level-0 centre x, y, radius, score, tile index of every heatmap peak, batch by batch."""
+    from scipy import ndimage
 
     mean, std = np.asarray(model["mean"], np.float32), np.asarray(model["std"], np.float32)
     k, stride, thr = model["peak_window_px"], model["stride_px"], model["threshold"]
@@ -201,12 +182,17 @@ def run_baseline(slide_path: str | Path, tile_grid: dict[str, Any], *, model: di
         cy = (r + offset[n, 1, r, c]) * stride * l0_per_px + ys[start + n]
         found.append(np.stack([cx, cy, size[n, 0, r, c] * l0_per_px, heat[n, 0, r, c], start + n], axis=1))
         _lap(sec, "detect", t)
-    t = time.perf_counter()
-    det = np.concatenate(found) if found else np.zeros((0, 5))
+    return np.concatenate(found) if found else np.zeros((0, 5))
+
+
+def _baseline_merge(det: np.ndarray, g: dict[str, Any], dedup_px: float, w0: int, h0: int) -> np.ndarray:
+    """One object per nucleus across overlaps: each tile keeps the centres in its core (half the overlap
+    trimmed on inner edges; kept too where the neighbour owning them was not read), then greedy NMS,
+    best score first, of centres of different tiles closer than ``dedup_px`` (level-0 px)."""
+    from scipy.spatial import cKDTree
+
     det = det[(det[:, 0] >= 0) & (det[:, 0] < w0) & (det[:, 1] >= 0) & (det[:, 1] < h0)]
-    # one object per nucleus across overlaps: each tile keeps the centres in its core (half the overlap
-    # trimmed on inner edges; kept too where the neighbour owning them was not read), then greedy NMS,
-    # best score first, of centres of different tiles closer than the dedup distance
+    stride_l0 = g["stride_lvl_px"] * g["downsample"]
     half = (g["read_px"] - g["stride_lvl_px"]) * g["downsample"] / 2
     tile_col, tile_row = np.asarray(g["col"])[det[:, 4].astype(int)], np.asarray(g["row"])[det[:, 4].astype(int)]
     own_col = np.clip((det[:, 0] - half) // stride_l0, 0, g["n_cols"] - 1).astype(int)
@@ -214,7 +200,7 @@ def run_baseline(slide_path: str | Path, tile_grid: dict[str, Any], *, model: di
     read_tiles = np.zeros((g["n_rows"], g["n_cols"]), bool)
     read_tiles[np.asarray(g["row"]), np.asarray(g["col"])] = True
     det = det[((own_col == tile_col) & (own_row == tile_row)) | ~read_tiles[own_row, own_col]]
-    pairs = cKDTree(det[:, :2]).query_pairs(model["dedup_distance_um"] / mpp, output_type="ndarray")
+    pairs = cKDTree(det[:, :2]).query_pairs(dedup_px, output_type="ndarray")
     pairs = pairs[det[pairs[:, 0], 4] != det[pairs[:, 1], 4]]   # across tiles only: a model's own peaks stay
     neighbours: list[list[int]] = [[] for _ in range(len(det))]
     for i, j in pairs.tolist():
@@ -226,8 +212,12 @@ def run_baseline(slide_path: str | Path, tile_grid: dict[str, Any], *, model: di
         if not gone[i]:
             keep.append(i)
             gone[neighbours[i]] = True
-    det = det[np.sort(np.asarray(keep, np.int64))]
-    t = _lap(sec, "detect", t)
+    return det[np.sort(np.asarray(keep, np.int64))]
+
+
+def _baseline_write(det: np.ndarray, w0: int, h0: int, out_path: str | Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     cx, cy, rad = det[:, 0], det[:, 1], det[:, 2]
     table = pa.table({"x0_px": np.clip(cx - rad, 0, w0).astype(np.float32),
@@ -236,10 +226,54 @@ def run_baseline(slide_path: str | Path, tile_grid: dict[str, Any], *, model: di
                       "y1_px": np.clip(cy + rad, 0, h0).astype(np.float32),
                       "score": det[:, 3].astype(np.float32), "label": np.zeros(len(det), np.int16)})
     pq.write_table(table, str(out_path))
+
+
+def run_baseline(slide_path: str | Path, tile_grid: dict[str, Any], *, model: dict[str, Any], out_path: str | Path,
+                 batch_size: int = 32, min_tissue: float = 0.05, mpp: float | None = None) -> dict[str, Any]:
+    """The hand-written CPU pipeline on ``tile_grid``'s tiles (see the module notes).
+
+    Parameters
+    ----------
+    slide_path : slide OpenSlide opens.
+    tile_grid : ``plan_job(...)["grid"]``: level, downsample, read_px, tile_px, level-0 ``x``, ``y``
+        of each tile, grid ``col``/``row``, ``sample`` (indices of the stain-fit tiles).
+    model : ``plan_job(...)["model"]``: ONNX path, input name, normalisation, heatmap decoder facts.
+    out_path : Parquet file written (x0_px, y0_px, x1_px, y1_px level-0 half-open, score, label).
+    batch_size : tiles per ONNX Runtime call.
+    min_tissue : tissue fraction for the baseline's own tile count (reported only).
+    mpp : level-0 µm/px when the slide has none in its metadata.
+
+    Returns
+    -------
+    dict of stage seconds, end-to-end seconds, counts and peak RSS (MiB).
+    """
+    import onnxruntime as ort
+    import openslide
+
+    g = tile_grid
+    sec: dict[str, float] = {}
+    t_start = t = time.perf_counter()
+    session = ort.InferenceSession(model["path"], providers=["CPUExecutionProvider"])
+    t = _lap(sec, "setup", t)
+    slide = openslide.OpenSlide(str(slide_path))
+    mpp = mpp or float(slide.properties[openslide.PROPERTY_NAME_MPP_X])
+    w0, h0 = slide.dimensions
+    t = _lap(sec, "open", t)
+    own_tiles, both = _baseline_tissue(slide, g, mpp, min_tissue)
+    t = _lap(sec, "tissue", t)
+    read = _baseline_reader(slide, g)
+    t_norm = time.perf_counter()
+    normalise = _baseline_normaliser(np.stack([read(i) for i in g["sample"]]))
+    sec["normalise"] = time.perf_counter() - t_norm
+    found = _baseline_detect(session, read, normalise, g, model, batch_size, sec)
+    t = time.perf_counter()
+    det = _baseline_merge(found, g, model["dedup_distance_um"] / mpp, w0, h0)
+    t = _lap(sec, "detect", t)
+    _baseline_write(det, w0, h0, out_path)
     _lap(sec, "write", t)
     slide.close()
     return {"stages": {s: sec.get(s, 0.0) for s in STAGES}, "end_to_end_s": time.perf_counter() - t_start,
-            "n_tiles": len(xs), "n_detections": len(det), "peak_rss_mib": _peak_rss_mib(), "engine": "onnxruntime",
+            "n_tiles": len(g["x"]), "n_detections": len(det), "peak_rss_mib": _peak_rss_mib(), "engine": "onnxruntime",
             "own_tissue_tiles": int(own_tiles.sum()), "own_tissue_tiles_in_our_grid": both,
             "detections": str(out_path)}
 

@@ -43,12 +43,12 @@ from gpupath.convert._tiles import ConvertDevice as ConvertDevice
 from gpupath.convert._tiles import ConvertParams, ConvertResult, pyramid_dimensions
 from gpupath.convert._tiles import StainMethod as StainMethod
 
-# private helpers imported from here by tests/test_convert.py and bench/bench_convert.py
-from gpupath.convert._core import _stain_normaliser as _stain_normaliser
-from gpupath.convert._device import _pick_device as _pick_device
-from gpupath.convert._tiles import _encoder as _encoder
-from gpupath.convert._tiles import _halve as _halve
-from gpupath.convert._tiles import _tiles_of_row as _tiles_of_row
+# helpers that tests/test_convert.py and bench/bench_convert.py call directly
+from gpupath.convert._core import stain_normaliser as stain_normaliser
+from gpupath.convert._device import pick_device as pick_device
+from gpupath.convert._tiles import encoder as encoder
+from gpupath.convert._tiles import halve as halve
+from gpupath.convert._tiles import tiles_of_row as tiles_of_row
 
 __all__ = ["ConvertParams", "ConvertResult", "ConvertOutcome", "convert_slide", "convert_slides", "output_name",
            "pyramid_dimensions", "convert_key", "converted_before"]

@@ -29,7 +29,7 @@ class ConvertOutcome:
 def _convert_task(src: str, out: str, params: ConvertParams, resume: bool = True) -> ConvertOutcome:
     """One slide, start to end (a Dask task on a worker, or a call in this process); with ``resume``
     an output that already is this conversion is kept (its source is hashed, never decoded)."""
-    from gpupath.ingest import sha256_file  # noqa: PLC0415
+    from gpupath.files import sha256_file
 
     try:
         sha = sha256_file(src)
@@ -73,7 +73,7 @@ def convert_slides(inputs: list[str | os.PathLike[str]], out_dir: str | os.PathL
     ConfigError
         Two inputs would write the same output name, or the store is not a folder.
     """
-    from gpupath.batch import default_workers, expand_inputs  # noqa: PLC0415
+    from gpupath.batch import default_workers, expand_inputs
 
     params = params or ConvertParams()
     paths = expand_inputs([Path(p) for p in inputs], store=store)
@@ -91,12 +91,12 @@ def convert_slides(inputs: list[str | os.PathLike[str]], out_dir: str | os.PathL
             if on_slide is not None:
                 on_slide(outcomes[i])  # type: ignore[arg-type]
         return outcomes  # type: ignore[return-value]
-    from distributed import as_completed  # noqa: PLC0415
+    from distributed import as_completed
 
-    from gpupath.batch import dask_client  # noqa: PLC0415
+    from gpupath.batch import dask_client
 
     with contextlib.ExitStack() as stack:
-        # the CPU cluster whatever params.device: each task picks its device itself (_pick_device)
+        # the CPU cluster whatever params.device: each task picks its device itself (pick_device)
         client, _ = dask_client(stack, scheduler, device="cpu", workers=n_workers, on_note=lambda _m: None)
         token = uuid.uuid4().hex[:8]
         futures = {client.submit(_convert_task, src, dst, params, resume, key=f"gpupath-convert-{token}-{i}", pure=False): i

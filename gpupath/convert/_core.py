@@ -23,12 +23,12 @@ import tifffile
 
 from gpupath._version import __version__
 from gpupath._xp import array_module, to_host
-from gpupath.convert._device import _DeviceJpeg, _pick_device
+from gpupath.convert._device import DeviceJpeg, pick_device
 from gpupath.convert._resume import KEY_NAME, SOURCE_SHA_NAME, convert_key
-from gpupath.convert._tiles import (ConvertParams, ConvertResult, StainMethod, _encoder, _halve, _tiff_args,
-                                    _tiles_of_row, pyramid_dimensions)
+from gpupath.convert._tiles import (ConvertParams, ConvertResult, StainMethod, encoder, halve, tiff_args,
+                                    tiles_of_row, pyramid_dimensions)
 from gpupath.errors import ConfigError, GpupathError, SlideReadError
-from gpupath.results import atomic_path
+from gpupath.files import atomic_path
 from gpupath.slide import Slide, open_slide
 
 _STAIN_SAMPLE_TILES = 32          # as gpupath.pipeline: tiles the per-slide stain fit sees
@@ -41,7 +41,7 @@ class _Level:
     def __init__(self, dims: tuple[int, int], tmp: Path, tile_px: int) -> None:
         self.width, self.height = dims
         self.tmp, self.tile_px = tmp, tile_px
-        self.fh: BinaryIO = open(tmp, "wb")  # noqa: SIM115 - closed by _Pyramid.close
+        self.fh: BinaryIO = open(tmp, "wb")
         self.spans: list[tuple[int, int]] = []    # (offset, length) of each encoded tile, TIFF order
         self.rows: list[Any] = []                 # rows (NumPy or CuPy) not yet in a full tile row
         self.n_rows = 0                           # rows buffered
@@ -82,7 +82,7 @@ class _Pyramid:
             else:
                 lvl.carry, rows = rows[-1:].copy(), rows[:-1]
         if rows.shape[0]:
-            self._take(index, _halve(rows), last=last)
+            self._take(index, halve(rows), last=last)
         elif last:
             self._take(index, xp.empty((0, lvl.width, 3), xp.uint8), last=True)
 
@@ -118,14 +118,14 @@ class _Pyramid:
 
 
 # ---------------------------------------------------------------------------------------- reading
-def _stain_normaliser(slide: Slide, mpp: float, method: StainMethod) -> tuple[Callable[[np.ndarray], np.ndarray] | None,
+def stain_normaliser(slide: Slide, mpp: float, method: StainMethod) -> tuple[Callable[[np.ndarray], np.ndarray] | None,
                                                                               str]:
     """Fit the slide's stains once (as ``run`` does) and return a strip normaliser, or (None, why not)."""
     if method == "none":
         return None, ""
-    from gpupath import stain, vahadane  # noqa: PLC0415
-    from gpupath.tiling import TileSpec, tile_grid  # noqa: PLC0415
-    from gpupath.tissue import compute_tissue  # noqa: PLC0415
+    from gpupath import stain, vahadane
+    from gpupath.tiling import TileSpec, tile_grid
+    from gpupath.tissue import compute_tissue
 
     fit_fn, apply_fn, target = {"macenko": (stain.fit_macenko, stain.apply_macenko, stain.REFERENCE),
                                 "vahadane": (vahadane.fit_vahadane, vahadane.apply_vahadane,
@@ -194,7 +194,7 @@ def _ome_metadata(slide: Slide, mpp: float, params: ConvertParams, device: str, 
 
 
 def _source_sha256(src: str | os.PathLike[str]) -> str:
-    from gpupath.ingest import sha256_file  # noqa: PLC0415
+    from gpupath.files import sha256_file
 
     try:
         return sha256_file(src)
@@ -233,6 +233,66 @@ def _chain_subifds(path: Path) -> None:
 def _default_workers() -> int:
     usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
     return min(16, len(usable))
+
+
+def _checked_args(params: ConvertParams | None, src: str | os.PathLike[str],
+                  out: str | os.PathLike[str]) -> tuple[ConvertParams, Path]:
+    """``params`` (default :class:`ConvertParams`) and the output path, checked.
+
+    Raises
+    ------
+    TypeError
+        ``params`` is not a ConvertParams.
+    ConfigError
+        The output is the source slide itself.
+    """
+    params = params or ConvertParams()
+    if not isinstance(params, ConvertParams):
+        raise TypeError(f"params={params!r}: expected a ConvertParams")
+    out_path = Path(out)
+    if out_path.exists() and Path(src).exists() and os.path.samefile(out_path, src):
+        raise ConfigError(f"{out_path}: is the source slide itself; converting would overwrite it with a re-encoded "
+                          "copy (choose another output name or folder)")
+    return params, out_path
+
+
+def _row_encoder(device: str, params: ConvertParams, pool: ThreadPoolExecutor,
+                 encode: Callable[[np.ndarray], bytes]) -> Callable[[Any], list[bytes]]:
+    """Tile row -> encoded tiles: nvJPEG on ``cuda`` for JPEG, else ``encode`` over ``pool`` (host
+    encoders; a device tile row is copied to the host first)."""
+    encode_row: Callable[[Any], list[bytes]]
+    if device == "cuda" and params.compression == "jpeg":
+        encode_row = DeviceJpeg(params.quality, params.tile_px)
+    else:  # host encoders; a device tile row is copied to the host first
+        def encode_row(rows: Any) -> list[bytes]:
+            return list(pool.map(encode, tiles_of_row(to_host(rows), params.tile_px)))
+    return encode_row
+
+
+def _level0_tiles(slide: Slide, params: ConvertParams, reader: ThreadPoolExecutor, device: str,
+                  normalise: Callable[[Any], Any] | None, pyramid: _Pyramid,
+                  encode_row: Callable[[Any], list[bytes]], h: int,
+                  on_rows: Callable[[int, int], None] | None) -> Iterator[bytes]:
+    """Level 0's encoded tiles, strip by strip (stain-normalised when ``normalise`` is given); each strip
+    is also pushed into ``pyramid`` for the reduced levels, then ``on_rows(rows_done, h)`` is called."""
+    done = 0
+    for strip in _strips(slide, params.tile_px, reader, device):
+        if normalise is not None:
+            strip = normalise(strip)
+        done += strip.shape[0]
+        pyramid.push(0, strip, last=done >= h)
+        yield from encode_row(strip)
+        if on_rows is not None:
+            on_rows(done, h)
+
+
+def _write_reduced_levels(tif: tifffile.TiffWriter, pyramid: _Pyramid, dims: list[tuple[int, int]], mpp: float,
+                          tiff_kw: dict[str, Any]) -> None:
+    """Write levels 1.. as SubIFDs of level 0 (reduced-resolution pages, each at its own µm/px)."""
+    for i, (lw, lh) in enumerate(dims[1:]):
+        ds = 2 ** (i + 1)
+        tif.write(pyramid.tiles(i), shape=(lh, lw, 3), dtype=np.uint8, subfiletype=1,
+                  resolution=(1e4 / (mpp * ds), 1e4 / (mpp * ds)), **tiff_kw)
 
 
 def convert_slide(src: str | os.PathLike[str], out: str | os.PathLike[str], params: ConvertParams | None = None, *,
@@ -278,53 +338,29 @@ def convert_slide(src: str | os.PathLike[str], out: str | os.PathLike[str], para
     --------
     >>> convert_slide("a.svs", "a.ome.tif", ConvertParams(tile_px=512))  # doctest: +SKIP
     """
-    params = params or ConvertParams()
-    if not isinstance(params, ConvertParams):
-        raise TypeError(f"params={params!r}: expected a ConvertParams")
-    out_path = Path(out)
-    if out_path.exists() and Path(src).exists() and os.path.samefile(out_path, src):
-        raise ConfigError(f"{out_path}: is the source slide itself; converting would overwrite it with a re-encoded "
-                          "copy (choose another output name or folder)")
+    params, out_path = _checked_args(params, src, out)
     t0 = time.perf_counter()
     workers = params.workers or _default_workers()
-    device, device_note = _pick_device(params)  # ConfigError here, before the slide is opened
+    device, device_note = pick_device(params)  # ConfigError here, before the slide is opened
     sha = source_sha256 or _source_sha256(src)
     with open_slide(src, backend=params.backend, mpp=params.mpp) as slide:
         mpp = slide.require_mpp()
         w, h = slide.dimensions
         dims = pyramid_dimensions(w, h, params.tile_px)
-        normalise, warning = _stain_normaliser(slide, mpp, params.stain)
-        encode, tiff_args = _encoder(params), _tiff_args(params)
+        normalise, warning = stain_normaliser(slide, mpp, params.stain)
+        encode, tiff_kw = encoder(params), tiff_args(params)
         try:
             with atomic_path(out_path) as tmp, ThreadPoolExecutor(workers, "gpupath-encode") as pool, \
                     ThreadPoolExecutor(1, "gpupath-read") as reader:
-                encode_row: Callable[[Any], list[bytes]]
-                if device == "cuda" and params.compression == "jpeg":
-                    encode_row = _DeviceJpeg(params.quality, params.tile_px)
-                else:  # host encoders; a device tile row is copied to the host first
-                    def encode_row(rows: Any) -> list[bytes]:
-                        return list(pool.map(encode, _tiles_of_row(to_host(rows), params.tile_px)))
+                encode_row = _row_encoder(device, params, pool, encode)
                 pyramid = _Pyramid(dims, tmp, params.tile_px, encode_row)
                 try:
-                    def level0() -> Iterator[bytes]:
-                        done = 0
-                        for strip in _strips(slide, params.tile_px, reader, device):
-                            if normalise is not None:
-                                strip = normalise(strip)
-                            done += strip.shape[0]
-                            pyramid.push(0, strip, last=done >= h)
-                            yield from encode_row(strip)
-                            if on_rows is not None:
-                                on_rows(done, h)
-
+                    level0 = _level0_tiles(slide, params, reader, device, normalise, pyramid, encode_row, h, on_rows)
                     with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif:
-                        tif.write(level0(), shape=(h, w, 3), dtype=np.uint8, subifds=len(dims) - 1,
+                        tif.write(level0, shape=(h, w, 3), dtype=np.uint8, subifds=len(dims) - 1,
                                   resolution=(1e4 / mpp, 1e4 / mpp), metadata=_ome_metadata(slide, mpp, params, device, sha),
-                                  **tiff_args)
-                        for i, (lw, lh) in enumerate(dims[1:]):
-                            ds = 2 ** (i + 1)
-                            tif.write(pyramid.tiles(i), shape=(lh, lw, 3), dtype=np.uint8, subfiletype=1,
-                                      resolution=(1e4 / (mpp * ds), 1e4 / (mpp * ds)), **tiff_args)
+                                  **tiff_kw)
+                        _write_reduced_levels(tif, pyramid, dims, mpp, tiff_kw)
                 finally:
                     pyramid.close()
                 _chain_subifds(tmp)

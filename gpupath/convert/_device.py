@@ -1,7 +1,8 @@
 """Convert's device path: JPEG tiles encoded on the GPU by nvImageCodec, and the cpu / cuda choice.
 
-:class:`_DeviceJpeg` turns a CuPy tile row into baseline JPEG (YCbCr 4:2:0) streams on the device;
-:func:`_pick_device` resolves ``ConvertParams.device`` (``auto``: the CPU without a GPU; with a GPU whose JPEG encoder fails, the CPU with a note).
+:class:`DeviceJpeg` turns a CuPy tile row into baseline JPEG (YCbCr 4:2:0) streams on the device;
+:func:`pick_device` resolves ``ConvertParams.device`` (``auto``: the CPU without a GPU; with a GPU whose
+JPEG encoder fails, the CPU with a note).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import functools
 from typing import Any
 
 from gpupath._xp import array_module, cupy_or_none, gpu_available, gpu_problem
-from gpupath.convert._tiles import ConvertParams, _tiles_of_row
+from gpupath.convert._tiles import ConvertParams, tiles_of_row
 from gpupath.errors import ConfigError, GpupathError
 
 _NO_NVIMGCODEC = "nvImageCodec is not installed (pip install 'gpupath[gpu]')"
@@ -24,11 +25,11 @@ def _jpeg_params(nvimgcodec: Any, quality: int) -> Any:
                                                                                   optimized_huffman=False))
 
 
-class _DeviceJpeg:
+class DeviceJpeg:
     """Tile rows on the GPU (CuPy) -> JPEG bytes per tile, encoded on the device by nvImageCodec."""
 
     def __init__(self, quality: int, tile_px: int) -> None:
-        from nvidia import nvimgcodec  # noqa: PLC0415  (optional: the gpu extra)
+        from nvidia import nvimgcodec
 
         self.nv, self.tile_px = nvimgcodec, tile_px
         self.encoder = nvimgcodec.Encoder()
@@ -37,7 +38,7 @@ class _DeviceJpeg:
     def __call__(self, rows: Any) -> list[bytes]:
         cp = array_module(rows)
         stream = cp.cuda.get_current_stream().ptr
-        images = [self.nv.as_image(tile, stream) for tile in _tiles_of_row(rows, self.tile_px)]
+        images = [self.nv.as_image(tile, stream) for tile in tiles_of_row(rows, self.tile_px)]
         streams = self.encoder.encode(images, "jpeg", params=self.params, cuda_stream=stream)
         if any(cs is None for cs in streams):
             raise GpupathError("nvImageCodec could not JPEG-encode a tile on the GPU; convert with --device cpu")
@@ -51,7 +52,7 @@ def _device_jpeg_problem() -> str:
     if cp is None:
         return "no usable CUDA GPU (CuPy found no device)"
     try:
-        enc = _DeviceJpeg(90, 16)
+        enc = DeviceJpeg(90, 16)
     except ImportError:
         return _NO_NVIMGCODEC
     except Exception as exc:  # noqa: BLE001  driver / library mismatch: report it, fall back
@@ -63,7 +64,7 @@ def _device_jpeg_problem() -> str:
     return "" if blob[:2] == b"\xff\xd8" else "nvImageCodec's test tile is not a JPEG stream"
 
 
-def _pick_device(params: ConvertParams) -> tuple[str, str]:
+def pick_device(params: ConvertParams) -> tuple[str, str]:
     """(``cpu`` or ``cuda``, note for the result's warnings); ConfigError when ``cuda`` cannot run."""
     if params.device == "cpu":
         return "cpu", ""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from gpupath._version import __version__
 from gpupath.convert._tiles import ConvertParams, ConvertResult
-from gpupath.slide._meta import ome_annotations, ome_mpp
+from gpupath.slide import ome_annotations, ome_mpp
 
 __all__ = ["convert_key", "converted_before", "KEY_NAME", "SOURCE_SHA_NAME"]
 
@@ -40,7 +40,7 @@ def convert_key(source_sha256: str, params: ConvertParams) -> str:
 def converted_before(out: str | Path, key: str) -> ConvertResult | None:
     """What ``out`` holds when it is a complete conversion with ``key`` (None otherwise: absent,
     unreadable, not ours, or converted from other bytes or with other settings)."""
-    import tifffile  # noqa: PLC0415
+    import tifffile
 
     path = Path(out)
     if not path.is_file():

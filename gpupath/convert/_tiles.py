@@ -100,7 +100,7 @@ def pyramid_dimensions(width_px: int, height_px: int, tile_px: int) -> list[tupl
 
 
 # ---------------------------------------------------------------------------------------- encoding
-def _encoder(params: ConvertParams) -> Callable[[np.ndarray], bytes]:
+def encoder(params: ConvertParams) -> Callable[[np.ndarray], bytes]:
     """Tile (T, T, 3) uint8 -> bytes, exactly as tifffile would encode it with the same tags."""
     q = params.quality
     if params.compression == "jpeg":
@@ -112,15 +112,15 @@ def _encoder(params: ConvertParams) -> Callable[[np.ndarray], bytes]:
     return lambda tile: imagecodecs.zlib_encode(tile, level=level)
 
 
-def _tiff_args(params: ConvertParams) -> dict[str, Any]:
+def tiff_args(params: ConvertParams) -> dict[str, Any]:
     args: dict[str, Any] = {"photometric": "rgb", "compression": params.compression, "tile": (params.tile_px,) * 2,
                             "maxworkers": 1, "resolutionunit": "CENTIMETER", "software": f"gpupath {__version__}"}
     if params.compression == "jpeg":
-        args["compressionargs"] = {"level": params.quality}  # sets YCbCr 4:2:0 tags, as _encoder encodes
+        args["compressionargs"] = {"level": params.quality}  # sets YCbCr 4:2:0 tags, as encoder encodes
     return args
 
 
-def _tiles_of_row(rows: Any, tile_px: int) -> list[Any]:
+def tiles_of_row(rows: Any, tile_px: int) -> list[Any]:
     """Cut (h <= T, w, 3) rows into full (T, T, 3) tiles, left to right, edges replicated.
 
     NumPy or CuPy rows; the tiles are C-contiguous arrays of the same module.
@@ -133,7 +133,7 @@ def _tiles_of_row(rows: Any, tile_px: int) -> list[Any]:
     return [xp.ascontiguousarray(rows[:, c:c + tile_px]) for c in range(0, rows.shape[1], tile_px)]
 
 
-def _halve(rows: Any) -> Any:
+def halve(rows: Any) -> Any:
     """2 x 2 mean of uint8 rows, rounded half up: (2k, w, 3) -> (k, ceil(w/2), 3), same array module.
 
     NumPy in, NumPy out; CuPy in, CuPy out. Odd width: the last column is replicated. Integer

@@ -137,7 +137,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 def _fsync_dir(folder: Path) -> None:
     """Make the renames in ``folder`` durable (POSIX); best effort: a no-op where directories cannot be
     opened (Windows) or a filesystem refuses fsync on one; the renames are atomic either way."""
-    from gpupath.results import fsync_path  # noqa: PLC0415  (pyarrow only when a plan is written)
+    from gpupath.files import fsync_path
 
     with contextlib.suppress(OSError):
         fsync_path(folder)

@@ -41,7 +41,7 @@ _DTYPES = {"FP32": np.float32, "FP16": np.float16}
 
 def _client_module() -> Any:
     try:
-        import tritonclient.http as httpclient  # noqa: PLC0415
+        import tritonclient.http as httpclient
     except ImportError as exc:
         raise ConfigError(f"triton engine: tritonclient is not installed ({exc}); "
                           "pip install tritonclient[http]") from None

@@ -82,7 +82,7 @@ class ClassMap:
 
 def load_class_map(path: str | Path = SHIPPED_CLASS_MAP) -> ClassMap:
     """Read and check a class-map YAML file (see the module docstring)."""
-    import yaml  # noqa: PLC0415
+    import yaml
 
     path = Path(path)
     try:
@@ -217,7 +217,7 @@ def read_dataset(root: str | Path, *, split: str | None = None,
 
 def read_image(image: AnnotatedImage) -> np.ndarray:
     """(H, W, 3) uint8 RGB pixels of an annotated image."""
-    from PIL import Image  # noqa: PLC0415
+    from PIL import Image
 
     try:
         with Image.open(image.path) as im:

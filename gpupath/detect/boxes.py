@@ -11,66 +11,18 @@ sequential by nature (each decision depends on the earlier ones) and stays on th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from scipy.spatial import cKDTree
 
 from gpupath._xp import array_module, is_device_array
+from gpupath.types import Detections
 from gpupath_kernels import boxes as boxes_kernels
 
 __all__ = ["Detections", "GridLayout", "to_global", "boxes_to_global", "own_by_centre", "suppress_near_duplicates",
            "dedup_overlaps", "match_one_to_one", "random_detections"]
-
-
-@dataclass(frozen=True, slots=True)
-class Detections:
-    """Boxes in level-0 px. Every field is an (N,) host array; an empty set has N = 0."""
-
-    x0: np.ndarray        # float32 level-0 px, left (inclusive)
-    y0: np.ndarray        # float32 level-0 px, top (inclusive)
-    x1: np.ndarray        # float32 level-0 px, right (exclusive)
-    y1: np.ndarray        # float32 level-0 px, bottom (exclusive)
-    score: np.ndarray     # float32 in [0, 1]
-    label: np.ndarray     # int16 class index
-    tile_x: np.ndarray    # int64 level-0 origin of the source tile
-    tile_y: np.ndarray    # int64
-
-    @classmethod
-    def empty(cls) -> Detections:
-        f32, i16, i64 = np.zeros(0, np.float32), np.zeros(0, np.int16), np.zeros(0, np.int64)
-        return cls(f32, f32, f32, f32, f32, i16, i64, i64)
-
-    def __len__(self) -> int:
-        return int(self.x0.shape[0])
-
-    @property
-    def cx(self) -> np.ndarray:
-        return (self.x0 + self.x1) / 2
-
-    @property
-    def cy(self) -> np.ndarray:
-        return (self.y0 + self.y1) / 2
-
-    def take(self, index: np.ndarray) -> Detections:
-        return Detections(*(getattr(self, f.name)[index] for f in fields(self)))
-
-    def clip_to(self, width_px: int, height_px: int) -> Detections:
-        """Drop boxes centred outside the slide ``[0, width) x [0, height)`` and clip the rest to it (level-0 px)."""
-        cx, cy = self.cx, self.cy
-        d = self.take(np.flatnonzero((cx >= 0) & (cx < width_px) & (cy >= 0) & (cy < height_px)))
-        return Detections(
-            np.clip(d.x0, 0, width_px), np.clip(d.y0, 0, height_px),
-            np.clip(d.x1, 0, width_px), np.clip(d.y1, 0, height_px),
-            d.score, d.label, d.tile_x, d.tile_y,
-        )
-
-    @staticmethod
-    def concat(parts: list[Detections]) -> Detections:
-        if not parts:
-            return Detections.empty()
-        return Detections(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(Detections)))
 
 
 def to_global(*, tile_index: np.ndarray, cx_px: np.ndarray, cy_px: np.ndarray, radius_px: np.ndarray,
@@ -180,8 +132,10 @@ def own_by_centre(det: Detections, layout: GridLayout, *, margin_l0_px: float = 
     owned = (own_c == col) & (own_r == row)
     near = np.zeros(len(det), bool)
     if margin_l0_px > 0:
-        own_c_lo, own_c_hi = _owner(cx - margin_l0_px, layout, layout.n_cols), _owner(cx + margin_l0_px, layout, layout.n_cols)
-        own_r_lo, own_r_hi = _owner(cy - margin_l0_px, layout, layout.n_rows), _owner(cy + margin_l0_px, layout, layout.n_rows)
+        own_c_lo, own_c_hi = (_owner(cx - margin_l0_px, layout, layout.n_cols),
+                              _owner(cx + margin_l0_px, layout, layout.n_cols))
+        own_r_lo, own_r_hi = (_owner(cy - margin_l0_px, layout, layout.n_rows),
+                              _owner(cy + margin_l0_px, layout, layout.n_rows))
         near = (own_c_lo <= col) & (col <= own_c_hi) & (own_r_lo <= row) & (row <= own_r_hi) & ~owned
     orphan = np.array([(c, r) not in layout.processed for c, r in zip(own_c.tolist(), own_r.tolist())], bool)
     keep = owned | near | orphan

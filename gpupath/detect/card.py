@@ -165,8 +165,8 @@ _BOXES_KEYS = {"decoder", "boxes", "scores", "labels", "box_format", "box_units"
 
 
 def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a model or weights file (:func:`gpupath.ingest.sha256_file`, the slides' hash)."""
-    from gpupath.ingest import sha256_file  # noqa: PLC0415  (ingest pulls pyarrow; cards load without it)
+    """Hex SHA-256 of a model or weights file (:func:`gpupath.files.sha256_file`, the slides' hash)."""
+    from gpupath.files import sha256_file
 
     return sha256_file(path)
 
@@ -284,7 +284,7 @@ def load_card(card_path: str | Path, *, model_path: str | Path | None = None) ->
     ConfigError
         Unreadable YAML, unknown or missing keys, values out of range, model file missing.
     """
-    import yaml  # noqa: PLC0415  (only needed when a card is read)
+    import yaml
 
     card = Path(card_path)
     try:

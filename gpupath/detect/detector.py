@@ -95,7 +95,7 @@ class LearnedDetector:
 
     def detect(self, tiles: Any, *, mpp: float, stain_matrix_od: np.ndarray) -> TileBoxes:
         """Boxes in tile px. ``mpp`` was checked against the card by :meth:`check_tiles`; stains are unused."""
-        from gpupath.detect.preprocess import input_scale  # noqa: PLC0415
+        from gpupath.detect.preprocess import input_scale
 
         if tiles.ndim != 4 or tiles.shape[-1] != 3:
             raise ValueError(f"tiles must be (N, H, W, 3), got shape {tuple(tiles.shape)}")
@@ -152,7 +152,7 @@ def _build_engine(name: str, card: ModelCard, *, device: str, batch_size: int, t
     if name == "tensorrt":
         if device != "cuda":
             raise ConfigError(f"tensorrt engine needs --device cuda (device here: {device})")
-        from gpupath.detect._tensorrt import TensorRTEngine  # noqa: PLC0415
+        from gpupath.detect._tensorrt import TensorRTEngine
 
         out = card.output
         return TensorRTEngine(card.model_path, model_sha256=card.model_sha256, input_name=card.input.name,
@@ -161,7 +161,7 @@ def _build_engine(name: str, card: ModelCard, *, device: str, batch_size: int, t
     if name == "triton":
         if not triton_url:
             raise ConfigError("--engine triton needs --triton-url (host:port of the server's HTTP endpoint)")
-        from gpupath.detect._triton import TritonEngine  # noqa: PLC0415
+        from gpupath.detect._triton import TritonEngine
 
         return TritonEngine(card, url=triton_url, model_name=triton_model, device=device)  # type: ignore[arg-type]
     raise ConfigError(f"engine must be one of {', '.join(ENGINE_NAMES)}, got {name!r}")
@@ -174,8 +174,8 @@ def _build_preprocessor(kind: str, card: ModelCard, *, device: str, batch_size: 
     A DALI pipeline is built and run once here on a blank batch, so a DALI that imports but
     cannot run (driver, device) falls back (auto) or fails (dali) before any slide is read.
     """
-    from gpupath.detect.dali_feed import DaliPreprocessor, dali_available  # noqa: PLC0415
-    from gpupath.detect.preprocess import preprocess  # noqa: PLC0415
+    from gpupath.detect.dali_feed import DaliPreprocessor, dali_available
+    from gpupath.detect.preprocess import preprocess
 
     if kind not in ("auto", "dali", "xp"):
         raise ConfigError(f"preprocess must be auto, dali or xp, got {kind!r}")
@@ -200,13 +200,13 @@ def _build_preprocessor(kind: str, card: ModelCard, *, device: str, batch_size: 
 def _device_id(device: str) -> int:
     if device != "cuda":
         return 0
-    import cupy  # noqa: PLC0415
+    import cupy
 
     return int(cupy.cuda.Device().id)
 
 
 def _to_device(a: np.ndarray) -> Any:
-    from gpupath._xp import to_device  # noqa: PLC0415
+    from gpupath._xp import to_device
 
     return to_device(a)
 
@@ -263,7 +263,7 @@ def make_detector(engine: str = "auto", *, device: Literal["cpu", "cuda"] = "cpu
             built = _build_engine(name, card, device=device, batch_size=batch_size, tile_px=tile_px,
                                   cache_dir=cache_dir, triton_url=triton_url, triton_model=triton_model)
             break
-        except Exception as exc:  # noqa: BLE001  auto goes on to the next engine whatever stopped this one
+        except Exception as exc:
             if engine != "auto":
                 raise  # named explicitly: no substitute (ConfigError, KernelError for a failed TensorRT build, ...)
             # an engine that has never run on this node may fail in ways its code does not foresee (a CUDA

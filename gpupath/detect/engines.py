@@ -39,7 +39,7 @@ class Engine(Protocol):
 
 def onnx_io(model_path: Path) -> tuple[dict[str, tuple], dict[str, tuple]]:
     """({input name: shape}, {output name: shape}) as the ONNX file declares them (str/None for dynamic dims)."""
-    import onnxruntime as ort  # noqa: PLC0415
+    import onnxruntime as ort
 
     try:
         sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
@@ -113,7 +113,7 @@ class OnnxRuntimeEngine:
     name = "onnxruntime"
 
     def __init__(self, card: ModelCard, *, device: Literal["cpu", "cuda"] = "cpu", intra_op_threads: int = 0) -> None:
-        import onnxruntime as ort  # noqa: PLC0415
+        import onnxruntime as ort
 
         providers = ["CPUExecutionProvider"]
         if device == "cuda":
@@ -141,7 +141,7 @@ class OnnxRuntimeEngine:
 
     def _run_bound(self, x: Any) -> dict[str, Any]:
         """CUDA provider with I/O binding: the CuPy input is read in place, outputs stay on the device."""
-        import cupy  # noqa: PLC0415
+        import cupy
 
         x = cupy.ascontiguousarray(x)
         binding = self.session.io_binding()
@@ -166,7 +166,7 @@ _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tens
 
 
 def _current_device_id() -> int:
-    import cupy  # noqa: PLC0415
+    import cupy
 
     return int(cupy.cuda.Device().id)
 
@@ -181,9 +181,9 @@ class TorchEngine:
             raise ConfigError(f"{card.name}: the torch engine runs the shipped architecture from its .npz weights; "
                               "this card has none (use --engine onnxruntime or tensorrt for your ONNX model)")
         try:
-            import torch  # noqa: PLC0415
+            import torch
 
-            from gpupath.detect.net import load_weights  # noqa: PLC0415
+            from gpupath.detect.net import load_weights
         except ImportError as exc:
             raise ConfigError(f"torch engine: torch is not installed ({exc}); pip install torch") from None
         if device == "cuda" and not torch.cuda.is_available():
@@ -208,7 +208,7 @@ class TorchEngine:
             if self.device == "cpu":
                 t = torch.from_numpy(np.ascontiguousarray(x, np.float32))
                 return {n: o.numpy() for n, o in zip(self.output_names, self.net(t), strict=True)}
-            import cupy  # noqa: PLC0415
+            import cupy
 
             # torch runs on CuPy's current stream, so the work is ordered with the kernels before and after it.
             # CuPy's null stream has ptr 0, and ExternalStream(0) would hand out a fresh stream from torch's

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["pair_points", "MatchCounts", "count_matches"]
+__all__ = ["pair_points", "MatchCounts"]
 
 
 def pair_points(truth_xy: np.ndarray, found_xy: np.ndarray, max_px: float) -> tuple[np.ndarray, np.ndarray]:
@@ -35,8 +35,8 @@ def pair_points(truth_xy: np.ndarray, found_xy: np.ndarray, max_px: float) -> tu
     -------
     Two (K,) int64 arrays.
     """
-    from scipy.optimize import linear_sum_assignment  # noqa: PLC0415
-    from scipy.spatial.distance import cdist  # noqa: PLC0415
+    from scipy.optimize import linear_sum_assignment
+    from scipy.spatial.distance import cdist
 
     truth_xy = np.asarray(truth_xy, np.float64).reshape(-1, 2)
     found_xy = np.asarray(found_xy, np.float64).reshape(-1, 2)

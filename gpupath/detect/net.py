@@ -199,7 +199,7 @@ def load_weights(path: str | Path) -> nn.Module:
 
 def export_onnx(net: nn.Module, path: str | Path, *, input_name: str = "tiles", opset: int = 17) -> None:
     """Export with a dynamic batch, height and width (the TorchScript exporter: a plain conv graph)."""
-    import warnings  # noqa: PLC0415
+    import warnings
 
     net = net.eval()
     example = torch.zeros(1, 3, 64, 64)

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from gpupath._resize import _device_weights, resample_weights, resize_batch
+from gpupath._resize import device_weights, resample_weights, resize_batch
 from gpupath._xp import array_module, is_device_array
 from gpupath.detect.card import InputSpec
 
@@ -101,7 +101,7 @@ def _resize_hw(tiles: Any, out_h: int, out_w: int) -> Any:
         wy, wx = resample_weights(h, out_h), resample_weights(w, out_w)
     else:
         device = xp.cuda.Device().id
-        wy, wx = _device_weights(device, h, out_h), _device_weights(device, w, out_w)
+        wy, wx = device_weights(device, h, out_h), device_weights(device, w, out_w)
     planes = xp.ascontiguousarray(xp.moveaxis(tiles, -1, 1), dtype=xp.float32)  # (N, 3, H, W)
     out = xp.matmul(xp.matmul(wy, planes), wx.T)                                 # (N, 3, out_h, out_w)
     return xp.ascontiguousarray(xp.moveaxis(xp.clip(xp.rint(out), 0, 255).astype(xp.uint8), 1, -1))

@@ -28,9 +28,9 @@ from PIL import Image
 from gpupath.errors import ConfigError, GpupathError
 from gpupath.report.geojson import write_geojson
 from gpupath.report.html import index_html, slide_report_html
+from gpupath.report.colours import label_colours
 from gpupath.report.overlay import (
     blank_thumbnail,
-    label_colours,
     length_label,
     png_bytes,
     render_overlay,
@@ -45,7 +45,8 @@ from gpupath.report.summary import (
     slide_summary,
     summary_path,
 )
-from gpupath.results import atomic_path, slide_part_paths, write_json_atomic
+from gpupath.files import atomic_path, write_json_atomic
+from gpupath.results import slide_part_paths
 from gpupath.slide import Slide, open_slide
 from gpupath.tissue import TissueMask, compute_tissue
 
@@ -116,7 +117,8 @@ def write_slide_outputs(out: Path, result: Mapping[str, Any], *, params: Mapping
         if metadata is None:  # the slide is gone: keep what an earlier report recorded of its metadata
             metadata = (read_summary(out, slide_id) or {}).get("slide_metadata")
     overlay = render_overlay(thumb, level0_size=(w0, h0), mpp=mpp, boxes_l0=boxes, labels=label_index,
-                             tissue=mask, label_names=list(counts), note="slide file not readable: detections on a blank canvas" if note else "")
+                             tissue=mask, label_names=list(counts),
+                             note="slide file not readable: detections on a blank canvas" if note else "")
     png = png_bytes(overlay.image)
     overlay_info = {
         "path": f"overlays/{slide_id}.png", "mode": overlay.mode, "width_px": overlay.image.width,

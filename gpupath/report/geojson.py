@@ -21,19 +21,20 @@ detections never becomes one Python list. Reference: QuPath's ``PathObjectTypeAd
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
 
-from gpupath.query import iter_query, plan_query
-from gpupath.report.overlay import label_colour, label_colours
-from gpupath.results import atomic_path
+from gpupath.query import QueryPlan, iter_query, plan_query
+from gpupath.report.colours import label_colour, label_colours
+from gpupath.files import atomic_path
 
-__all__ = ["geojson_path", "write_geojson", "write_features", "detections_to_geojson", "feature_ids"]
+__all__ = ["geojson_path", "write_geojson", "write_features", "detections_to_geojson", "feature_ids", "write_plan"]
 
 _HEAD = '{"type":"FeatureCollection","features":[\n'
 _TAIL = "\n]}\n"
@@ -197,3 +198,18 @@ def write_geojson(out_dir: str | Path, slide_id: str, *, path: Path | None = Non
     with atomic_path(final) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         write_features(iter_query(plan), fh, slide_id=sid, label_names=plan.label_names)
     return final
+
+
+def write_plan(plan: QueryPlan, sink: BinaryIO) -> int:
+    """The export registry's geojson writer: the rows of one slide's plan as a FeatureCollection.
+
+    Raises ValueError before writing anything when the plan spans several slides.
+    """
+    if len(plan.slide_ids) > 1:
+        raise ValueError(f"GeoJSON holds the detections of one slide, and {len(plan.slide_ids)} slides match; "
+                         f"choose one ({', '.join(s[:12] for s in plan.slide_ids[:5])})")
+    text = io.TextIOWrapper(sink, encoding="utf-8", write_through=True)
+    try:
+        return write_features(iter_query(plan), text, label_names=plan.label_names)
+    finally:
+        text.detach()  # leave ``sink`` open for its owner

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gpupath._version import __version__
-from gpupath.report.overlay import label_colours
+from gpupath.report.colours import label_colours
 
 __all__ = ["slide_report_html", "index_html", "escape"]
 
@@ -144,6 +144,69 @@ def _mode_text(overlay: Mapping[str, Any], n_labels: int) -> str:
     return "No detections to draw."
 
 
+def _counts_table(s: Mapping[str, Any], counts: Mapping[str, int], density: Mapping[str, Any],
+                  colours: Mapping[str, Any]) -> str:
+    """The slide's Detections table: one row per class (swatch, count, per mm² tissue) and the total."""
+    count_rows = "".join(
+        f'<tr data-label="{_e(label)}"><td>{_swatch(colours[label])}'
+        f'{_e(label)}</td><td class="n" id="count-{i}">{_num(n)}</td>'
+        f'<td class="n" id="density-{i}">{_num(density.get(label), "{:,.1f}")}</td></tr>'
+        for i, (label, n) in enumerate(counts.items()))
+    return (
+        '<table id="counts"><tr><th>class</th><th class="n">detections</th><th class="n">per mm² tissue</th></tr>'
+        f"{count_rows}<tr><th>all</th><th class=\"n\" id=\"n-detections\">{_num(s.get('n_detections'))}</th>"
+        f"<th class=\"n\" id=\"density-total\">{_num(s.get('density_total_per_mm2'), '{:,.1f}')}</th></tr></table>")
+
+
+def _slide_rows(s: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The slide's Slide table rows: status, tissue, tiles, resolutions, size, levels, vendor, reader, id."""
+    w, h = s.get("width_px"), s.get("height_px")
+    return [
+        ("status", f'<span class="{_e(s.get("status"))}">{_e(s.get("status"))}</span>'
+                   + (" (results of an earlier run, kept)" if s.get("resumed") else "")),
+        ("tissue", f'<span id="tissue-mm2">{_num(s.get("tissue_mm2"), "{:,.3f}")}</span> mm²'),
+        ("tiles", f'<span id="n-tiles">{_num(s.get("n_tiles"))}</span>'),
+        ("tile resolution", f"{_num(s.get('tile_mpp'), '{:.4g}')} µm/px"),
+        ("level-0 resolution", f"{_num(s.get('mpp'), '{:.4g}')} µm/px"),
+        ("level-0 size", f"{_num(w)} × {_num(h)} px"),
+        ("levels", _num(s.get("level_count"))),
+        ("vendor", _e(s.get("vendor"))), ("read by", _e(s.get("backend"))),
+        ("slide id (sha256)", f'<span class="path">{_e(s.get("slide_id"))}</span>'),
+    ]
+
+
+def _timing_table(s: Mapping[str, Any]) -> str:
+    """The slide's Time per stage table: seconds per stage, then the slide's total."""
+    timings: Mapping[str, Any] = s.get("timings_s") or {}
+    timing_rows = "".join(f'<tr><td>{_e(k)}</td><td class="n">{_num(v, "{:.3f}")}</td></tr>'
+                          for k, v in timings.items())
+    return (f'<table id="timings"><tr><th>stage</th><th class="n">seconds</th></tr>{timing_rows}'
+            f'<tr><th>slide total</th><th class="n">{_num(s.get("seconds"), "{:.3f}")}</th></tr></table>')
+
+
+def _overlay_figure(overlay_png: bytes | None, ov: Mapping[str, Any], name: str, n_labels: int) -> str:
+    """The overlay image (a data URI) with its caption, or a note when there is no image."""
+    if overlay_png is None:
+        return '<p class="muted" id="overlay-missing">No overlay image.</p>'
+    alt = f"Overlay of {name}: detections, tissue outline and scale bar on the slide thumbnail"
+    size = (f' width="{int(ov["width_px"])}" height="{int(ov["height_px"])}"'
+            if isinstance(ov.get("width_px"), int) and isinstance(ov.get("height_px"), int) else "")
+    return (f'<figure><img id="overlay" src="{_data_uri(overlay_png, "image/png")}"{size} '
+            f'alt="{_e(alt)}"><figcaption>{_e(_mode_text(ov, n_labels))} '
+            + ("Tissue outline in blue. " if ov.get("tissue_outline") else "")
+            + (f"Scale bar: {_e(ov.get('scale_bar_label'))}. " if ov.get("scale_bar_label") else "")
+            + (f"<b>{_e(ov.get('note'))}</b>" if ov.get("note") else "") + "</figcaption></figure>")
+
+
+def _metadata_html(meta: Mapping[str, Any] | None) -> str:
+    """The slide's metadata table, or a note when it could not be read (None) or is empty."""
+    if meta is None:
+        return '<p class="muted">The slide file could not be read while this report was made.</p>'
+    if not meta:
+        return '<p class="muted">No metadata.</p>'
+    return _kv_table([(_e(k), _e(v)) for k, v in meta.items()], table_id="metadata", pre=True)
+
+
 def slide_report_html(summary: Mapping[str, Any], *, overlay_png: bytes | None, params: Mapping[str, Any],
                       environment: Mapping[str, Any], run: Mapping[str, Any] | None = None,
                       index_href: str = "../index.html") -> str:
@@ -168,52 +231,12 @@ def slide_report_html(summary: Mapping[str, Any], *, overlay_png: bytes | None, 
     density: Mapping[str, Any] = s.get("density_per_mm2") or {}
     ov: Mapping[str, Any] = s.get("overlay") or {}
     colours = _colours_of(list(counts), ov.get("class_colours"))
-    count_rows = "".join(
-        f'<tr data-label="{_e(label)}"><td>{_swatch(colours[label])}'
-        f'{_e(label)}</td><td class="n" id="count-{i}">{_num(n)}</td>'
-        f'<td class="n" id="density-{i}">{_num(density.get(label), "{:,.1f}")}</td></tr>'
-        for i, (label, n) in enumerate(counts.items()))
-    counts_table = (
-        '<table id="counts"><tr><th>class</th><th class="n">detections</th><th class="n">per mm² tissue</th></tr>'
-        f"{count_rows}<tr><th>all</th><th class=\"n\" id=\"n-detections\">{_num(s.get('n_detections'))}</th>"
-        f"<th class=\"n\" id=\"density-total\">{_num(s.get('density_total_per_mm2'), '{:,.1f}')}</th></tr></table>")
-    w, h = s.get("width_px"), s.get("height_px")
-    slide_rows = [
-        ("status", f'<span class="{_e(s.get("status"))}">{_e(s.get("status"))}</span>'
-                   + (" (results of an earlier run, kept)" if s.get("resumed") else "")),
-        ("tissue", f'<span id="tissue-mm2">{_num(s.get("tissue_mm2"), "{:,.3f}")}</span> mm²'),
-        ("tiles", f'<span id="n-tiles">{_num(s.get("n_tiles"))}</span>'),
-        ("tile resolution", f"{_num(s.get('tile_mpp'), '{:.4g}')} µm/px"),
-        ("level-0 resolution", f"{_num(s.get('mpp'), '{:.4g}')} µm/px"),
-        ("level-0 size", f"{_num(w)} × {_num(h)} px"),
-        ("levels", _num(s.get("level_count"))),
-        ("vendor", _e(s.get("vendor"))), ("read by", _e(s.get("backend"))),
-        ("slide id (sha256)", f'<span class="path">{_e(s.get("slide_id"))}</span>'),
-    ]
-    timings: Mapping[str, Any] = s.get("timings_s") or {}
-    timing_rows = "".join(f'<tr><td>{_e(k)}</td><td class="n">{_num(v, "{:.3f}")}</td></tr>'
-                          for k, v in timings.items())
-    timing_table = (f'<table id="timings"><tr><th>stage</th><th class="n">seconds</th></tr>{timing_rows}'
-                    f'<tr><th>slide total</th><th class="n">{_num(s.get("seconds"), "{:.3f}")}</th></tr></table>')
-    if overlay_png is not None:
-        alt = f"Overlay of {name}: detections, tissue outline and scale bar on the slide thumbnail"
-        size = (f' width="{int(ov["width_px"])}" height="{int(ov["height_px"])}"'
-                if isinstance(ov.get("width_px"), int) and isinstance(ov.get("height_px"), int) else "")
-        figure = (f'<figure><img id="overlay" src="{_data_uri(overlay_png, "image/png")}"{size} '
-                  f'alt="{_e(alt)}"><figcaption>{_e(_mode_text(ov, len(counts)))} '
-                  + ("Tissue outline in blue. " if ov.get("tissue_outline") else "")
-                  + (f"Scale bar: {_e(ov.get('scale_bar_label'))}. " if ov.get("scale_bar_label") else "")
-                  + (f"<b>{_e(ov.get('note'))}</b>" if ov.get("note") else "") + "</figcaption></figure>")
-    else:
-        figure = '<p class="muted" id="overlay-missing">No overlay image.</p>'
+    counts_table = _counts_table(s, counts, density, colours)
+    slide_rows = _slide_rows(s)
+    timing_table = _timing_table(s)
+    figure = _overlay_figure(overlay_png, ov, name, len(counts))
     notes = "".join(f'<div class="warn">{_e(n)}</div>' for n in [s.get("warning"), *(s.get("notes") or [])] if n)
-    meta = s.get("slide_metadata")
-    if meta is None:
-        meta_html = '<p class="muted">The slide file could not be read while this report was made.</p>'
-    elif not meta:
-        meta_html = '<p class="muted">No metadata.</p>'
-    else:
-        meta_html = _kv_table([(_e(k), _e(v)) for k, v in meta.items()], table_id="metadata", pre=True)
+    meta_html = _metadata_html(s.get("slide_metadata"))
     started = f" · run started {_when(run.get('started'))}" if run else ""
     body = f"""<p><a href="{_e(index_href)}">← run index</a></p>
 <h1 id="slide-name">{_e(name)}</h1>
@@ -234,6 +257,94 @@ def slide_report_html(summary: Mapping[str, Any], *, overlay_png: bytes | None, 
     return _page(f"{name} – gpupath report", body)
 
 
+def _index_labels(env: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The index's class columns: the detector's classes, then any other label a slide counted, in
+    order of first appearance; none when there are fewer than two (one column would repeat "detections")."""
+    label_names: list[str] = list((env.get("detector") or {}).get("classes") or [])
+    for row in rows:
+        for label in ((row.get("summary") or {}).get("counts") or {}):
+            if label not in label_names:
+                label_names.append(label)
+    if len(label_names) < 2:
+        label_names = []  # one label: its column would repeat "detections"
+    return label_names
+
+
+def _overlay_colours(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Label -> RGB the overlays were drawn in (the first slide that recorded a label wins)."""
+    known: dict[str, Any] = {}
+    for row in rows:  # the colours the overlays were drawn in
+        for label, rgb in (((row.get("summary") or {}).get("overlay") or {}).get("class_colours") or {}).items():
+            known.setdefault(label, rgb)
+    return known
+
+
+def _slide_line(i: int, row: Mapping[str, Any], label_names: Sequence[str]) -> str:
+    """One slide's row of the index's Slides table (thumbnail, link, status, counts, numbers, problem)."""
+    r: Mapping[str, Any] = row.get("result") or {}
+    s: Mapping[str, Any] = row.get("summary") or {}
+    name = _e(_file_name(str(r.get("path", ""))))
+    link = f'<a href="{_e(row["report_href"])}">{name}</a>' if row.get("report_href") else name
+    thumb = (f'<img class="thumb" src="{_data_uri(row["thumb_jpeg"], "image/jpeg")}" alt="thumbnail of {name}">'
+             if row.get("thumb_jpeg") else "")
+    status = _e(r.get("status")) + (" (resumed)" if r.get("resumed") else "")
+    counts = s.get("counts") or {}
+    density = s.get("density_per_mm2") or {}
+    cells = "".join(f'<td class="n">{_num(counts.get(label)) if s else "–"}'
+                    + (f'<div class="muted">{_num(density.get(label), "{:,.0f}")} /mm²</div>'
+                       if s and density.get(label) is not None else "") + "</td>"
+                    for label in label_names)
+    n_det = s.get("n_detections", r.get("n_detections")) if r.get("status") == "ok" else None
+    problem = r.get("error") or r.get("warning") or ""
+    if row.get("report_error"):
+        problem = f"{problem}; " if problem else ""
+        problem += f"report not made: {row['report_error']}"
+    return (
+        f'<tr id="slide-{i}"><td>{thumb}</td><td>{link}<div class="path muted">{_e(r.get("path"))}</div></td>'
+        f'<td class="{_e(r.get("status"))}">{status}</td><td class="n">{_num(n_det)}</td>{cells}'
+        f'<td class="n">{_num(s.get("density_total_per_mm2"), "{:,.0f}")}</td>'
+        f'<td class="n">{_num(r.get("tissue_mm2"), "{:,.2f}")}</td><td class="n">{_num(r.get("n_tiles"))}</td>'
+        f'<td class="n">{_num(r.get("seconds"), "{:,.1f}")}</td><td class="pre">{_e(problem)}</td></tr>')
+
+
+def _slides_table(rows: Sequence[Mapping[str, Any]], label_names: Sequence[str], colours: Mapping[str, Any]) -> str:
+    """The index's Slides table: a header with one swatched column per class, then one row per slide."""
+    head = "".join(f'<th class="n" data-label="{_e(label)}">{_swatch(colours[label])}{_e(label)}</th>'
+                   for label in label_names)
+    lines = [_slide_line(i, row, label_names) for i, row in enumerate(rows)]
+    return (f'<table id="slides"><tr><th></th><th>slide</th><th>status</th><th class="n">detections</th>{head}'
+            '<th class="n">per mm²</th><th class="n">tissue mm²</th><th class="n">tiles</th>'
+            f'<th class="n">seconds</th><th>error / warning</th></tr>{"".join(lines)}</table>')
+
+
+def _failed_html(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The index's Failed slides table (path and error of each slide not ``ok``), or "None."."""
+    failed = [row.get("result") or {} for row in rows if (row.get("result") or {}).get("status") != "ok"]
+    if not failed:
+        return '<p class="muted" id="failed">None.</p>'
+    return ('<table id="failed"><tr><th>slide</th><th>reason</th></tr>'
+            + "".join(f'<tr><td class="path">{_e(r.get("path"))}</td><td class="pre">{_e(r.get("error"))}'
+                      "</td></tr>" for r in failed) + "</table>")
+
+
+def _run_rows(run: Mapping[str, Any], env: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The index's run table rows: state and times, slide counts, tiles and rate, device, gpupath version."""
+    state = "finished" if run.get("finished") else "in progress (or stopped before the end)"
+    finished = f", finished {_when(run.get('finished'))}" if run.get("finished") else ""
+    slides = (f"{_num(run.get('slides_total'))} total: <span id=\"n-ok\">{_num(run.get('slides_done'))}</span> ok, "
+              f"<span id=\"n-failed\">{_num(run.get('slides_failed'))}</span> failed, "
+              f"{_num(run.get('slides_resumed'))} resumed, {_num(run.get('slides_left'))} left")
+    tiles = (f"{_num(run.get('tiles_done'))} in {_num(run.get('elapsed_s'), '{:,.1f}')} s "
+             f"({_num(run.get('tiles_per_s'), '{:,.1f}')} tiles/s)")
+    return [
+        ("run", f"{_e(state)}; started {_when(run.get('started'))}{finished}"),
+        ("slides", slides),
+        ("tiles", tiles),
+        ("device", f'<span id="device">{_e(env.get("device"))}</span>'),
+        ("gpupath", _e(run.get("gpupath_version") or env.get("gpupath"))),
+    ]
+
+
 def index_html(run: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], *, title: str = "gpupath run") -> str:
     """The run overview page.
 
@@ -250,71 +361,12 @@ def index_html(run: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], *, tit
     The HTML text.
     """
     env: Mapping[str, Any] = run.get("environment") or {}
-    label_names: list[str] = list((env.get("detector") or {}).get("classes") or [])
-    for row in rows:
-        for label in ((row.get("summary") or {}).get("counts") or {}):
-            if label not in label_names:
-                label_names.append(label)
-    if len(label_names) < 2:
-        label_names = []  # one label: its column would repeat "detections"
-    known: dict[str, Any] = {}
-    for row in rows:  # the colours the overlays were drawn in
-        for label, rgb in (((row.get("summary") or {}).get("overlay") or {}).get("class_colours") or {}).items():
-            known.setdefault(label, rgb)
-    colours = _colours_of(label_names, known)
-    head = "".join(f'<th class="n" data-label="{_e(label)}">{_swatch(colours[label])}{_e(label)}</th>'
-                   for label in label_names)
-    lines = []
-    for i, row in enumerate(rows):
-        r: Mapping[str, Any] = row.get("result") or {}
-        s: Mapping[str, Any] = row.get("summary") or {}
-        name = _e(_file_name(str(r.get("path", ""))))
-        link = f'<a href="{_e(row["report_href"])}">{name}</a>' if row.get("report_href") else name
-        thumb = (f'<img class="thumb" src="{_data_uri(row["thumb_jpeg"], "image/jpeg")}" alt="thumbnail of {name}">'
-                 if row.get("thumb_jpeg") else "")
-        status = _e(r.get("status")) + (" (resumed)" if r.get("resumed") else "")
-        counts = s.get("counts") or {}
-        density = s.get("density_per_mm2") or {}
-        cells = "".join(f'<td class="n">{_num(counts.get(label)) if s else "–"}'
-                        + (f'<div class="muted">{_num(density.get(label), "{:,.0f}")} /mm²</div>'
-                           if s and density.get(label) is not None else "") + "</td>"
-                        for label in label_names)
-        n_det = s.get("n_detections", r.get("n_detections")) if r.get("status") == "ok" else None
-        problem = r.get("error") or r.get("warning") or ""
-        if row.get("report_error"):
-            problem = f"{problem}; " if problem else ""
-            problem += f"report not made: {row['report_error']}"
-        lines.append(
-            f'<tr id="slide-{i}"><td>{thumb}</td><td>{link}<div class="path muted">{_e(r.get("path"))}</div></td>'
-            f'<td class="{_e(r.get("status"))}">{status}</td><td class="n">{_num(n_det)}</td>{cells}'
-            f'<td class="n">{_num(s.get("density_total_per_mm2"), "{:,.0f}")}</td>'
-            f'<td class="n">{_num(r.get("tissue_mm2"), "{:,.2f}")}</td><td class="n">{_num(r.get("n_tiles"))}</td>'
-            f'<td class="n">{_num(r.get("seconds"), "{:,.1f}")}</td><td class="pre">{_e(problem)}</td></tr>')
-    slides_table = (f'<table id="slides"><tr><th></th><th>slide</th><th>status</th><th class="n">detections</th>{head}'
-                    '<th class="n">per mm²</th><th class="n">tissue mm²</th><th class="n">tiles</th>'
-                    f'<th class="n">seconds</th><th>error / warning</th></tr>{"".join(lines)}</table>')
+    label_names = _index_labels(env, rows)
+    colours = _colours_of(label_names, _overlay_colours(rows))
+    slides_table = _slides_table(rows, label_names, colours)
     classes_html = _class_totals(rows, label_names, colours)
-    failed = [row.get("result") or {} for row in rows if (row.get("result") or {}).get("status") != "ok"]
-    if failed:
-        failed_html = ('<table id="failed"><tr><th>slide</th><th>reason</th></tr>'
-                       + "".join(f'<tr><td class="path">{_e(r.get("path"))}</td><td class="pre">{_e(r.get("error"))}'
-                                 "</td></tr>" for r in failed) + "</table>")
-    else:
-        failed_html = '<p class="muted" id="failed">None.</p>'
-    state = "finished" if run.get("finished") else "in progress (or stopped before the end)"
-    finished = f", finished {_when(run.get('finished'))}" if run.get("finished") else ""
-    slides = (f"{_num(run.get('slides_total'))} total: <span id=\"n-ok\">{_num(run.get('slides_done'))}</span> ok, "
-              f"<span id=\"n-failed\">{_num(run.get('slides_failed'))}</span> failed, "
-              f"{_num(run.get('slides_resumed'))} resumed, {_num(run.get('slides_left'))} left")
-    tiles = (f"{_num(run.get('tiles_done'))} in {_num(run.get('elapsed_s'), '{:,.1f}')} s "
-             f"({_num(run.get('tiles_per_s'), '{:,.1f}')} tiles/s)")
-    run_rows = [
-        ("run", f"{_e(state)}; started {_when(run.get('started'))}{finished}"),
-        ("slides", slides),
-        ("tiles", tiles),
-        ("device", f'<span id="device">{_e(env.get("device"))}</span>'),
-        ("gpupath", _e(run.get("gpupath_version") or env.get("gpupath"))),
-    ]
+    failed_html = _failed_html(rows)
+    run_rows = _run_rows(run, env)
     body = f"""<h1>{_e(title)}</h1>
 <p class="muted">Report made by gpupath {_e(__version__)} on {_when(dt.datetime.now(dt.UTC).timestamp())}</p>
 {_kv_table(run_rows, table_id="run")}

@@ -34,11 +34,12 @@ import numpy as np
 import scipy.ndimage
 from PIL import Image, ImageDraw, ImageFont
 
+from gpupath.report.colours import LABEL_COLOURS, label_colour
 from gpupath.slide import Slide
 from gpupath.tissue import read_overview
 
-__all__ = ["Overlay", "render_overlay", "slide_thumbnail", "blank_thumbnail", "nice_length_um", "label_colour",
-           "label_colours", "colour_hex", "colour_map", "length_label", "png_bytes", "LABEL_COLOURS", "TISSUE_COLOUR", "DENSE_PX2", "HEATMAP_CELL_PX", "HEATMAP_MAX_CELL_PX",
+__all__ = ["Overlay", "render_overlay", "slide_thumbnail", "blank_thumbnail", "nice_length_um",
+           "colour_map", "length_label", "png_bytes", "TISSUE_COLOUR", "DENSE_PX2", "HEATMAP_CELL_PX", "HEATMAP_MAX_CELL_PX",
            "HEATMAP_PER_CELL", "MIN_BOX_PX"]
 
 DENSE_PX2 = 25.0          # overlay px² of tissue per detection below which a heatmap is drawn (spacing < 5 px)
@@ -49,9 +50,6 @@ HEATMAP_ALPHA = 0.65      # opacity of non-empty heatmap cells
 MIN_BOX_PX = 3.0          # boxes smaller than this (overlay px) are drawn as dots
 TISSUE_COLOUR = (20, 60, 230)
 SCALE_BAR_COLOUR = (0, 0, 0)
-# one colour per label (label index modulo the list): bright on pink/purple H&E and on white glass
-LABEL_COLOURS = [(0, 200, 70), (255, 170, 0), (0, 170, 255), (230, 30, 30), (190, 0, 230), (0, 0, 0),
-                 (120, 80, 0), (255, 0, 150)]
 # anchor colours of the heatmap colour map, low to high (viridis: perceptually ordered, ends in a
 # saturated yellow that still shows on white glass)
 _CMAP_ANCHORS = np.array([(68, 1, 84), (71, 44, 122), (59, 81, 139), (44, 113, 142), (33, 144, 141),
@@ -85,22 +83,6 @@ class Overlay:
     def downsample(self) -> float:
         """Level-0 px per overlay px (x)."""
         return 1.0 / self.scale_x
-
-
-def label_colour(label: int) -> tuple[int, int, int]:
-    """RGB colour of a label index in overlays and report legends."""
-    return LABEL_COLOURS[int(label) % len(LABEL_COLOURS)]
-
-
-def label_colours(label_names: Sequence[str]) -> dict[str, tuple[int, int, int]]:
-    """Class name -> RGB colour: the name's position in ``label_names`` is its label index."""
-    return {name: label_colour(i) for i, name in enumerate(label_names)}
-
-
-def colour_hex(rgb: Sequence[int]) -> str:
-    """``#rrggbb`` of an RGB triple (0-255)."""
-    r, g, b = (int(v) for v in rgb)
-    return f"#{r:02x}{g:02x}{b:02x}"
 
 
 def slide_thumbnail(slide: Slide, *, max_px: int = 1024) -> np.ndarray:

@@ -114,9 +114,9 @@ def _read_level_rgb(slide: Any, geom: DziGeometry, level: int, col: int, row: in
     if (w_lvl, h_lvl) == (w, h):
         return rgb
     if device == "cuda":
-        import cupy  # noqa: PLC0415
+        import cupy
 
-        from gpupath._resize import resample_weights  # noqa: PLC0415
+        from gpupath._resize import resample_weights
 
         wy = cupy.asarray(resample_weights(h_lvl, h))
         wx = cupy.asarray(resample_weights(w_lvl, w))
@@ -124,7 +124,7 @@ def _read_level_rgb(slide: Any, geom: DziGeometry, level: int, col: int, row: in
         out = cupy.einsum("yh,hwc->ywc", wy, f)
         out = cupy.einsum("xw,ywc->yxc", wx, out)
         return cupy.clip(cupy.rint(out), 0, 255).astype(cupy.uint8)
-    from PIL import Image  # noqa: PLC0415
+    from PIL import Image
 
     return np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize((w, h), Image.Resampling.BOX))
 
@@ -150,11 +150,11 @@ def render_tile(slide: Any, geom: DziGeometry, level: int, col: int, row: int, *
     """
     if fmt not in TILE_FORMATS:
         raise ValueError(f"tile format {fmt!r}: expected one of {sorted(TILE_FORMATS)}")
-    from PIL import Image  # noqa: PLC0415
+    from PIL import Image
 
     rgb = _read_level_rgb(slide, geom, level, col, row, device, lock)
     if device == "cuda":
-        import cupy  # noqa: PLC0415
+        import cupy
 
         rgb = cupy.asnumpy(rgb)  # to host for the encoder
     buf = io.BytesIO()

@@ -48,7 +48,7 @@ class OpenSlideReader:
     name = "openslide"
 
     def __init__(self, path: Path) -> None:
-        import openslide  # noqa: PLC0415  (import cost only when used)
+        import openslide
 
         try:
             self.osr = openslide.OpenSlide(str(path))
@@ -68,7 +68,7 @@ class OpenSlideReader:
 
     def read_rgba(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Any:
         """OpenSlide's own read_region (PIL RGBA), bit-exact semantics."""
-        import openslide  # noqa: PLC0415
+        import openslide
 
         try:
             return self.osr.read_region(location, level, size)
@@ -101,7 +101,7 @@ class CucimReader:
     name = "cucim"
 
     def __init__(self, path: Path, layout: TiffLayout) -> None:
-        from cucim import CuImage  # noqa: PLC0415
+        from cucim import CuImage
 
         try:
             self.img = CuImage(str(path))
@@ -134,7 +134,7 @@ class CucimReader:
         mismatch the device reads decode on the CPU and upload (one warning).
         """
         if self._device_decode_ok is None:
-            import cupy  # noqa: PLC0415
+            import cupy
 
             level = len(self.level_dims) - 1
             w, h = (min(v, DEVICE_PROBE_PX) for v in self.level_dims[level])
@@ -157,7 +157,7 @@ class CucimReader:
         m = _guard_margin(ds)
         self.guard.check(level, x_lvl - m, y_lvl - m, w + 2 * m, h + 2 * m)
         if device == "cuda" and not self.device_decode_ok():
-            import cupy  # noqa: PLC0415
+            import cupy
 
             return cupy.asarray(self.read_rgb(level, x_lvl, y_lvl, w, h, device="cpu"))  # host decode, one upload
         try:
@@ -165,7 +165,7 @@ class CucimReader:
         except Exception as exc:
             raise SlideReadError(f"{self.path}: cuCIM cannot decode level {level} at {loc}: {exc}") from exc
         if device == "cuda":
-            import cupy  # noqa: PLC0415
+            import cupy
 
             return cupy.asarray(region)  # zero-copy via __cuda_array_interface__
         return np.asarray(region)
@@ -178,7 +178,7 @@ class CucimReader:
         for x0, y0 in locations_l0:  # level px of a level-0 origin: floor, with the margin as in read_rgb
             self.guard.check(level, int(x0 // ds) - m, int(y0 // ds) - m, w + 2 * m, h + 2 * m)
         if device == "cuda" and not self.device_decode_ok():
-            import cupy  # noqa: PLC0415
+            import cupy
 
             return cupy.asarray(self.read_batch(level, locations_l0, w, h, device="cpu", num_workers=num_workers))
         try:
@@ -190,7 +190,7 @@ class CucimReader:
         except Exception as exc:
             raise SlideReadError(f"{self.path}: cuCIM batched read failed on level {level}: {exc}") from exc
         if device == "cuda":
-            import cupy  # noqa: PLC0415
+            import cupy
 
             return cupy.asarray(batch)
         return np.asarray(batch)
@@ -212,7 +212,7 @@ class TifffileReader:
     name = "tifffile"
 
     def __init__(self, path: Path, layout: TiffLayout) -> None:
-        import tifffile  # noqa: PLC0415
+        import tifffile
 
         try:
             self.tf = tifffile.TiffFile(path)

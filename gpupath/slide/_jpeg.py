@@ -96,7 +96,7 @@ class TileGuard:
     """
 
     def __init__(self, path: Path, level_pages: tuple[int, ...]) -> None:
-        import tifffile  # noqa: PLC0415
+        import tifffile
 
         self.path = path
         self._levels: list[tuple[np.ndarray, np.ndarray, np.ndarray, int, int, int, int] | None] = []

@@ -131,6 +131,84 @@ def _resolution_mpp(page: tifffile.TiffPage) -> tuple[tuple[float, float] | None
     return (mpp[0], mpp[1]), props
 
 
+def _open_tiff(path: Path) -> tuple[tifffile.TiffFile, list[tifffile.TiffPage]]:
+    """Open a file that starts like a TIFF and list its pages (closed again when that fails).
+
+    Raises
+    ------
+    SlideReadError
+        The directories cannot be parsed, or there is none.
+    """
+    tf = None
+    try:
+        tf = tifffile.TiffFile(path)
+        pages = list(tf.pages)
+    except (tifffile.TiffFileError, OSError, ValueError, IndexError) as exc:
+        if tf is not None:
+            tf.close()
+        raise SlideReadError(f"{path}: TIFF header but unreadable TIFF structure (truncated or corrupt?): {exc}") from exc
+    if not pages:
+        with tf:
+            raise SlideReadError(f"{path}: TIFF header but no readable image directory (truncated or corrupt file?)")
+    return tf, pages
+
+
+def _first_page_properties(first: tifffile.TiffPage) -> dict[str, str]:
+    """``tiff.*`` properties from the first page's text tags (description, make, model, software, date)."""
+    props: dict[str, str] = {}
+    for name in ("ImageDescription", "Make", "Model", "Software", "DateTime"):
+        tag = first.tags.get(name)
+        if tag is not None and isinstance(tag.value, str):
+            props[f"tiff.{name}"] = tag.value
+    return props
+
+
+def _aperio_associated(pages: list[tifffile.TiffPage]) -> dict[str, int]:
+    """Aperio's associated images: each untiled page after the first, named by the first word of its
+    description's second line (``label`` or ``macro``), else ``thumbnail``; the first page of a name wins."""
+    associated: dict[str, int] = {}
+    for p in pages[1:]:
+        if p.is_tiled:
+            continue
+        lines = (p.description or "").splitlines()
+        kind = lines[1].split()[0] if len(lines) > 1 and lines[1] else ""
+        name = kind if kind in ("label", "macro") else "thumbnail"
+        associated.setdefault(name, p.index)
+    return associated
+
+
+def _vendor_layout(tf: tifffile.TiffFile, pages: list[tifffile.TiffPage], props: dict[str, str]
+                   ) -> tuple[str, list[int], dict[str, int], tuple[float, float] | None]:
+    """Vendor, pyramid page indices, associated images and level-0 mpp, by the file's flavour (Aperio,
+    OME-TIFF, else generic tiled or plain TIFF); vendor properties are added to ``props``."""
+    first = pages[0]
+    desc = first.description or ""
+    associated: dict[str, int] = {}
+    mpp: tuple[float, float] | None = None
+    if tf.is_svs or desc.startswith("Aperio"):
+        vendor = "aperio"
+        level_pages = [p.index for p in pages if p.is_tiled]
+        associated = _aperio_associated(pages)
+        props.update(_aperio_properties(desc))
+        if "aperio.MPP" in props:
+            mpp = (float(props["aperio.MPP"]), float(props["aperio.MPP"]))  # Aperio states one value
+        if "aperio.AppMag" in props:
+            props["openslide.objective-power"] = props["aperio.AppMag"]
+    elif tf.is_ome:
+        vendor = "ome-tiff"
+        series = tf.series[0]
+        level_pages = [lvl.keyframe.index for lvl in series.levels]
+        mpp = ome_mpp(tf.ome_metadata or "")
+        if power := _ome_objective_power(tf.ome_metadata or ""):
+            props["openslide.objective-power"] = power
+    else:
+        vendor = "generic-tiff" if first.is_tiled else "tiff"
+        level_pages = [p.index for p in pages if p.is_tiled] or [0]
+        mpp, res_props = _resolution_mpp(first)
+        props.update(res_props)
+    return vendor, level_pages, associated, mpp
+
+
 def read_tiff_layout(path: Path) -> TiffLayout | None:
     """Describe a TIFF slide, or return None when the file is not a TIFF.
 
@@ -143,53 +221,10 @@ def read_tiff_layout(path: Path) -> TiffLayout | None:
         magic = fh.read(4)
     if magic not in _TIFF_MAGIC:
         return None
-    tf = None
-    try:
-        tf = tifffile.TiffFile(path)
-        pages = list(tf.pages)
-    except (tifffile.TiffFileError, OSError, ValueError, IndexError) as exc:
-        if tf is not None:
-            tf.close()
-        raise SlideReadError(f"{path}: TIFF header but unreadable TIFF structure (truncated or corrupt?): {exc}") from exc
+    tf, pages = _open_tiff(path)
     with tf:
-        if not pages:
-            raise SlideReadError(f"{path}: TIFF header but no readable image directory (truncated or corrupt file?)")
-        first = pages[0]
-        desc = first.description or ""
-        props: dict[str, str] = {}
-        for name in ("ImageDescription", "Make", "Model", "Software", "DateTime"):
-            tag = first.tags.get(name)
-            if tag is not None and isinstance(tag.value, str):
-                props[f"tiff.{name}"] = tag.value
-        associated: dict[str, int] = {}
-        mpp: tuple[float, float] | None = None
-        if tf.is_svs or desc.startswith("Aperio"):
-            vendor = "aperio"
-            level_pages = [p.index for p in pages if p.is_tiled]
-            for p in pages[1:]:
-                if p.is_tiled:
-                    continue
-                lines = (p.description or "").splitlines()
-                kind = lines[1].split()[0] if len(lines) > 1 and lines[1] else ""
-                name = kind if kind in ("label", "macro") else "thumbnail"
-                associated.setdefault(name, p.index)
-            props.update(_aperio_properties(desc))
-            if "aperio.MPP" in props:
-                mpp = (float(props["aperio.MPP"]), float(props["aperio.MPP"]))  # Aperio states one value
-            if "aperio.AppMag" in props:
-                props["openslide.objective-power"] = props["aperio.AppMag"]
-        elif tf.is_ome:
-            vendor = "ome-tiff"
-            series = tf.series[0]
-            level_pages = [lvl.keyframe.index for lvl in series.levels]
-            mpp = ome_mpp(tf.ome_metadata or "")
-            if power := _ome_objective_power(tf.ome_metadata or ""):
-                props["openslide.objective-power"] = power
-        else:
-            vendor = "generic-tiff" if first.is_tiled else "tiff"
-            level_pages = [p.index for p in pages if p.is_tiled] or [0]
-            mpp, res_props = _resolution_mpp(first)
-            props.update(res_props)
+        props = _first_page_properties(pages[0])
+        vendor, level_pages, associated, mpp = _vendor_layout(tf, pages, props)
         pyramid = sorted((pages[i] for i in level_pages), key=lambda p: -p.imagewidth)
         level_dims = tuple((int(p.imagewidth), int(p.imagelength)) for p in pyramid)
         tile_dims = tuple(

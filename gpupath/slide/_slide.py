@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -274,7 +274,7 @@ class Slide:
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Any:
         """OpenSlide's read_region: a PIL RGBA image, transparent (0, 0, 0, 0) outside the level."""
-        from PIL import Image  # noqa: PLC0415
+        from PIL import Image
 
         w, h = self._check_region(level, size)
         if isinstance(self._reader, OpenSlideReader):
@@ -300,7 +300,7 @@ class Slide:
 
     def get_thumbnail(self, size: tuple[int, int]) -> Any:
         """An RGB PIL image fitting in ``size`` (width, height), made as OpenSlide makes it."""
-        from PIL import Image  # noqa: PLC0415
+        from PIL import Image
 
         downsample = max(dim / thumb for dim, thumb in zip(self.dimensions, size))
         level = self.get_best_level_for_downsample(downsample)
@@ -331,8 +331,8 @@ class _LazyAssociated(Mapping[str, Any]):
         self._path, self._pages = path, pages
 
     def __getitem__(self, name: str) -> Any:
-        import tifffile  # noqa: PLC0415
-        from PIL import Image  # noqa: PLC0415
+        import tifffile
+        from PIL import Image
 
         with tifffile.TiffFile(self._path) as tf:
             rgb = tf.pages[self._pages[name]].asarray()[..., :3]
@@ -400,10 +400,81 @@ def _tiff_cut(path: Path) -> str | None:
 
 def _cucim_installed() -> bool:
     try:
-        import cucim  # noqa: F401, PLC0415
+        import cucim  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+def _read_layout(path: Path) -> tuple[TiffLayout | None, str]:
+    """The file's TIFF layout and, when there is none, why: "not a TIFF file", or the parse error
+    (without the leading path)."""
+    tiff_problem = "not a TIFF file"
+    try:
+        layout = read_tiff_layout(path)
+    except SlideReadError as exc:
+        layout, tiff_problem = None, str(exc).removeprefix(f"{path}: ")
+    return layout, tiff_problem
+
+
+def _try_cucim(path: Path, layout: TiffLayout | None, tiff_problem: str, reasons: list[str]) -> Reader | None:
+    """A cuCIM reader, or None with the reason appended to ``reasons``: not a (readable) TIFF, cuCIM
+    not installed, a refusal by :func:`cucim_refusal` or the probe, an open error, or colours unlike
+    libjpeg's on the probe tile (the reader is closed again)."""
+    if layout is None:
+        reasons.append("cuCIM: not a TIFF" if tiff_problem == "not a TIFF file" else "cuCIM: unreadable TIFF")
+        return None
+    if not _cucim_installed():
+        reasons.append("cuCIM: not installed (pip install 'gpupath[cucim]')")
+        return None
+    refusal, probe = cucim_refusal(layout), None
+    if refusal is None:
+        refusal, probe = _probe_tiff(path, layout)
+    if refusal is None:
+        try:
+            reader = CucimReader(path, layout)
+        except SlideReadError as exc:
+            refusal = str(exc).removeprefix(f"{path}: ")
+        else:
+            try:
+                refusal = _cucim_agrees(reader, probe)
+            except SlideReadError as exc:
+                refusal = str(exc).removeprefix(f"{path}: ")
+            if refusal is None:
+                return reader
+            reader.close()
+    reasons.append(f"cuCIM: {refusal}")
+    return None
+
+
+def _try_openslide(path: Path, reasons: list[str]) -> Reader | None:
+    """An OpenSlide reader, or None with OpenSlide's reason appended to ``reasons``."""
+    try:
+        return OpenSlideReader(path)
+    except SlideReadError as exc:
+        reasons.append(f"OpenSlide: {str(exc).removeprefix(f'{path}: ')}")
+        return None
+
+
+def _try_tifffile(path: Path, layout: TiffLayout | None, tiff_problem: str, reasons: list[str]) -> Reader | None:
+    """A tifffile reader, or None with the reason (no TIFF layout, or the open error) appended to ``reasons``."""
+    if layout is None:
+        reasons.append(f"tifffile: {tiff_problem}")
+        return None
+    try:
+        return TifffileReader(path, layout)
+    except SlideReadError as exc:
+        reasons.append(f"tifffile: {str(exc).removeprefix(f'{path}: ')}")
+        return None
+
+
+def _backend_order(backend: BackendName, path: Path, layout: TiffLayout | None) -> list[str]:
+    """The backends to try, in order: ``auto`` is cuCIM, OpenSlide, tifffile (tifffile before
+    OpenSlide for an OME-TIFF); a named backend alone."""
+    order = ["cucim", "openslide", "tifffile"] if backend == "auto" else [backend]
+    if backend == "auto" and layout is not None and layout.is_ome and _is_ome_path(path):
+        order = ["cucim", "tifffile", "openslide"]  # OpenSlide ignores OME-XML (no mpp) or refuses
+    return order
 
 
 def open_slide(path: str | os.PathLike[str], *, backend: BackendName = "auto", mpp: float | None = None) -> Slide:
@@ -436,60 +507,13 @@ def open_slide(path: str | os.PathLike[str], *, backend: BackendName = "auto", m
     path = Path(path)
     check_slide_file(path)
     reasons: list[str] = []
-    tiff_problem = "not a TIFF file"
-    try:
-        layout = read_tiff_layout(path)
-    except SlideReadError as exc:
-        layout, tiff_problem = None, str(exc).removeprefix(f"{path}: ")
-
-    def try_cucim() -> Reader | None:
-        if layout is None:
-            reasons.append("cuCIM: not a TIFF" if tiff_problem == "not a TIFF file" else "cuCIM: unreadable TIFF")
-            return None
-        if not _cucim_installed():
-            reasons.append("cuCIM: not installed (pip install 'gpupath[cucim]')")
-            return None
-        refusal, probe = cucim_refusal(layout), None
-        if refusal is None:
-            refusal, probe = _probe_tiff(path, layout)
-        if refusal is None:
-            try:
-                reader = CucimReader(path, layout)
-            except SlideReadError as exc:
-                refusal = str(exc).removeprefix(f"{path}: ")
-            else:
-                try:
-                    refusal = _cucim_agrees(reader, probe)
-                except SlideReadError as exc:
-                    refusal = str(exc).removeprefix(f"{path}: ")
-                if refusal is None:
-                    return reader
-                reader.close()
-        reasons.append(f"cuCIM: {refusal}")
-        return None
-
-    def try_openslide() -> Reader | None:
-        try:
-            return OpenSlideReader(path)
-        except SlideReadError as exc:
-            reasons.append(f"OpenSlide: {str(exc).removeprefix(f'{path}: ')}")
-            return None
-
-    def try_tifffile() -> Reader | None:
-        if layout is None:
-            reasons.append(f"tifffile: {tiff_problem}")
-            return None
-        try:
-            return TifffileReader(path, layout)
-        except SlideReadError as exc:
-            reasons.append(f"tifffile: {str(exc).removeprefix(f'{path}: ')}")
-            return None
-
-    attempts = {"cucim": try_cucim, "openslide": try_openslide, "tifffile": try_tifffile}
-    order = ["cucim", "openslide", "tifffile"] if backend == "auto" else [backend]
-    if backend == "auto" and layout is not None and layout.is_ome and _is_ome_path(path):
-        order = ["cucim", "tifffile", "openslide"]  # OpenSlide ignores OME-XML (no mpp) or refuses
-    for name in order:
+    layout, tiff_problem = _read_layout(path)
+    attempts: dict[str, Callable[[], Reader | None]] = {
+        "cucim": lambda: _try_cucim(path, layout, tiff_problem, reasons),
+        "openslide": lambda: _try_openslide(path, reasons),
+        "tifffile": lambda: _try_tifffile(path, layout, tiff_problem, reasons),
+    }
+    for name in _backend_order(backend, path, layout):
         reader = attempts[name]()
         if reader is not None:
             if reasons:

@@ -1,36 +1,13 @@
-"""Helpers shared by the kernel tests: the simulator/CuPy backend fixture and the offline PTX check."""
+"""Helpers shared by the kernel tests: the offline PTX check (the ``backend`` fixture is in tests/conftest.py)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
 import pytest
 
-from gpupath_kernels import _launch
-
-
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    put: Callable[[np.ndarray], Any]  # host array -> the kernel's input
-    get: Callable[[Any], np.ndarray]  # kernel output -> host array
-
-
-@pytest.fixture(params=["sim", pytest.param("cupy", marks=pytest.mark.gpu)])
-def backend(request: pytest.FixtureRequest) -> Backend:
-    """Where a kernel runs: NumPy arrays under the CUDA simulator (CI), or CuPy arrays on a GPU."""
-    if request.param == "sim":
-        if not _launch.simulator_enabled():
-            pytest.skip("CUDA simulator off (a GPU is present): the cupy case runs the kernels")
-        return Backend("sim", np.asarray, np.asarray)
-    cupy = pytest.importorskip("cupy")
-    return Backend("cupy", cupy.asarray, cupy.asnumpy)
 
 
 # Real Numba CUDA compiler (not the simulator), sm_90, no device needed: device functions are

@@ -18,7 +18,8 @@ from gpupath.detect.boxes import Detections, GridLayout, to_global
 from gpupath.detect.classic import ClassicParams, detect_nuclei
 from gpupath.slide import open_slide
 from gpupath_kernels import _launch
-from kernel_helpers import Backend, assert_compiles_for_gpu, backend  # noqa: F401  (backend: fixture)
+from conftest import Backend
+from kernel_helpers import assert_compiles_for_gpu
 from gpupath_kernels.boxes import own_by_centre, own_by_centre_ref
 
 STRIDE, OVERLAP = 448.0, 64.0   # level-0 px; boundaries at 32 + 448 k

@@ -21,7 +21,8 @@ import pytest
 
 from conftest import data_file
 from gpupath import stain
-from kernel_helpers import Backend, assert_compiles_for_gpu, backend  # noqa: F401  (backend: fixture)
+from conftest import Backend
+from kernel_helpers import assert_compiles_for_gpu
 from gpupath_kernels import macenko as mk
 
 IO, BETA = 240.0, 0.15
@@ -203,7 +204,7 @@ def test_non_contiguous_input_is_copied_once(backend: Backend) -> None:
     assert px.flags.c_contiguous and px.shape == (2, 120, 3)
     np.testing.assert_allclose(mk.od_stats(px), mk.od_stats_ref(mk.group_pixels(dense, per_tile=True)), rtol=1e-12)
     fit = stain.REFERENCE
-    got = backend.get(mk.apply_macenko_device(view, fit, fit))
+    got = backend.get(stain.apply_macenko_device(view, fit, fit))
     want = stain.apply_macenko(dense, fit, target=fit)
     assert got.shape == view.shape
     assert np.abs(got.astype(np.int16) - want).max() <= (0 if backend.name == "sim" else 1)
@@ -250,7 +251,7 @@ def test_device_fit_and_apply_agree_with_numpy_stage(crops: np.ndarray) -> None:
     """Kernel path (simulator, NumPy arrays) vs gpupath.stain's NumPy path, same parameters."""
     for rgb in _stage_cases(crops):
         ref = stain.fit_macenko(rgb, min_tissue_px=100)
-        dev = mk.fit_macenko_device(rgb, min_tissue_px=100)
+        dev = stain.fit_macenko_device(rgb, min_tissue_px=100)
         # stain vectors: the histogram percentile is within half a bin of the exact one, so each
         # vector within ANGLE_BOUND_RAD = 0.022 deg (the issue's bar is 1 deg); measured <= 0.018 deg
         assert (angle_deg(dev.stain_matrix_od, ref.stain_matrix_od) <= math.degrees(mk.ANGLE_BOUND_RAD) + 1e-6).all()
@@ -265,8 +266,8 @@ def test_device_fit_and_apply_agree_with_numpy_stage(crops: np.ndarray) -> None:
         np.testing.assert_allclose(dev.max_conc, ref.max_conc, rtol=5e-3)
         # pixels: same fit -> the same pixels (float32 expressions of the NumPy path, exact in the
         # simulator); device fit vs NumPy fit -> max 1 grey level, mean < 0.05 (measured <= 0.033)
-        np.testing.assert_array_equal(mk.apply_macenko_device(rgb, ref), stain.apply_macenko(rgb, ref))
-        diff = np.abs(mk.apply_macenko_device(rgb, dev).astype(np.int16) - stain.apply_macenko(rgb, ref))
+        np.testing.assert_array_equal(stain.apply_macenko_device(rgb, ref), stain.apply_macenko(rgb, ref))
+        diff = np.abs(stain.apply_macenko_device(rgb, dev).astype(np.int16) - stain.apply_macenko(rgb, ref))
         assert diff.max() <= 1 and diff.mean() < 0.05
 
 
@@ -277,20 +278,20 @@ def test_tile_mode_is_one_launch_per_pass_and_equals_single_fits(
     launches: list[str] = []
     real_run = mk._run
     monkeypatch.setattr(mk, "_run", lambda kernel, *a: launches.append(kernel.py_func.__name__) or real_run(kernel, *a))
-    results = mk.fit_tiles_device(tiles, min_tissue_px=100)
+    results = stain.fit_tiles_device(tiles, min_tissue_px=100)
     assert launches == ["od_stats_partial", "angle_histogram", "concentration_histogram", "concentration_histogram"]
     assert results[2] == f"too few tissue pixels: 0 of {CROP_PX**2} have OD >= beta=0.15 in all channels, " \
         "need at least 100 (min_tissue_px=100, min_tissue_frac=0.01)"
     for k in range(2):  # deterministic reductions: a tile's fit does not depend on its batch
-        single = mk.fit_macenko_device(tiles[k], min_tissue_px=100)
+        single = stain.fit_macenko_device(tiles[k], min_tissue_px=100)
         np.testing.assert_array_equal(results[k].stain_matrix_od, single.stain_matrix_od)
         np.testing.assert_array_equal(results[k].max_conc, single.max_conc)
     launches.clear()
-    out = mk.apply_tiles_device(tiles, [*results[:2], None])
+    out = stain.apply_tiles_device(tiles, [*results[:2], None])
     assert launches == ["apply"]
     np.testing.assert_array_equal(out[2], tiles[2])
     for k in range(2):
-        np.testing.assert_array_equal(out[k], mk.apply_macenko_device(tiles[k], results[k]))
+        np.testing.assert_array_equal(out[k], stain.apply_macenko_device(tiles[k], results[k]))
 
 
 def test_stage_dispatches_device_arrays_to_the_kernels(
@@ -308,11 +309,11 @@ def test_stage_dispatches_device_arrays_to_the_kernels(
     assert launches == ["od_stats_partial", "angle_histogram", "concentration_histogram",
                         "concentration_histogram", "apply"]
     assert "1 of 3 tiles left unchanged; tile 2: too few tissue pixels: 0 of 576" in caplog.text
-    fits = mk.fit_tiles_device(tiles, min_tissue_px=100)
-    np.testing.assert_array_equal(out, mk.apply_tiles_device(tiles, [*fits[:2], None]))
+    fits = stain.fit_tiles_device(tiles, min_tissue_px=100)
+    np.testing.assert_array_equal(out, stain.apply_tiles_device(tiles, [*fits[:2], None]))
     fit = stain.fit_macenko(crops[0], min_tissue_px=100)
     np.testing.assert_array_equal(fit.stain_matrix_od, fits[0].stain_matrix_od)
-    np.testing.assert_array_equal(stain.apply_macenko(crops[0], fit), mk.apply_macenko_device(crops[0], fit))
+    np.testing.assert_array_equal(stain.apply_macenko(crops[0], fit), stain.apply_macenko_device(crops[0], fit))
 
 
 def test_device_fit_within_3_degrees_of_torchstain(crops: np.ndarray) -> None:
@@ -321,7 +322,7 @@ def test_device_fit_within_3_degrees_of_torchstain(crops: np.ndarray) -> None:
     for rgb in crops:
         theirs = torchstain.normalizers.MacenkoNormalizer(backend="numpy")
         theirs.fit(rgb)  # Io 240, alpha 1, beta 0.15: our defaults
-        ours = mk.fit_macenko_device(rgb, min_tissue_px=100)  # torchstain has no minimum
+        ours = stain.fit_macenko_device(rgb, min_tissue_px=100)  # torchstain has no minimum
         # same algorithm: only the histogram percentile differs (<= 0.022 deg; measured 0.018)
         assert (angle_deg(ours.stain_matrix_od, theirs.HERef) <= 3.0).all()
         assert (angle_deg(ours.stain_matrix_od, theirs.HERef) <= math.degrees(mk.ANGLE_BOUND_RAD) + 1e-6).all()
@@ -335,7 +336,7 @@ def test_twins_at_full_tile_size_agree_with_numpy_stage() -> None:
         tiles = np.stack([np.asarray(slide.read_region(xy, 0, (256, 256)).convert("RGB"))
                           for xy in [(1000, 600), (900, 2000), (1500, 1800)]])
     kw = dict(io=IO, beta=BETA, alpha=1.0, min_tissue_px=500, min_tissue_frac=0.01)
-    fits = mk._fit_groups(mk.group_pixels(tiles, per_tile=True), use_kernels=False, **kw)
+    fits = stain.fit_pixel_groups(mk.group_pixels(tiles, per_tile=True), use_kernels=False, **kw)
     for rgb, dev in zip(tiles, fits, strict=True):
         ref = stain.fit_macenko(rgb)
         # measured: <= 0.019 deg, max_conc <= 5.8e-4 relative, pixels max 1, mean <= 0.024
@@ -357,23 +358,23 @@ def test_twins_at_full_tile_size_agree_with_numpy_stage() -> None:
 def test_bad_arguments_raise() -> None:
     rgb = np.full((8, 8, 3), 250, np.uint8)  # glass: no tissue
     with pytest.raises(TypeError, match=r"rgb: expected uint8 RGB, got dtype float32"):
-        mk.fit_macenko_device(rgb.astype(np.float32))
+        stain.fit_macenko_device(rgb.astype(np.float32))
     with pytest.raises(ValueError, match=r"tiles: expected shape \(N, H, W, 3\), got \(8, 8, 3\)"):
-        mk.fit_tiles_device(rgb)
+        stain.fit_tiles_device(rgb)
     with pytest.raises(ValueError, match=r"alpha: expected a percentile 0 <= alpha < 50, got 50"):
-        mk.fit_macenko_device(rgb, alpha=50)
+        stain.fit_macenko_device(rgb, alpha=50)
     with pytest.raises(ValueError, match=r"fit_macenko: image of shape \(8, 8, 3\): too few tissue pixels: 0 of 64"):
-        mk.fit_macenko_device(rgb)
+        stain.fit_macenko_device(rgb)
     with pytest.raises(TypeError, match=r"expected StainFit, got ndarray"):
-        mk.apply_macenko_device(rgb, stain.REFERENCE.stain_matrix_od)  # type: ignore[arg-type]
+        stain.apply_macenko_device(rgb, stain.REFERENCE.stain_matrix_od)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"sources: expected one fit \(or None\) per tile, 2, got 1"):
-        mk.apply_tiles_device(np.zeros((2, 4, 4, 3), np.uint8), [stain.REFERENCE])
+        stain.apply_tiles_device(np.zeros((2, 4, 4, 3), np.uint8), [stain.REFERENCE])
 
 
 def test_single_colour_tissue_is_not_separable_on_the_device() -> None:
     rgb = np.full((24, 24, 3), (150, 90, 160), np.uint8)
     with pytest.raises(ValueError, match=r"stains not separable: .* span 0.00e\+00 rad"):
-        mk.fit_macenko_device(rgb)
+        stain.fit_macenko_device(rgb)
 
 
 def test_bench_cases_run_their_twin() -> None:

@@ -18,7 +18,8 @@ import gpupath.detect.classic as classic
 from conftest import data_file
 from gpupath.slide import open_slide
 from gpupath_kernels import _launch
-from kernel_helpers import Backend, assert_compiles_for_gpu, backend  # noqa: F401  (backend: fixture)
+from conftest import Backend
+from kernel_helpers import assert_compiles_for_gpu
 from gpupath_kernels.nuclei import (
     best_log_response,
     best_log_response_ref,

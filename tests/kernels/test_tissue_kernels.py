@@ -17,7 +17,8 @@ import gpupath.tissue as tissue_stage
 from conftest import data_file
 from gpupath.slide import open_slide
 from gpupath_kernels import _launch
-from kernel_helpers import Backend, assert_compiles_for_gpu, backend  # noqa: F401  (backend: fixture)
+from conftest import Backend
+from kernel_helpers import assert_compiles_for_gpu
 from gpupath_kernels.tissue import N_BINS, otsu_from_histogram, tissue_features, tissue_features_ref
 
 

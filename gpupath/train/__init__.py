@@ -1,7 +1,7 @@
 """Train the shipped nuclei detector (``nuclei_v2``) on the CPU from human-annotated datasets and export it.
 
-    python -m gpupath.detect.train --work /tmp/nuclei-train                  # -> /tmp/nuclei-train/model/
-    python -m gpupath.detect.train --work W --data ../shared/data/nuclei-train/brca_m2c --data my_lab_set/
+    python -m gpupath.train --work /tmp/nuclei-train                  # -> /tmp/nuclei-train/model/
+    python -m gpupath.train --work W --data ../shared/data/nuclei-train/brca_m2c --data my_lab_set/
 
 Needs the ``train`` extra (torch, onnx). ``--data`` takes any dataset folder of the annotation
 format (:mod:`gpupath.detect.annotations`: images + ``x,y,class`` CSVs + meta.json with mpp, and
@@ -27,13 +27,13 @@ import sys
 import time
 from pathlib import Path
 
-log = logging.getLogger("gpupath.detect.train")
+log = logging.getLogger("gpupath.train")
 
-from gpupath.detect.train._synthetic import EVAL_SEEDS, evaluate_synthetic, read_slide_tiles  # noqa: E402
+from gpupath.train._synthetic import EVAL_SEEDS, evaluate_synthetic, read_slide_tiles  # noqa: E402
 
 __all__ = ["main", "EVAL_SEEDS", "evaluate_synthetic", "read_slide_tiles", "DEFAULT_DATA"]
 
-DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[4] / "shared" / "data" / "nuclei-train"
+DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[3] / "shared" / "data" / "nuclei-train"
 DEFAULT_DATA = (DEFAULT_DATA_ROOT / "brca_m2c", DEFAULT_DATA_ROOT / "consep")
 _LICENCE_FILES = {"brca_m2c/LICENSE.txt": "BRCA-M2C-LICENSE.txt",
                   "consep/LICENSE-Apache-2.0.txt": "CoNSeP-LICENSE-Apache-2.0.txt",
@@ -42,7 +42,7 @@ _LICENCE_FILES = {"brca_m2c/LICENSE.txt": "BRCA-M2C-LICENSE.txt",
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m gpupath.detect.train", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m gpupath.train", description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, required=True, help="folder for generated slides (reused) and the model")
     ap.add_argument("--out", type=Path, default=None, help="where the model files go (default WORK/model)")
     ap.add_argument("--data", type=Path, action="append", default=None,
@@ -63,10 +63,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _images(args: argparse.Namespace, class_map):  # noqa: ANN001, ANN202
-    from gpupath.detect.annotations import read_dataset  # noqa: PLC0415
-    from gpupath.detect.train._data import annotated_train_image, synthetic_train_images  # noqa: PLC0415
-    from gpupath.detect.train._synthetic import TRAIN_SEEDS  # noqa: PLC0415
-    from gpupath.detect.train._tune import is_tune_image  # noqa: PLC0415
+    from gpupath.detect.annotations import read_dataset
+    from gpupath.train._data import annotated_train_image, synthetic_train_images
+    from gpupath.train._synthetic import TRAIN_SEEDS
+    from gpupath.train._tune import is_tune_image
 
     train, tune, counts = [], [], {}
     for folder in args.data:
@@ -101,15 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.crop % 8 or args.crop < 32:
         raise SystemExit(f"--crop must be a multiple of 8 px and >= 32, got {args.crop}")
-    from threadpoolctl import threadpool_limits  # noqa: PLC0415
+    from threadpoolctl import threadpool_limits
 
-    from gpupath.detect.annotations import load_class_map  # noqa: PLC0415
-    from gpupath.detect.card import file_sha256  # noqa: PLC0415
-    from gpupath.detect.net import export_onnx, save_weights  # noqa: PLC0415
-    from gpupath.detect.train._card import NAME, card_dict, generated_slide_metrics, write_card  # noqa: PLC0415
-    from gpupath.detect.train._data import log_radius_fit  # noqa: PLC0415
-    from gpupath.detect.train._loop import TrainSettings, train  # noqa: PLC0415
-    from gpupath.detect.train._tune import choose_threshold  # noqa: PLC0415
+    from gpupath.detect.annotations import load_class_map
+    from gpupath.detect.card import file_sha256
+    from gpupath.detect.net import export_onnx, save_weights
+    from gpupath.train._card import NAME, card_dict, generated_slide_metrics, write_card
+    from gpupath.train._data import log_radius_fit
+    from gpupath.train._loop import TrainSettings, train
+    from gpupath.train._tune import choose_threshold
 
     t0 = time.perf_counter()
     args.data = args.data or list(DEFAULT_DATA)
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             "generated_slides": {"seeds": list(seeds), "tiles": len(synthetic)},
             "log_radius_rule_on_generated_slides": {k: round(v, 3) for k, v in size_fit.items()},
             "loss_history": [[s, round(v, 4)] for s, v in history[:: max(1, len(history) // 20)]]}
-    command = "python -m gpupath.detect.train " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "python -m gpupath.train " + shlex.join(sys.argv[1:] if argv is None else argv)
     card = card_dict(net=net, classes=class_map.classes, threshold=threshold, settings=settings, command=command,
                      wall_s=time.perf_counter() - t0, data=data, data_meta={name: _meta(f) for name, f in used.items()},
                      metrics={"tune_f1_by_threshold": {f"{k:.2f}": round(v, 4) for k, v in by_threshold.items()},

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gpupath.detect.train._loop import MEAN, STD, TrainSettings
-from gpupath.detect.train._tune import PEAK_WINDOW_PX, STRIDE_PX
+from gpupath.train._loop import MEAN, STD, TrainSettings
+from gpupath.train._tune import PEAK_WINDOW_PX, STRIDE_PX
 
 NAME = "nuclei_v2"
-HEADER = ("# gpupath model card: the shipped nuclei detector. Written by `python -m gpupath.detect.train`;\n"
+HEADER = ("# gpupath model card: the shipped nuclei detector. Written by `python -m gpupath.train`;\n"
           "# the metrics by `gpupath evaluate` (see README). Do not edit the sha256 lines by hand.\n")
 
 DATA_LICENCES = {
@@ -88,7 +88,7 @@ def card_dict(*, net: Any, classes: tuple[str, ...], threshold: float, settings:
 def generated_slide_metrics(card_path: Path, work: Path) -> dict[str, Any]:
     """Recall and precision of the full pipeline (tissue, 256-px tiles, 32-px overlap, Macenko) with this
     card on the generated evaluation slides (seeds never trained on), centres within 4 level-0 px."""
-    from gpupath.detect.train._synthetic import EVAL_SEEDS, MATCH_PX, evaluate_synthetic  # noqa: PLC0415
+    from gpupath.train._synthetic import EVAL_SEEDS, MATCH_PX, evaluate_synthetic
 
     rows = evaluate_synthetic(card_path, work, EVAL_SEEDS)
     return {"generated_match": (f"one-to-one, centres within {MATCH_PX:g} level-0 px, full pipeline (tissue, 256-px "
@@ -99,9 +99,9 @@ def generated_slide_metrics(card_path: Path, work: Path) -> dict[str, Any]:
 
 def write_card(path: Path, card: dict[str, Any]) -> Path:
     """Write the card YAML atomically."""
-    import yaml  # noqa: PLC0415
+    import yaml
 
-    from gpupath.results import atomic_path  # noqa: PLC0415
+    from gpupath.files import atomic_path
 
     text = HEADER + yaml.safe_dump(card, sort_keys=False, allow_unicode=True, width=110)
     with atomic_path(path) as tmp:

@@ -11,16 +11,17 @@ from pathlib import Path
 
 import numpy as np
 
+from gpupath.synthetic import SyntheticSpec
+from gpupath.tiling import DEFAULT_TARGET_MPP
+
 TILE_PX = 256
-TARGET_MPP = 0.5
+TARGET_MPP = DEFAULT_TARGET_MPP
 MATCH_PX = 4.0
 TRAIN_SEEDS = tuple(range(1000, 1008))
 EVAL_SEEDS = (2000, 2001, 2002)      # never trained on: the card's generated-slide figures come from these
 
 
-def synthetic_spec(seed: int):  # noqa: ANN201  (SyntheticSpec; import kept lazy)
-    from gpupath.synthetic import SyntheticSpec  # noqa: PLC0415
-
+def synthetic_spec(seed: int) -> SyntheticSpec:
     rng = np.random.default_rng(seed)
     mpp = float(rng.choice([0.25, 0.5]))
     lo = float(rng.uniform(2.5, 3.5))
@@ -36,11 +37,11 @@ def synthetic_spec(seed: int):  # noqa: ANN201  (SyntheticSpec; import kept lazy
 def read_slide_tiles(path: Path, *, normalise: bool) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Tiles (N, 256, 256, 3) of a slide as the pipeline reads them, their level-0 origins (N, 2)
     (exact floats), level-0 px per tile px and the slide's mpp."""
-    from gpupath import stain  # noqa: PLC0415
-    from gpupath.pipeline import RunParams, read_grid_tiles  # noqa: PLC0415
-    from gpupath.slide import open_slide  # noqa: PLC0415
-    from gpupath.tiling import TileSpec, tile_grid  # noqa: PLC0415
-    from gpupath.tissue import compute_tissue  # noqa: PLC0415
+    from gpupath import stain
+    from gpupath.pipeline import RunParams, read_grid_tiles
+    from gpupath.slide import open_slide
+    from gpupath.tiling import TileSpec, tile_grid
+    from gpupath.tissue import compute_tissue
 
     params = RunParams(tile=TileSpec(tile_px=TILE_PX, target_mpp=TARGET_MPP), stain="none")
     with open_slide(path) as slide:
@@ -57,7 +58,7 @@ def read_slide_tiles(path: Path, *, normalise: bool) -> tuple[np.ndarray, np.nda
 def slide_tiles_with_truth(work: Path, seed: int) -> tuple[np.ndarray, list[tuple[np.ndarray, ...]]]:
     """Tiles (N, 256, 256, 3) of a generated slide and per tile its nuclei (x, y, radius) in tile px
     (half-open)."""
-    from gpupath.synthetic import read_nuclei, write_synthetic_slide  # noqa: PLC0415
+    from gpupath.synthetic import read_nuclei, write_synthetic_slide
 
     path = work / f"synthetic-{seed}.svs"
     if not path.exists():
@@ -75,12 +76,12 @@ def slide_tiles_with_truth(work: Path, seed: int) -> tuple[np.ndarray, list[tupl
 def evaluate_synthetic(card: Path, work: Path, seeds: tuple[int, ...], *, engine: str = "onnxruntime"
                        ) -> list[tuple[int, float, float, int]]:
     """(seed, recall, precision, n_true) of the full pipeline on generated slides (centres within 4 px)."""
-    import pyarrow.parquet as pq  # noqa: PLC0415
+    import pyarrow.parquet as pq
 
-    from gpupath.detect.boxes import match_one_to_one  # noqa: PLC0415
-    from gpupath.pipeline import RunParams, process_slide  # noqa: PLC0415
-    from gpupath.synthetic import read_nuclei, write_synthetic_slide  # noqa: PLC0415
-    from gpupath.tiling import TileSpec  # noqa: PLC0415
+    from gpupath.detect.boxes import match_one_to_one
+    from gpupath.pipeline import RunParams, process_slide
+    from gpupath.synthetic import read_nuclei, write_synthetic_slide
+    from gpupath.tiling import TileSpec
 
     rows = []
     for seed in seeds:

@@ -16,8 +16,8 @@ from gpupath.detect.card import HeatmapOutput
 from gpupath.detect.decode import decode_heatmap
 from gpupath.detect.net import V2_STRIDE_PX as STRIDE_PX
 from gpupath.detect.matching import MatchCounts
-from gpupath.detect.train._data import MODEL_MPP, RENDERINGS, TrainImage
-from gpupath.detect.train._loop import normalise_input
+from gpupath.train._data import MODEL_MPP, RENDERINGS, TrainImage
+from gpupath.train._loop import normalise_input
 
 THRESHOLDS = tuple(np.round(np.arange(0.15, 0.71, 0.05), 2))
 MATCH_UM = 3.0
@@ -36,7 +36,7 @@ def heatmap_spec(threshold: float) -> HeatmapOutput:
 
 def run_whole(net, rgb: np.ndarray) -> dict[str, np.ndarray]:  # noqa: ANN001
     """Outputs of the network on one image, padded white to a multiple of 8 px."""
-    import torch  # noqa: PLC0415
+    import torch
 
     h, w = rgb.shape[:2]
     ph, pw = -h % 8, -w % 8

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gpupath.detect.net import V2_STRIDE_PX as STRIDE_PX
-from gpupath.detect.train._data import RENDERINGS, TrainImage
+from gpupath.train._data import RENDERINGS, TrainImage
 
 PAD_PX = 24
 SCALE_RANGE = (0.9, 1.1)
@@ -56,7 +56,7 @@ def _hed_jitter(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _jpeg(rgb: np.ndarray, quality: int) -> np.ndarray:
-    from PIL import Image  # noqa: PLC0415
+    from PIL import Image
 
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
@@ -68,7 +68,7 @@ def _jpeg(rgb: np.ndarray, quality: int) -> np.ndarray:
 def sample_crop(image: TrainImage, rng: np.random.Generator, crop_px: int
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(crop (crop, crop, 3) uint8, x, y, radius, label) of one augmented crop."""
-    from PIL import Image  # noqa: PLC0415
+    from PIL import Image
 
     rgb = image.pixels[RENDERINGS[int(rng.integers(len(RENDERINGS)))]]
     h, w = rgb.shape[:2]
@@ -91,7 +91,7 @@ def sample_crop(image: TrainImage, rng: np.random.Generator, crop_px: int
         x = crop_px - x
     crop = _hed_jitter(np.ascontiguousarray(crop), rng)
     if rng.random() < 0.25:
-        from scipy.ndimage import gaussian_filter  # noqa: PLC0415
+        from scipy.ndimage import gaussian_filter
 
         s = float(rng.uniform(0.4, 1.2))
         crop = np.clip(gaussian_filter(crop.astype(np.float32), (s, s, 0)), 0, 255).astype(np.uint8)

@@ -23,7 +23,7 @@ import numpy as np
 
 from gpupath.detect.annotations import AnnotatedImage, read_image
 
-log = logging.getLogger("gpupath.detect.train")
+log = logging.getLogger("gpupath.train")
 
 MODEL_MPP = 0.5
 RENDERINGS = ("none", "macenko", "vahadane")
@@ -48,7 +48,7 @@ class TrainImage:
 
 
 def _resample(rgb: np.ndarray, factor: float) -> np.ndarray:
-    from PIL import Image  # noqa: PLC0415
+    from PIL import Image
 
     h, w = rgb.shape[:2]
     size = (max(1, round(w * factor)), max(1, round(h * factor)))
@@ -57,7 +57,7 @@ def _resample(rgb: np.ndarray, factor: float) -> np.ndarray:
 
 def renderings(rgb: np.ndarray) -> dict[str, np.ndarray]:
     """The three --stain renderings of one image; a failed fit keeps the scanned pixels (as the pipeline does)."""
-    from gpupath import stain, vahadane  # noqa: PLC0415
+    from gpupath import stain, vahadane
 
     out = {"none": rgb}
     for name, fit, apply, target in (("macenko", stain.fit_macenko, stain.apply_macenko, stain.REFERENCE),
@@ -76,10 +76,10 @@ def log_radii(rgb_reference: np.ndarray, x_px: np.ndarray, y_px: np.ndarray) -> 
     ``-s^2 LoG_s`` of the hematoxylin channel at the point (its largest value within
     RADIUS_SEARCH_PX, per scale), as r = s * sqrt(2). ``rgb_reference`` is Macenko-normalised to
     gpupath.stain.REFERENCE."""
-    from scipy import ndimage  # noqa: PLC0415
+    from scipy import ndimage
 
-    from gpupath import stain  # noqa: PLC0415
-    from gpupath.detect.classic import hematoxylin_od  # noqa: PLC0415
+    from gpupath import stain
+    from gpupath.detect.classic import hematoxylin_od
 
     h = hematoxylin_od(rgb_reference, stain_matrix_od=stain.REFERENCE.stain_matrix_od).astype(np.float64)
     rows, cols = h.shape
@@ -108,7 +108,7 @@ def synthetic_train_images(work: Path, seeds: tuple[int, ...]) -> list[TrainImag
     """Tiles of generated slides (written once under ``work``), read as the pipeline reads them and
     stain-fitted per slide, with the generator's exact nuclei and radii (no class: the class loss
     skips them)."""
-    from gpupath.detect.train._synthetic import slide_tiles_with_truth  # noqa: PLC0415
+    from gpupath.train._synthetic import slide_tiles_with_truth
 
     out = []
     for seed in seeds:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from gpupath.detect.train._augment import CropBatch, make_batch
-from gpupath.detect.train._data import TrainImage
+from gpupath.train._augment import CropBatch, make_batch
+from gpupath.train._data import TrainImage
 
-log = logging.getLogger("gpupath.detect.train")
+log = logging.getLogger("gpupath.train")
 
 MEAN = (0.75, 0.6, 0.75)
 STD = (0.2, 0.2, 0.15)
@@ -34,8 +35,8 @@ class TrainSettings:
     log_every: int = 100              # steps per loss-history entry (mean loss over them)
 
 
-def normalise_input(x, mean: tuple = MEAN, std: tuple = STD):  # noqa: ANN001, ANN201
-    import torch  # noqa: PLC0415
+def normalise_input(x: Any, mean: tuple = MEAN, std: tuple = STD) -> Any:
+    import torch
 
     m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
@@ -55,11 +56,11 @@ def source_weights(images: list[TrainImage], synthetic_weight: float) -> np.ndar
     return w / w.sum()
 
 
-def batch_loss(net, b: CropBatch):  # noqa: ANN001, ANN201
+def batch_loss(net: Any, b: CropBatch) -> tuple[Any, dict[str, float]]:
     """(total, parts dict) of one batch."""
-    import torch  # noqa: PLC0415
+    import torch
 
-    from gpupath.detect.net import RADIUS_SCALE_PX  # noqa: PLC0415
+    from gpupath.detect.net import RADIUS_SCALE_PX
 
     x = normalise_input(torch.from_numpy(np.ascontiguousarray(b.rgb.transpose(0, 3, 1, 2))))
     heat, lab, rad, off = (torch.from_numpy(a) for a in (b.heat, b.label, b.radius, b.offset))
@@ -69,7 +70,8 @@ def batch_loss(net, b: CropBatch):  # noqa: ANN001, ANN201
     n_pos = pos.sum().clamp(min=1)
     focal = -(torch.log(p) * (1 - p) ** 2 * pos + torch.log(1 - p) * p**2 * (1 - heat) ** 4 * ~pos).sum() / n_pos
     known = lab >= 0
-    l_cls = (torch.nn.functional.cross_entropy(cls, lab.clamp(min=0), reduction="none") * known).sum() / known.sum().clamp(min=1)
+    l_cls = ((torch.nn.functional.cross_entropy(cls, lab.clamp(min=0), reduction="none") * known).sum()
+             / known.sum().clamp(min=1))
     size_pred = RADIUS_SCALE_PX * torch.exp(size_raw[:, 0].clamp(-3, 3))
     l_size = (torch.abs(size_pred - rad) / RADIUS_SCALE_PX * pos).sum() / n_pos
     l_off = (torch.abs(torch.sigmoid(off_raw) - off) * pos[:, None]).sum() / n_pos
@@ -78,11 +80,11 @@ def batch_loss(net, b: CropBatch):  # noqa: ANN001, ANN201
                    "offset": float(l_off.detach())}
 
 
-def train(images: list[TrainImage], *, n_classes: int, settings: TrainSettings):  # noqa: ANN201
+def train(images: list[TrainImage], *, n_classes: int, settings: TrainSettings) -> tuple[Any, list[tuple[int, float]]]:
     """A trained :class:`NucleiNetV2` with batch norm folded in (eval mode) and the loss history."""
-    import torch  # noqa: PLC0415
+    import torch
 
-    from gpupath.detect.net import NucleiNetV2, fuse_batch_norm  # noqa: PLC0415
+    from gpupath.detect.net import NucleiNetV2, fuse_batch_norm
 
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)

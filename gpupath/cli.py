@@ -158,12 +158,13 @@ def _run(options: RunOptions) -> int:
     from gpupath.errors import ConfigError
     from gpupath.run_plan import plan_run
 
+    def warn(line: str) -> None:
+        err_console.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
+
     try:
-        plan = plan_run(options)
+        plan = plan_run(options, warn=warn)
     except ConfigError as exc:
         raise _fail(str(exc)) from None
-    for warning in plan.warnings:
-        err_console.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
     if plan.device_note:
         err_console.print(plan.device_note, highlight=False)
     t0 = time.perf_counter()

@@ -488,7 +488,6 @@ def _process_slide(path: str | Path, out_dir: Path, params: RunParams, detector:
             if params.reports:
                 _write_reports(out_dir, result, params, detector, slide, tissue)
                 timer.add("report", t)
-                result.seconds = time.perf_counter() - start
                 write_marker(out_dir, result.slide_id, results_key=key, result=asdict(result))  # with its warning
     except GpupathError as exc:
         result.status, result.error = "failed", str(exc)

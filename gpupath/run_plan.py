@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from gpupath.batch import expand_inputs
@@ -65,7 +65,6 @@ class RunPlan:
     scheduler: str | None
     resume: bool
     checksums: dict[str, str] | None           # file name -> sha256 every slide must match (None: not asked)
-    warnings: list[str] = field(default_factory=list)   # one line each (checksum file lines skipped)
     device_note: str | None = None             # "device: cpu (no usable CUDA GPU found)" when --device auto
 
 
@@ -97,16 +96,16 @@ def expected_checksums(path: Path, warn: Callable[[str], None]) -> dict[str, str
     return expected
 
 
-def plan_run(options: RunOptions) -> RunPlan:
-    """Validate ``options`` and resolve them into a :class:`RunPlan`; ConfigError (one line) if unusable."""
+def plan_run(options: RunOptions, *, warn: Callable[[str], None] = lambda line: None) -> RunPlan:
+    """Validate ``options`` and resolve them into a :class:`RunPlan`; ConfigError (one line) if unusable.
+    ``warn`` gets each line of the checksum file that was skipped, as it is read."""
     target_mpp = _target_mpp(options)
     if options.out.exists() and not options.out.is_dir():
         raise ConfigError(f"--out {options.out}: exists and is not a folder")
     if options.workers is not None and options.workers < 0:
         raise ConfigError(f"--workers must be >= 0 (0: in this process), got {options.workers}")
     slides = expand_inputs(list(options.slides), store=options.store)
-    warnings: list[str] = []
-    checksums = None if options.checksums is None else expected_checksums(options.checksums, warnings.append)
+    checksums = None if options.checksums is None else expected_checksums(options.checksums, warn)
     if not slides:
         raise ConfigError("no slides given (paths, folders of slides, or --store DIR)")
     device = resolve_device(options.device)
@@ -123,5 +122,4 @@ def plan_run(options: RunOptions) -> RunPlan:
     if options.device == "auto":
         note = f"device: {device}" + (" (no usable CUDA GPU found)" if device == "cpu" else "")
     return RunPlan(slides=slides, out=options.out, params=params, workers=options.workers,
-                   scheduler=options.scheduler, resume=not options.redo, checksums=checksums, warnings=warnings,
-                   device_note=note)
+                   scheduler=options.scheduler, resume=not options.redo, checksums=checksums, device_note=note)

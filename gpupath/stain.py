@@ -396,8 +396,7 @@ def apply_macenko(rgb: ArrayLike, source: StainFit, *, target: StainFit = REFERE
     which re-renders with ``io * exp(-M C)`` and truncates: ours is the exact inverse of the OD
     formula, theirs is on average 0.5 grey level higher (see tests/test_stain.py).
     """
-    if not isinstance(source, StainFit) or not isinstance(target, StainFit):
-        raise TypeError(f"source, target: expected StainFit, got {type(source).__name__}, {type(target).__name__}")
+    _check_fits(source, target)
     arr = _as_array(rgb)
     if is_device_array(arr):  # one fused kernel
         return apply_macenko_device(arr, source, target)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -70,22 +71,36 @@ def test_bad_rows_name_the_file_line_and_problem(tmp_path: Path, rows: dict, mat
         read_dataset(root)
 
 
-def test_bad_folders_and_metadata(tmp_path: Path) -> None:
+def _no_meta(root: Path) -> None:
+    (root / "meta.json").unlink()
+
+
+def _bad_header(root: Path) -> None:
+    (root / "centroids" / "a.csv").write_text("col,row,kind\n1,1,x\n")
+
+
+def _no_csv(root: Path) -> None:
+    (root / "centroids" / "a.csv").unlink()
+
+
+def test_a_folder_that_is_no_dataset_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not an annotation dataset"):
         read_dataset(tmp_path)
-    root = make_dataset(tmp_path / "lab", rows={"a": "1,1,lymphocyte\n"}, mpp="half")
-    with pytest.raises(ConfigError, match="no usable mpp for image 'a'"):
+
+
+@pytest.mark.parametrize("mpp, damage, match", [
+    pytest.param("half", None, "no usable mpp for image 'a'", id="mpp-not-a-number"),
+    pytest.param(0.5, _no_meta, "no meta.json", id="no-meta"),
+    pytest.param(0.5, _bad_header, "header must be x,y,class", id="csv-header"),
+    pytest.param(0.5, _no_csv, r"a\.csv: missing", id="csv-missing"),
+])
+def test_bad_datasets_are_refused_naming_the_problem(tmp_path: Path, mpp: object,
+                                                     damage: Callable[[Path], None] | None, match: str) -> None:
+    root = make_dataset(tmp_path / "lab", rows={"a": "1,1,lymphocyte\n"}, mpp=mpp)
+    if damage is not None:
+        damage(root)
+    with pytest.raises(ConfigError, match=match):
         read_dataset(root)
-    (root / "meta.json").unlink()
-    with pytest.raises(ConfigError, match="no meta.json"):
-        read_dataset(root)
-    other = make_dataset(tmp_path / "lab2", rows={"a": "1,1,lymphocyte\n"})
-    (other / "centroids" / "a.csv").write_text("col,row,kind\n1,1,x\n")
-    with pytest.raises(ConfigError, match="header must be x,y,class"):
-        read_dataset(other)
-    (other / "centroids" / "a.csv").unlink()
-    with pytest.raises(ConfigError, match=r"a\.csv: missing"):
-        read_dataset(other)
 
 
 def test_splits_inside_the_folder_and_their_errors(tmp_path: Path) -> None:

@@ -17,8 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import data_file
+from helpers_timings import EPS_S, assert_finite_seconds, assert_slide_seconds_match_stages
 from gpupath.batch import expand_inputs, run_batch
+from gpupath.ingest import sha256_file
 from gpupath.pipeline import RunParams, process_slide
+from gpupath.results import marker_path
 from gpupath.synthetic import SyntheticSpec, write_synthetic_slide
 from gpupath.tiling import TileSpec
 
@@ -44,6 +47,41 @@ def reference(slides: list[Path], tmp_path_factory: pytest.TempPathFactory) -> d
     out = tmp_path_factory.mktemp("reference")
     detector, _ = PARAMS.make_detector()
     return {p.name: process_slide(p, out, PARAMS, detector=detector).n_detections for p in slides}
+
+
+def slide_open_in(pid: int, slides: dict[str, str]) -> str | None:
+    """The path (a key of ``slides``) of a slide file process ``pid`` holds open, or None (Linux /proc)."""
+    fd_dir = Path(f"/proc/{pid}/fd")
+    try:
+        fds = list(fd_dir.iterdir())
+    except OSError:  # the process is gone
+        return None
+    for fd in fds:
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed while listed
+            continue
+        if target in slides:
+            return target
+    return None
+
+
+def group_members(pgid: int) -> list[str]:
+    """``pid command`` of the live (not zombie) processes in process group ``pgid`` (Linux /proc)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, pgrp, ...
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(f"{stat.parent.name} {text[text.index('(') + 1:text.rindex(')')]}")
+    return members
+
+
+def group_alive(pgid: int) -> bool:
+    return bool(group_members(pgid))
 
 
 def leftovers(out: Path) -> list[Path]:
@@ -85,33 +123,53 @@ def test_local_cluster_batch_with_bad_slides(slides: list[Path], reference: dict
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["environment"]["executor"] == {**run["environment"]["executor"], "kind": "LocalCluster", "workers": 2}
     assert (run["slides_done"], run["slides_failed"], run["slides_left"]) == (4, 2, 0)
-    assert run["finished"] is not None and run["tiles_per_s"] > 0
+    assert run["finished"] is not None
+    ok = [s for s in run["slides"] if s["status"] == "ok"]
+    assert len(ok) == len(slides)
+    # tiles done: the good slides' tile tables, counted row by row (the failed slides wrote none)
+    written = {s["slide_id"]: pq.read_table(tmp_path / "out" / "tiles" / f"slide_id={s['slide_id']}").num_rows
+               for s in ok}
+    assert [s["n_tiles"] for s in ok] == list(written.values()) and run["tiles_done"] == sum(written.values())
+    # the rate is the tiles done over the run's elapsed seconds, and the run lasted that long
+    elapsed = assert_finite_seconds(run["elapsed_s"], "elapsed_s")
+    assert run["tiles_per_s"] == pytest.approx(run["tiles_done"] / elapsed, rel=1e-9)
+    assert run["finished"] - run["started"] >= elapsed
+    assert run["mean_slide_s"] == pytest.approx(sum(s["seconds"] for s in run["slides"]) / len(batch), rel=1e-9)
+    for s in ok:  # each slide's seconds: its stages', within the run (on workers, 2 slides at a time)
+        assert_slide_seconds_match_stages(s["seconds"], s["timings"])
+        assert s["seconds"] <= elapsed + EPS_S
 
 
 def test_a_worker_killed_mid_slide_costs_one_attempt(slides: list[Path], reference: dict[str, int],
                                                      tmp_path: Path) -> None:
-    killed: list[int] = []
+    killed: list[tuple[int, str]] = []  # (worker pid, the slide it had open)
+    out = tmp_path / "out"
+    slide_ids = {str(p.resolve()): sha256_file(p) for p in slides}
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
                                   silence_logs=40) as cluster, distributed.Client(cluster) as client:
+        client.wait_for_workers(2, timeout=60)
+        pids = list(client.run(os.getpid).values())
 
         def kill_a_busy_worker() -> None:
-            deadline = time.time() + 120
-            while time.time() < deadline and not killed:
-                busy = [w for w, tasks in client.processing().items() if tasks]
-                if busy:
-                    pid = client.run(os.getpid, workers=[busy[0]])[busy[0]]
-                    time.sleep(0.3)  # well inside its slide (each takes seconds)
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-                time.sleep(0.05)
+            # no fixed sleep: kill a worker once it holds a slide file open (inside process_slide, from
+            # the checksum to the last write) and that slide is not done yet
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not killed:
+                for pid in pids:
+                    slide = slide_open_in(pid, slide_ids)
+                    if slide is not None and not marker_path(out, slide_ids[slide]).exists():
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append((pid, slide))
+                        break
+                time.sleep(0.02)  # polling interval of the condition above
 
         killer = threading.Thread(target=kill_a_busy_worker)
         killer.start()
-        results = run_batch(slides, tmp_path / "out", PARAMS, scheduler=cluster.scheduler_address)
+        results = run_batch(slides, out, PARAMS, scheduler=cluster.scheduler_address)
         killer.join()
-    assert killed, "no worker was killed: the test did not test anything"
+    assert killed, "no worker was killed mid-slide within 120 s: the test did not test anything"
     assert all(r.status == "ok" for r in results), [r.error for r in results]
-    check_outputs(tmp_path / "out", slides, reference)
+    check_outputs(out, slides, reference)
 
 
 def _gpupath(*args: str | Path, **kw: object) -> subprocess.Popen:
@@ -134,7 +192,12 @@ def test_whole_run_killed_then_resumed(slides: list[Path], reference: dict[str, 
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the run and its cluster, mid-way, without a chance to clean up
         proc.wait()
-    time.sleep(0.5)
+    # no fixed sleep: wait until every process of the killed run (its workers too) is gone and has let
+    # go of the output folder's lock, or fail naming the survivors
+    deadline = time.monotonic() + 60
+    while group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not group_alive(proc.pid), f"processes of the killed run outlived it by 60 s: {group_members(proc.pid)}"
     rerun = _gpupath("run", folder, "--out", out, "--device", "cpu", "--engine", "onnxruntime", "--workers", "2")
     stdout, stderr = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, stderr

@@ -1,15 +1,19 @@
 """`gpupath bench` end to end on a small generated slide, its matcher on known answers, and the scaling
-script on tiny slides. Timings are never asserted: only structure, positive ratios and agreement."""
+script on tiny slides. Speed is never asserted: only structure, agreement, and timings that are finite
+and consistent with each other and with the tiles processed."""
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
+from helpers_timings import EPS_S, SLACK_S, assert_finite_seconds, assert_slide_seconds_match_stages
 
 from gpupath.bench import STAGES, match_detections, results_stem
 from gpupath.synthetic import SyntheticSpec, write_synthetic_slide
@@ -67,14 +71,37 @@ def test_gpupath_bench_cli_end_to_end(small_slide: Path, tmp_path: Path) -> None
     assert m["versions"]["gpupath"] and m["versions"]["onnxruntime"] and m["versions"]["torchstain"]
     rows = {r["stage"]: r for r in result["rows"]}
     assert set(rows) == {*STAGES, "end_to_end"}
+    n_tiles = result["n_tiles"]
+    # the tiles both sides processed: the grid's tiles, the very ones ours wrote (agreement["same_tiles"])
+    assert n_tiles > 0 and result["ours"]["n_tiles"] == result["baseline"]["n_tiles"] == n_tiles
     for side in ("ours", "baseline"):
-        assert set(result[side]["stages"]) == set(STAGES)
-        assert all(v > 0 for v in result[side]["stages"].values()), result[side]["stages"]
-        assert result[side]["peak_rss_mib"] > 0 and result[side]["n_tiles"] == result["n_tiles"] > 0
-    for row in rows.values():
-        assert row["speedup"] > 0 and row["ours_tiles_per_s"] > 0 and row["baseline_mp_per_s"] > 0
+        stages = result[side]["stages"]
+        assert set(stages) == set(STAGES)
+        for stage, v in stages.items():
+            assert_finite_seconds(v, f"{side} {stage}")
+        end_s = assert_finite_seconds(result[side]["end_to_end_s"], f"{side} end_to_end_s")
+        # stage seconds against the side's end-to-end seconds: the baseline times its stages one after
+        # the other on one thread; ours reads on a prefetch thread beside the others (see helpers_timings)
+        serial = sum(stages.values()) - (stages["read"] if side == "ours" else 0.0)
+        assert serial <= end_s + EPS_S and stages["read"] <= end_s + EPS_S, (side, stages, end_s)
+        assert end_s <= sum(stages.values()) + SLACK_S, (side, stages, end_s)
+        assert math.isfinite(result[side]["peak_rss_mib"]) and result[side]["peak_rss_mib"] > 0
+    mp = n_tiles * result["job"]["grid"]["tile_px"] ** 2 / 1e6
+    for stage, row in rows.items():
+        o = result["ours"]["end_to_end_s" if stage == "end_to_end" else "stages"]
+        b = result["baseline"]["end_to_end_s" if stage == "end_to_end" else "stages"]
+        o, b = (o, b) if stage == "end_to_end" else (o[stage], b[stage])
+        assert (row["ours_s"], row["baseline_s"]) == (o, b), row
+        # the ratios and rates are of these seconds and of the tiles processed, not of other figures
+        assert row["speedup"] == pytest.approx(b / o, rel=1e-12), row
+        assert row["ours_tiles_per_s"] == pytest.approx(n_tiles / o, rel=1e-12), row
+        assert row["baseline_tiles_per_s"] == pytest.approx(n_tiles / b, rel=1e-12), row
+        assert row["ours_mp_per_s"] == pytest.approx(mp / o, rel=1e-12), row
+        assert row["baseline_mp_per_s"] == pytest.approx(mp / b, rel=1e-12), row
     assert result["ours"]["engine"] == "onnxruntime"
-    assert result["peak_rss_mib"]["ratio"] > 0
+    rss = result["peak_rss_mib"]
+    assert (rss["ours"], rss["baseline"]) == (result["ours"]["peak_rss_mib"], result["baseline"]["peak_rss_mib"])
+    assert rss["ratio"] == pytest.approx(rss["ours"] / rss["baseline"], rel=1e-12)
 
     agree = result["agreement"]
     assert agree["same_tiles"]
@@ -93,8 +120,22 @@ def test_bench_scaling_script_tiny(tmp_path: Path) -> None:
     assert [r["size_px"] for r in result["rows"]] == [1024, 2048]
     small, large = result["rows"]
     assert 0 < small["tissue_mm2"] < large["tissue_mm2"] and small["n_tiles"] < large["n_tiles"]
-    assert all(r["wall_s"] > 0 and r["peak_rss_mib"] > 0 for r in result["rows"])
-    assert "s_per_mm2" in result["fit"] and "| slide px |" in out.with_suffix(".md").read_text()
+    for r in result["rows"]:
+        # the tiles processed: the rows of the tile table the run wrote
+        (tiles,) = (tmp_path / "w" / f"run-{r['size_px']}" / "tiles").glob("slide_id=*/part-0.parquet")
+        assert pq.read_table(tiles).num_rows == r["n_tiles"], r
+        # the slide's seconds match its stages, and lie inside the wall time of the child that ran it
+        assert_slide_seconds_match_stages(r["slide_s"], r["timings"])
+        assert r["slide_s"] <= assert_finite_seconds(r["wall_s"], "wall_s")
+        assert math.isfinite(r["peak_rss_mib"]) and r["peak_rss_mib"] > 0
+    fit = result["fit"]
+    # two sizes: the least-squares line goes through both points (R² 1)
+    for r in result["rows"]:
+        assert fit["intercept_s"] + fit["s_per_mm2"] * r["tissue_mm2"] == pytest.approx(r["wall_s"], rel=1e-6, abs=1e-6)
+    assert fit["r2"] == pytest.approx(1.0, abs=1e-9)
+    assert fit["rss_max_over_min"] == pytest.approx(max(small["peak_rss_mib"], large["peak_rss_mib"])
+                                                    / min(small["peak_rss_mib"], large["peak_rss_mib"]), rel=1e-12)
+    assert "| slide px |" in out.with_suffix(".md").read_text()
 
 
 def test_gpupath_bench_missing_slide_fails_naming_it(tmp_path: Path) -> None:

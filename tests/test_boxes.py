@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 
 from gpupath.detect.boxes import Detections, GridLayout, dedup_overlaps, suppress_near_duplicates, to_global
-
-STRIDE, SIZE, N = 448, 512, 4          # level-0 px; ownership boundaries at 32 + 448 k
-ALL_TILES = frozenset((c, r) for c in range(N) for r in range(N))
+from helpers_boxes import ALL_TILES, N, SIZE, STRIDE, seen_by_tiles
 
 
 def layout(processed: frozenset[tuple[int, int]] = ALL_TILES) -> GridLayout:
@@ -24,31 +22,6 @@ def test_to_global_maps_tile_px_to_level0() -> None:
     np.testing.assert_allclose(det.cy, [41.0, 522.25])
     np.testing.assert_allclose(det.x1 - det.x0, [16.0, 8.0])
     assert det.tile_x.tolist() == [1000, 2001]
-
-
-def seen_by_tiles(points: np.ndarray, *, rng: np.random.Generator, jitter: float = 0.0,
-                  processed: frozenset[tuple[int, int]] = ALL_TILES,
-                  shift: dict[tuple[int, int], float] | None = None) -> Detections:
-    """Every processed tile of the grid reports every point inside its footprint.
-
-    ``jitter`` moves each report by a random amount; ``shift`` moves one tile's reports in x.
-    """
-    parts = []
-    for row in range(N):
-        for col in range(N):
-            if (col, row) not in processed:
-                continue
-            ox, oy = col * STRIDE, row * STRIDE
-            inside = (points[:, 0] >= ox) & (points[:, 0] < ox + SIZE) & (points[:, 1] >= oy) & (points[:, 1] < oy + SIZE)
-            p = points[inside] + rng.uniform(-jitter, jitter, (int(inside.sum()), 2))
-            p[:, 0] += (shift or {}).get((col, row), 0.0)
-            m = len(p)
-            parts.append(Detections(
-                (p[:, 0] - 3).astype(np.float32), (p[:, 1] - 3).astype(np.float32),
-                (p[:, 0] + 3).astype(np.float32), (p[:, 1] + 3).astype(np.float32),
-                rng.uniform(0.5, 1, m).astype(np.float32), np.zeros(m, np.int16),
-                np.full(m, ox, np.int64), np.full(m, oy, np.int64)))
-    return Detections.concat(parts)
 
 
 def assert_each_once(kept: Detections, points: np.ndarray, tol_px: float = 1.0) -> None:

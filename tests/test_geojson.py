@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_query import LABELS, rewrite_version, synthetic_detections, write_slide
+from helpers_query import LABELS, rewrite_version, synthetic_detections, write_slide
 
 from gpupath.detect.boxes import Detections
 from gpupath.errors import ResultsError

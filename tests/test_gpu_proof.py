@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
+import pytest
 from conftest import DATA_DIR
+from helpers_timings import assert_finite_seconds, assert_slide_seconds_match_stages
 
 PROOF = Path(__file__).resolve().parents[1] / "bench" / "gpu_proof"
 
@@ -42,12 +45,29 @@ def test_proof_dry_run_writes_figures(tmp_path: Path) -> None:
     assert "other" not in paths  # every gpu test belongs to a named path
     assert {row["kernel"] for row in result["kernels"]["rows"]} >= {"macenko_apply", "tissue_features"}
     synthetic = [r for r in result["runs"] if r["slide"].startswith("synthetic")]
-    assert synthetic and synthetic[0]["status"] == "ok" and synthetic[0]["tiles_per_s"] > 0
+    assert synthetic and synthetic[0]["status"] == "ok"
     assert synthetic[0]["backend"] and synthetic[0]["engine"] == "onnxruntime"
     assert {r["call"] for r in result["runs"]} == {parts[0].stem}
+    for run in result["runs"]:
+        if run.get("status") != "ok":
+            continue
+        # the tiles counted are the rows of the tile table the run wrote (its outputs stay in --work)
+        (tiles,) = (work / "runs" / f"{Path(run['slide']).stem}-{run['device']}" / "tiles").glob("slide_id=*/*.parquet")
+        assert pq.read_table(tiles).num_rows == run["tiles"] > 0, run["slide"]
+        # timings: the slide's seconds match its stages and lie inside the command's wall time; the rate is
+        # those tiles over those seconds
+        assert_slide_seconds_match_stages(run["slide_s"], run["stages"])
+        assert run["slide_s"] <= assert_finite_seconds(run["wall_s"], "wall_s")
+        assert run["tiles_per_s"] == pytest.approx(run["tiles"] / run["slide_s"], rel=1e-12)
     bench = {r["slide"]: r for r in result["bench"]}
-    assert bench[synthetic[0]["slide"]]["speedup_vs_baseline"] > 0
-    assert bench[synthetic[0]["slide"]]["matched_of_baseline"] > 0.99
+    synth_bench = bench[synthetic[0]["slide"]]
+    ours_s = assert_finite_seconds(synth_bench["ours_s"], "ours_s")
+    baseline_s = assert_finite_seconds(synth_bench["baseline_s"], "baseline_s")
+    assert synth_bench["tiles"] == synthetic[0]["tiles"]  # the bench's grid is the run's
+    assert synth_bench["speedup_vs_baseline"] == pytest.approx(baseline_s / ours_s, rel=1e-12)
+    assert synth_bench["ours_tiles_per_s"] == pytest.approx(synth_bench["tiles"] / ours_s, rel=1e-12)
+    assert synth_bench["baseline_tiles_per_s"] == pytest.approx(synth_bench["tiles"] / baseline_s, rel=1e-12)
+    assert synth_bench["matched_of_baseline"] > 0.99
     if (DATA_DIR / "OS-2-ndpi.ome.tif").exists():  # OpenSlide cannot read it: the baseline is not run, and says so
         assert "OpenSlide cannot open it" in bench["OS-2-ndpi.ome.tif"]["not_run"]
     md = merged.with_suffix(".md").read_text()

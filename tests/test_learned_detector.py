@@ -20,7 +20,7 @@ from gpupath.pipeline import RunParams, process_slide
 from gpupath.slide import open_slide
 from gpupath.synthetic import SyntheticSpec, write_synthetic_slide
 from gpupath.tiling import TileSpec
-from test_pipeline import MATCH_PX, detections_of, one_to_one, truth_centres
+from helpers_pipeline import MATCH_PX, detections_of, one_to_one, truth_centres
 
 torch = pytest.importorskip("torch", reason="torch (test extra) runs the torch engine and exports test models")
 

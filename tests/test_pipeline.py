@@ -10,14 +10,12 @@ import pytest
 from scipy.spatial import cKDTree
 
 from conftest import READABLE, data_file
-from gpupath.detect.boxes import match_one_to_one
+from helpers_pipeline import MATCH_PX, detections_of, one_to_one, truth_centres
 from gpupath.batch import run_slides
 from gpupath.pipeline import RunParams, process_slide
 from gpupath.slide import open_slide
-from gpupath.synthetic import SyntheticSpec, read_nuclei, write_synthetic_slide
+from gpupath.synthetic import SyntheticSpec, write_synthetic_slide
 from gpupath.tiling import TileSpec
-
-MATCH_PX = 4.0  # a detection matches a true nucleus when their centres are within 4 level-0 px
 
 
 @pytest.fixture(scope="module")
@@ -25,24 +23,6 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("syn") / "syn-3k.svs"
     write_synthetic_slide(path, SyntheticSpec(width_px=3072, height_px=2560, mpp=0.25, seed=3))
     return path
-
-
-def detections_of(out: Path, slide_id: str) -> dict[str, np.ndarray]:
-    table = pq.read_table(out / "detections" / f"slide_id={slide_id}" / "part-0.parquet")
-    cols = {name: table.column(name).to_numpy() for name in ("x0_px", "y0_px", "x1_px", "y1_px", "score")}
-    cols["cx"] = (cols["x0_px"] + cols["x1_px"]) / 2
-    cols["cy"] = (cols["y0_px"] + cols["y1_px"]) / 2
-    return cols
-
-
-def one_to_one(truth: np.ndarray, found: np.ndarray, max_px: float) -> tuple[np.ndarray, np.ndarray]:
-    """Greedy closest-first matching; returns (truth index, found index) pairs within ``max_px``."""
-    return match_one_to_one(truth, found, max_px)
-
-
-def truth_centres(slide: Path) -> np.ndarray:
-    nuclei = read_nuclei(slide)
-    return np.c_[nuclei["x_px"], nuclei["y_px"]]
 
 
 @pytest.mark.parametrize("target_mpp, stain", [(0.25, "macenko"), (0.5, "macenko"), (0.5, "vahadane"), (0.5, "none")])

@@ -15,33 +15,15 @@ import pytest
 from typer.testing import CliRunner
 
 from gpupath.cli import app
-from gpupath.detect.boxes import Detections, random_detections
+from helpers_query import LABELS, rewrite_version, synthetic_detections, write_slide
+from gpupath.detect.boxes import Detections
 from gpupath.errors import ResultsError
 from gpupath.query import RESULT_SCHEMA, BBox, parse_bbox, plan_query, query
 from gpupath.results import (
     SCHEMA_VERSION,
     detections_table,
-    tiles_table,
     write_slide_parts,
 )
-
-LABELS = ["nucleus", "mitosis"]
-STRIDE_PX = 448            # level-0 distance between tile origins (512-px tiles, 64-px overlap)
-
-
-def synthetic_detections(n: int, rng: np.random.Generator, *, side_px: int = 200_000) -> Detections:
-    """``n`` random boxes on a ``side_px`` square slide in tiles every STRIDE_PX, labels of LABELS."""
-    return random_detections(n, rng, side_px=side_px, n_labels=len(LABELS), stride_px=STRIDE_PX)
-
-
-def write_slide(out: Path, slide_id: str, det: Detections, **kwargs: int) -> Path:
-    """A slide's partitions as the pipeline writes them (detections_table + write_slide_parts)."""
-    table = detections_table(det, stride_l0=STRIDE_PX, label_names=LABELS, provenance={"slide_sha256": slide_id})
-    z = np.zeros(0, np.int64)
-    tiles = tiles_table(x=z, y=z, size_l0_px=512, col=z, row=z, level=0, tissue_fraction=np.zeros(0),
-                        n_detections=z, provenance={})
-    return write_slide_parts(out, slide_id, table, tiles, **kwargs)["detections"]
-
 
 def load_all(out: Path) -> dict[str, np.ndarray]:
     """Every row of every partition (pyarrow.parquet.read_table, no index): slide (as int), box, score, label."""
@@ -241,15 +223,6 @@ def test_temporary_files_are_not_read(small_run: Path) -> None:
 
 # ---- schema versions ---------------------------------------------------------------------------------
 
-def rewrite_version(path: Path, version: str | None, *, drop: tuple[bytes, ...] = ()) -> None:
-    """Rewrite a detections file with another schema version in its metadata (None: no version key)."""
-    table = pq.read_table(path)
-    meta = {k: v for k, v in table.schema.metadata.items() if k not in drop and k != b"gpupath.schema_version"}
-    if version is not None:
-        meta[b"gpupath.schema_version"] = version.encode()
-    pq.write_table(table.replace_schema_metadata(meta), path, row_group_size=16384)
-
-
 @pytest.fixture
 def one_slide(tmp_path: Path) -> Path:
     write_slide(tmp_path, "abcd", synthetic_detections(2000, np.random.default_rng(3), side_px=5000))
@@ -368,7 +341,6 @@ def test_min_score_compares_in_the_stored_float32(tmp_path: Path) -> None:
 
     from gpupath.detect.boxes import Detections
     from gpupath.query import query
-    from gpupath.results import detections_table, write_slide_parts
 
     det = Detections(*(np.array(v, np.float32) for v in ([0, 10], [0, 10], [5, 15], [5, 15], [0.7, 0.69])),
                      np.zeros(2, np.int16), np.zeros(2, np.int64), np.zeros(2, np.int64))

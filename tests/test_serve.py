@@ -414,6 +414,20 @@ def test_bench_serve_runs_tiny(tmp_path: Path) -> None:
     spec.loader.exec_module(bench)
     store = bench.make_store(tmp_path, 1024)
     r = bench.run_load(store, clients=2, requests=40, cache_mb=1)
-    assert r["errors"] == 0 and r["requests"] == 40 and r["tiles_per_s"] > 0
-    assert 0 < r["latency_ms"]["p50"] <= r["latency_ms"]["p99"]
-    assert "tiles/s" in bench.markdown(r)
+    assert r["errors"] == 0 and r["requests"] == 40 and r["clients"] == 2
+    # the pyramid it drew from, by hand: 1024 px -> DZI levels 0..10 of 1, 2, ..., 1024 px, 254 px tiles:
+    # 5 x 5 at 1024 px, 3 x 3 at 512, 2 x 2 at 256 and one tile each at the 8 levels of 128 px and less
+    assert r["slide_px"] == [1024, 1024] and r["dzi_levels"] == 11 and r["tiles_in_pyramid"] == 25 + 9 + 4 + 8
+    # timings: present and finite; the rate is the 40 requests over the wall seconds (both rounded:
+    # wall_s to 1 ms, tiles_per_s to 0.1); no request took longer than the whole load
+    wall_s = r["wall_s"]
+    assert isinstance(wall_s, float) and math.isfinite(wall_s) and wall_s >= 0.001
+    lo, hi = 40 / (wall_s + 0.0005), 40 / max(wall_s - 0.0005, 1e-9)
+    assert lo - 0.05 <= r["tiles_per_s"] <= hi + 0.05, (r["tiles_per_s"], wall_s)
+    lat = r["latency_ms"]
+    assert all(math.isfinite(lat[k]) for k in ("p50", "p90", "p99", "max"))
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"] <= wall_s * 1000 + 0.5 + 0.005, lat
+    assert set(r["server_rss_mb"]) == {"start", "after_warmup", "end", "peak"}
+    assert all(math.isfinite(v) and v > 0 for v in r["server_rss_mb"].values()), r["server_rss_mb"]
+    md = bench.markdown(r)
+    assert "tiles/s" in md and f"| {r['tiles_per_s']} | {lat['p50']} |" in md

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import types
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -230,23 +231,27 @@ def test_single_colour_tissue_is_not_separable(xp: types.ModuleType) -> None:
 # --------------------------------------------------------------------------- bad arguments
 
 
-def test_bad_arguments_raise() -> None:
+@pytest.mark.parametrize("call, error, match", [
+    pytest.param(lambda tiles: normalize_batch(tiles, method="reinhard"), ValueError,  # type: ignore[arg-type]
+                 r"method: expected 'none' or 'macenko', got 'reinhard'", id="unknown-method"),
+    pytest.param(lambda tiles: normalize_batch(tiles, method="macenko", mode="slides"), ValueError,  # type: ignore[arg-type]
+                 r"mode: expected 'slide' or 'tile', got 'slides'", id="unknown-mode"),
+    pytest.param(lambda tiles: normalize_batch(tiles, method="macenko", mode="tile", fit=REFERENCE), ValueError,
+                 r"only used with mode='slide'", id="fit-with-tile-mode"),
+    pytest.param(lambda tiles: fit_macenko(tiles.astype(np.float32)), TypeError,
+                 r"expected uint8 RGB, got dtype float32", id="fit-float-tiles"),
+    pytest.param(lambda tiles: normalize_batch(tiles[0], method="none"), ValueError,
+                 r"expected shape \(N, H, W, 3\), got \(8, 8, 3\)", id="normalize-one-tile-not-a-batch"),
+    pytest.param(lambda tiles: apply_macenko(np.zeros((8, 8, 4), np.uint8), REFERENCE), ValueError,
+                 r"expected shape \(H, W, 3\) or \(N, H, W, 3\), got \(8, 8, 4\)", id="apply-four-channels"),
+    pytest.param(lambda tiles: fit_macenko(tiles, alpha=50), ValueError,
+                 r"alpha: expected a percentile 0 <= alpha < 50, got 50", id="fit-alpha-50"),
+    pytest.param(lambda tiles: StainFit(REFERENCE.stain_matrix_od, np.array([1.0, 0.0]), 240.0), ValueError,
+                 r"max_conc: expected 2 finite values > 0", id="stainfit-zero-max_conc"),
+    pytest.param(lambda tiles: StainFit(np.eye(3), REFERENCE.max_conc, 240.0), ValueError,
+                 r"stain_matrix_od: expected finite \(3, 2\)", id="stainfit-3x3-matrix"),
+])
+def test_bad_arguments_raise(call: Callable[[np.ndarray], object], error: type[Exception], match: str) -> None:
     tiles = np.zeros((1, 8, 8, 3), np.uint8)
-    with pytest.raises(ValueError, match=r"method: expected 'none' or 'macenko', got 'reinhard'"):
-        normalize_batch(tiles, method="reinhard")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"mode: expected 'slide' or 'tile', got 'slides'"):
-        normalize_batch(tiles, method="macenko", mode="slides")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"only used with mode='slide'"):
-        normalize_batch(tiles, method="macenko", mode="tile", fit=REFERENCE)
-    with pytest.raises(TypeError, match=r"expected uint8 RGB, got dtype float32"):
-        fit_macenko(tiles.astype(np.float32))
-    with pytest.raises(ValueError, match=r"expected shape \(N, H, W, 3\), got \(8, 8, 3\)"):
-        normalize_batch(tiles[0], method="none")
-    with pytest.raises(ValueError, match=r"expected shape \(H, W, 3\) or \(N, H, W, 3\), got \(8, 8, 4\)"):
-        apply_macenko(np.zeros((8, 8, 4), np.uint8), REFERENCE)
-    with pytest.raises(ValueError, match=r"alpha: expected a percentile 0 <= alpha < 50, got 50"):
-        fit_macenko(tiles, alpha=50)
-    with pytest.raises(ValueError, match=r"max_conc: expected 2 finite values > 0"):
-        StainFit(REFERENCE.stain_matrix_od, np.array([1.0, 0.0]), 240.0)
-    with pytest.raises(ValueError, match=r"stain_matrix_od: expected finite \(3, 2\)"):
-        StainFit(np.eye(3), REFERENCE.max_conc, 240.0)
+    with pytest.raises(error, match=match):
+        call(tiles)

@@ -10,6 +10,7 @@ import json
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -252,16 +253,21 @@ def test_bad_spec_raises(field: str, value: object) -> None:
         SyntheticSpec(**kwargs)
 
 
-def test_bad_write_arguments_raise(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"nuclei_per_mm2=100000.0: at most about"):
-        write_synthetic_slide(tmp_path / "x.svs", SyntheticSpec(500, 500, nuclei_per_mm2=1e5))
-    with pytest.raises(ValueError, match=r"workers=0"):
-        write_synthetic_slide(tmp_path / "x.svs", SyntheticSpec(500, 500), workers=0)
-    with pytest.raises(TypeError, match=r"expected a SyntheticSpec"):
-        write_synthetic_slide(tmp_path / "x.svs", {"width_px": 500})  # type: ignore[arg-type]
-    with pytest.raises(FileNotFoundError, match=r"nuclei.parquet"):
-        read_nuclei(tmp_path / "missing.svs")
-    assert list(tmp_path.iterdir()) == []
+@pytest.mark.parametrize("call, error, match", [
+    pytest.param(lambda out: write_synthetic_slide(out, SyntheticSpec(500, 500, nuclei_per_mm2=1e5)), ValueError,
+                 r"nuclei_per_mm2=100000.0: at most about", id="too-dense"),
+    pytest.param(lambda out: write_synthetic_slide(out, SyntheticSpec(500, 500), workers=0), ValueError,
+                 r"workers=0", id="no-workers"),
+    pytest.param(lambda out: write_synthetic_slide(out, {"width_px": 500}), TypeError,
+                 r"expected a SyntheticSpec", id="dict-not-spec"),
+    pytest.param(lambda out: read_nuclei(out.with_name("missing.svs")), FileNotFoundError,
+                 r"nuclei.parquet", id="no-truth-file"),
+])
+def test_bad_write_arguments_raise(tmp_path: Path, call: Callable[[Path], object], error: type[Exception],
+                                   match: str) -> None:
+    with pytest.raises(error, match=match):
+        call(tmp_path / "x.svs")
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
 
 
 _RSS_SCRIPT = """

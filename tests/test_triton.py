@@ -24,16 +24,16 @@ import sys
 import threading
 import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import data_file
 from detect_helpers import assert_same_detections
+from helpers_pipeline import detections_of
 from peer_venv import peer_python
 from scipy.spatial import cKDTree
-from test_pipeline import detections_of
 
 from gpupath.detect._triton import TritonEngine, triton_available
 from gpupath.detect.card import shipped_card
@@ -303,15 +303,17 @@ def test_a_malformed_url_is_refused(url: str, expected: str) -> None:
         make_detector("triton", triton_url=url)
 
 
-def test_engine_and_url_go_together() -> None:
-    with pytest.raises(ConfigError, match="--engine triton needs --triton-url"):
-        make_detector("triton")
-    with pytest.raises(ConfigError, match="--engine triton needs --triton-url"):
-        RunParams(engine="triton")
-    with pytest.raises(ConfigError, match=r"--triton-url 127.0.0.1:1 is for --engine triton \(engine here: auto"):
-        make_detector("auto", triton_url="127.0.0.1:1")
-    with pytest.raises(ConfigError, match=r"is for --engine triton \(engine here: onnxruntime\)"):
-        RunParams(engine="onnxruntime", triton_url="127.0.0.1:1")
+@pytest.mark.parametrize("call, match", [
+    pytest.param(lambda: make_detector("triton"), "--engine triton needs --triton-url", id="detector-triton-no-url"),
+    pytest.param(lambda: RunParams(engine="triton"), "--engine triton needs --triton-url", id="params-triton-no-url"),
+    pytest.param(lambda: make_detector("auto", triton_url="127.0.0.1:1"),
+                 r"--triton-url 127.0.0.1:1 is for --engine triton \(engine here: auto", id="detector-url-with-auto"),
+    pytest.param(lambda: RunParams(engine="onnxruntime", triton_url="127.0.0.1:1"),
+                 r"is for --engine triton \(engine here: onnxruntime\)", id="params-url-with-onnxruntime"),
+])
+def test_engine_and_url_go_together(call: Callable[[], object], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        call()
 
 
 def test_auto_never_picks_triton() -> None:

@@ -18,6 +18,7 @@ import math
 import subprocess
 import tomllib
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -210,26 +211,30 @@ def test_single_stain_is_not_separable(xp: types.ModuleType) -> None:
         fit_vahadane(xp.asarray(beer_lambert(STAINS_A, conc)))
 
 
-def test_bad_arguments_raise() -> None:
+@pytest.mark.parametrize("call, error, match", [
+    pytest.param(lambda rgb: fit_vahadane(rgb.astype(np.float32)), TypeError,
+                 r"rgb: expected uint8 RGB, got dtype float32", id="fit-float-rgb"),
+    pytest.param(lambda rgb: apply_vahadane(np.zeros((32, 32, 4), np.uint8), VAHADANE_REFERENCE), ValueError,
+                 r"expected shape \(H, W, 3\) or \(N, H, W, 3\), got \(32, 32, 4\)", id="apply-four-channels"),
+    pytest.param(lambda rgb: fit_vahadane(rgb, lam=-0.1), ValueError,
+                 r"lam: expected a finite L1 weight >= 0 \(OD units\), got -0.1", id="fit-negative-lam"),
+    pytest.param(lambda rgb: fit_vahadane(rgb, n_iter=0), ValueError,
+                 r"n_iter: expected an integer >= 1, got 0", id="fit-zero-n_iter"),
+    pytest.param(lambda rgb: fit_vahadane(rgb, max_pixels=2), ValueError,
+                 r"max_pixels: expected an integer >= 3, got 2", id="fit-max_pixels-below-3"),
+    pytest.param(lambda rgb: fit_vahadane(rgb, io=300), ValueError,
+                 r"io: expected 0 < io <= 255 grey levels, got 300", id="fit-io-above-255"),
+    pytest.param(lambda rgb: fit_vahadane(rgb, beta=math.nan), ValueError,
+                 r"beta: expected a finite OD threshold >= 0, got nan", id="fit-nan-beta"),
+    pytest.param(lambda rgb: fit_vahadane(rgb, rng=0), TypeError,  # type: ignore[arg-type]
+                 r"rng: expected numpy.random.Generator or None, got int", id="fit-int-rng"),
+    pytest.param(lambda rgb: apply_vahadane(rgb, VAHADANE_REFERENCE.stain_matrix_od), TypeError,  # type: ignore[arg-type]
+                 r"source, target: expected StainFit, got ndarray, StainFit", id="apply-matrix-not-fit"),
+])
+def test_bad_arguments_raise(call: Callable[[np.ndarray], object], error: type[Exception], match: str) -> None:
     rgb = beer_lambert(STAINS_A, synthetic_conc(np.random.default_rng(0), (32, 32)))
-    with pytest.raises(TypeError, match=r"rgb: expected uint8 RGB, got dtype float32"):
-        fit_vahadane(rgb.astype(np.float32))
-    with pytest.raises(ValueError, match=r"expected shape \(H, W, 3\) or \(N, H, W, 3\), got \(32, 32, 4\)"):
-        apply_vahadane(np.zeros((32, 32, 4), np.uint8), VAHADANE_REFERENCE)
-    with pytest.raises(ValueError, match=r"lam: expected a finite L1 weight >= 0 \(OD units\), got -0.1"):
-        fit_vahadane(rgb, lam=-0.1)
-    with pytest.raises(ValueError, match=r"n_iter: expected an integer >= 1, got 0"):
-        fit_vahadane(rgb, n_iter=0)
-    with pytest.raises(ValueError, match=r"max_pixels: expected an integer >= 3, got 2"):
-        fit_vahadane(rgb, max_pixels=2)
-    with pytest.raises(ValueError, match=r"io: expected 0 < io <= 255 grey levels, got 300"):
-        fit_vahadane(rgb, io=300)
-    with pytest.raises(ValueError, match=r"beta: expected a finite OD threshold >= 0, got nan"):
-        fit_vahadane(rgb, beta=math.nan)
-    with pytest.raises(TypeError, match=r"rng: expected numpy.random.Generator or None, got int"):
-        fit_vahadane(rgb, rng=0)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"source, target: expected StainFit, got ndarray, StainFit"):
-        apply_vahadane(rgb, VAHADANE_REFERENCE.stain_matrix_od)  # type: ignore[arg-type]
+    with pytest.raises(error, match=match):
+        call(rgb)
 
 
 # --------------------------------------------------------------------------- peer: staintools

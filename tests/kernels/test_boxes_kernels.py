@@ -17,8 +17,8 @@ from conftest import data_file
 from gpupath.detect.boxes import Detections, GridLayout, to_global
 from gpupath.detect.classic import ClassicParams, detect_nuclei
 from gpupath.slide import open_slide
-from gpupath_kernels import _launch
 from conftest import Backend
+from helpers_boxes import ALL_TILES, seen_by_tiles
 from kernel_helpers import assert_compiles_for_gpu
 from gpupath_kernels.boxes import own_by_centre, own_by_centre_ref
 
@@ -68,8 +68,6 @@ def test_non_contiguous_inputs(backend: Backend) -> None:
 
 def test_twin_is_the_stage() -> None:
     """The twin on a bitmap answers as gpupath.detect.boxes.own_by_centre on the set of tiles."""
-    from test_boxes import ALL_TILES, seen_by_tiles
-
     rng = np.random.default_rng(2)
     processed = ALL_TILES - {(1, 0), (2, 2)}
     seen = seen_by_tiles(rng.uniform(0, 1800, (120, 2)), rng=rng, jitter=0.4, processed=processed)
@@ -101,19 +99,27 @@ def real_detections() -> tuple[Detections, GridLayout]:
     return det, GridLayout(stride_l0=stride, overlap_l0=size - stride, n_cols=3, n_rows=3, processed=processed)
 
 
-def test_stage_device_path_on_real_detections(monkeypatch: pytest.MonkeyPatch) -> None:
-    """own_by_centre's device branch (bitmap, cells, kernel, selection), run on NumPy under the simulator."""
-    if not _launch.simulator_enabled():
-        pytest.skip("CUDA simulator off: test_stage_on_cupy_detections covers the device branch")
+def test_kernel_on_real_detections_is_the_stage(backend: Backend) -> None:
+    """The ownership kernel (simulator on NumPy, or CuPy on a GPU) fed with real classic detections, its
+    inputs built here from the grid (not by the stage), keeps what the stage's host path keeps.
+
+    The stage's own device branch (``_own_by_centre_device``) runs only on CuPy detections: no real
+    host run reaches it, so it is test_stage_on_cupy_detections's (``gpu`` mark), not patched here."""
     det, layout = real_detections()
     assert len(det) >= 10
     host_kept, host_look = boxes_stage.own_by_centre(det, layout, margin_l0_px=2.0)
     assert 0 < len(host_kept) < len(det)  # the overlaps saw some nuclei twice
-    monkeypatch.setattr(boxes_stage, "is_device_array", lambda x: True)
-    kept, look = boxes_stage.own_by_centre(det, layout, margin_l0_px=2.0)
-    np.testing.assert_array_equal(kept.cx, host_kept.cx)
-    np.testing.assert_array_equal(kept.tile_x, host_kept.tile_x)
-    np.testing.assert_array_equal(look, host_look)
+    stride = 48  # real_detections' grid: 64 px tiles every 48 px, origins at multiples of 48
+    assert layout.stride_l0 == stride and not (det.tile_x % stride).any() and not (det.tile_y % stride).any()
+    bitmap = np.ones((3, 3), np.uint8)
+    bitmap[1, 1] = 0  # the one tile real_detections leaves out
+    keep, look = own_by_centre(*(backend.put(a) for a in (det.cx.astype(np.float64), det.cy.astype(np.float64),
+                                                           det.tile_x // stride, det.tile_y // stride)),
+                               stride_l0=48.0, overlap_l0=16.0, processed=backend.put(bitmap), margin_l0_px=2.0)
+    keep, look = backend.get(keep), backend.get(look)
+    np.testing.assert_array_equal(det.take(np.flatnonzero(keep)).cx, host_kept.cx)
+    np.testing.assert_array_equal(det.take(np.flatnonzero(keep)).tile_x, host_kept.tile_x)
+    np.testing.assert_array_equal(look[keep], host_look)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -130,13 +136,61 @@ def test_bad_input(kwargs: dict[str, Any], match: str) -> None:
         own_by_centre(args.pop("cx"), args.pop("cy"), args.pop("col"), args.pop("row"), **args)
 
 
+def brute_force_ownership(cx: np.ndarray, cy: np.ndarray, col: np.ndarray, row: np.ndarray, processed: np.ndarray,
+                          *, stride: float, overlap: float, margin: float) -> tuple[np.ndarray, np.ndarray]:
+    """keep, look by scanning each tile's owned interval (no floor, no clip): tile k owns
+    [k * stride + overlap / 2, (k + 1) * stride + overlap / 2), the first from -inf, the last to +inf."""
+    n_rows, n_cols = processed.shape
+
+    def interval(k: int, n: int) -> tuple[float, float]:
+        return (-np.inf if k == 0 else k * stride + overlap / 2,
+                np.inf if k == n - 1 else (k + 1) * stride + overlap / 2)
+
+    def owner(v: float, n: int) -> int:
+        (k,) = [k for k in range(n) if interval(k, n)[0] <= v < interval(k, n)[1]]
+        return k
+
+    keep, look = np.zeros(len(cx), bool), np.zeros(len(cx), bool)
+    for i, (x, y, c, r) in enumerate(zip(cx.tolist(), cy.tolist(), col.tolist(), row.tolist())):
+        oc, orow = owner(x, n_cols), owner(y, n_rows)
+        owned = (oc, orow) == (c, r)
+        (xlo, xhi), (ylo, yhi) = interval(c, n_cols), interval(r, n_rows)
+        near = not owned and margin > 0 and xlo <= x + margin and x - margin < xhi and ylo <= y + margin \
+            and y - margin < yhi  # within the margin of the reporting tile's owned area
+        orphan = processed[orow, oc] == 0
+        keep[i], look[i] = owned or near or orphan, near or orphan
+    return keep, look
+
+
+@pytest.mark.parametrize("margin", [0.0, 5.0])
+def test_twin_is_brute_force(margin: float) -> None:
+    """The twin (every kernel test's reference) against interval scans, with centres on boundaries and margin edges."""
+    case = random_case(np.random.default_rng(5), 400, 4, 5)
+    keep, look = own_by_centre_ref(case["cx"], case["cy"], case["col"], case["row"], stride_l0=STRIDE,
+                                   overlap_l0=OVERLAP, processed=case["processed"], margin_l0_px=margin)
+    want_keep, want_look = brute_force_ownership(case["cx"], case["cy"], case["col"], case["row"], case["processed"],
+                                                 stride=STRIDE, overlap=OVERLAP, margin=margin)
+    assert 0 < want_keep.sum() < len(want_keep) and (want_look & ~want_keep).sum() == 0
+    np.testing.assert_array_equal(keep, want_keep)
+    np.testing.assert_array_equal(look, want_look)
+
+
 def test_bench_case_runs_its_twin() -> None:
     from gpupath_kernels.boxes import bench_cases
 
     (case,) = bench_cases()
     args = case.make_input(np.random.default_rng(0), 10_000)
+    cx, cy, col, row, processed = args
+    assert cx.shape == (100,) and processed.shape == (64, 64)  # one detection per 100 px, a 64 x 64 grid
     keep, look = case.run_twin(*args)
-    assert keep.shape == (100,) and (look <= keep).all() and case.bytes_moved(args) == 100 * 34
+    want_keep, want_look = brute_force_ownership(cx, cy, col, row, processed, stride=448.0, overlap=64.0, margin=5.0)
+    assert 0 < want_keep.sum() < 100 and want_look.any()  # the case has dropped, kept and looked-at detections
+    np.testing.assert_array_equal(keep, want_keep)
+    np.testing.assert_array_equal(look, want_look)
+    # bytes moved, counted from the arrays themselves: the four per-detection inputs read, and the two
+    # masks written as one byte per detection (the 4 KiB grid bitmap, read through the cache, is not counted)
+    written = np.empty(len(cx), np.uint8).nbytes * 2
+    assert case.bytes_moved(args) == sum(a.nbytes for a in (cx, cy, col, row)) + written
 
 
 _PTX_BODY = """    from gpupath_kernels import boxes

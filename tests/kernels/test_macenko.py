@@ -15,6 +15,7 @@ is present (``gpu`` mark). Simulator inputs are small (every CUDA thread is a Py
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -294,26 +295,47 @@ def test_tile_mode_is_one_launch_per_pass_and_equals_single_fits(
         np.testing.assert_array_equal(out[k], stain.apply_macenko_device(tiles[k], results[k]))
 
 
-def test_stage_dispatches_device_arrays_to_the_kernels(
-    crops: np.ndarray, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def test_tile_mode_on_the_host_agrees_with_the_device_functions(
+    crops: np.ndarray, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """gpupath.stain's wiring, without a GPU: NumPy arrays posing as device arrays reach the
-    kernels (simulator); tile mode is one launch per pass and logs the unfitted tile."""
+    """normalize_batch(mode="tile") on host arrays (its loop over tiles) against the device path's two
+    functions run on the same tiles under the simulator: same tiles left unchanged (named in one
+    WARNING), re-rendered pixels within 1 grey level (the device fit's histogram percentile, as in
+    test_device_fit_and_apply_agree_with_numpy_stage). The dispatch of device arrays to those
+    functions is test_gpu_tile_mode_dispatches_to_the_kernels's (``gpu`` mark): no host run reaches it."""
     tiles = np.concatenate([crops, np.full((1, CROP_PX, CROP_PX, 3), 250, np.uint8)])
+    with caplog.at_level("WARNING", logger="gpupath.stain"):
+        out = stain.normalize_batch(tiles, method="macenko", mode="tile", min_tissue_px=100)
+    assert "1 of 3 tiles left unchanged; tile 2: too few tissue pixels: 0 of 576" in caplog.text
+    fits = stain.fit_tiles_device(tiles, min_tissue_px=100)
+    assert [isinstance(f, stain.StainFit) for f in fits] == [True, True, False]
+    dev = stain.apply_tiles_device(tiles, [*fits[:2], None])
+    np.testing.assert_array_equal(out[2], tiles[2])
+    np.testing.assert_array_equal(dev[2], tiles[2])
+    diff = np.abs(dev.astype(np.int16) - out)
+    assert diff.max() <= 1 and diff.mean() < 0.05
+
+
+@pytest.mark.gpu
+def test_gpu_tile_mode_dispatches_to_the_kernels(
+    cmu_tiles: np.ndarray, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """CuPy tiles take the device path: one launch per pass for the whole batch, the unfitted tile named."""
+    import cupy
+
+    tiles = np.concatenate([cmu_tiles, np.full((1, *cmu_tiles.shape[1:]), 250, np.uint8)])
     launches: list[str] = []
     real_run = mk._run
     monkeypatch.setattr(mk, "_run", lambda kernel, *a: launches.append(kernel.py_func.__name__) or real_run(kernel, *a))
-    monkeypatch.setattr(stain, "is_device_array", lambda x: True)
     with caplog.at_level("WARNING", logger="gpupath.stain"):
-        out = stain.normalize_batch(tiles, method="macenko", mode="tile", min_tissue_px=100)
+        out = stain.normalize_batch(cupy.asarray(tiles), method="macenko", mode="tile")
+    assert isinstance(out, cupy.ndarray)
     assert launches == ["od_stats_partial", "angle_histogram", "concentration_histogram",
                         "concentration_histogram", "apply"]
-    assert "1 of 3 tiles left unchanged; tile 2: too few tissue pixels: 0 of 576" in caplog.text
-    fits = stain.fit_tiles_device(tiles, min_tissue_px=100)
-    np.testing.assert_array_equal(out, stain.apply_tiles_device(tiles, [*fits[:2], None]))
-    fit = stain.fit_macenko(crops[0], min_tissue_px=100)
-    np.testing.assert_array_equal(fit.stain_matrix_od, fits[0].stain_matrix_od)
-    np.testing.assert_array_equal(stain.apply_macenko(crops[0], fit), stain.apply_macenko_device(crops[0], fit))
+    assert f"1 of {len(tiles)} tiles left unchanged; tile {len(tiles) - 1}: too few tissue pixels" in caplog.text
+    host = stain.normalize_batch(tiles, method="macenko", mode="tile")
+    diff = np.abs(cupy.asnumpy(out).astype(np.int16) - host)
+    assert diff.max() <= 1 and diff.mean() < 0.05
 
 
 def test_device_fit_within_3_degrees_of_torchstain(crops: np.ndarray) -> None:
@@ -355,20 +377,26 @@ def test_twins_at_full_tile_size_agree_with_numpy_stage() -> None:
 # --------------------------------------------------------------------------- errors, bench, PTX
 
 
-def test_bad_arguments_raise() -> None:
-    rgb = np.full((8, 8, 3), 250, np.uint8)  # glass: no tissue
-    with pytest.raises(TypeError, match=r"rgb: expected uint8 RGB, got dtype float32"):
-        stain.fit_macenko_device(rgb.astype(np.float32))
-    with pytest.raises(ValueError, match=r"tiles: expected shape \(N, H, W, 3\), got \(8, 8, 3\)"):
-        stain.fit_tiles_device(rgb)
-    with pytest.raises(ValueError, match=r"alpha: expected a percentile 0 <= alpha < 50, got 50"):
-        stain.fit_macenko_device(rgb, alpha=50)
-    with pytest.raises(ValueError, match=r"fit_macenko: image of shape \(8, 8, 3\): too few tissue pixels: 0 of 64"):
-        stain.fit_macenko_device(rgb)
-    with pytest.raises(TypeError, match=r"expected StainFit, got ndarray"):
-        stain.apply_macenko_device(rgb, stain.REFERENCE.stain_matrix_od)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"sources: expected one fit \(or None\) per tile, 2, got 1"):
-        stain.apply_tiles_device(np.zeros((2, 4, 4, 3), np.uint8), [stain.REFERENCE])
+_GLASS = np.full((8, 8, 3), 250, np.uint8)  # no tissue
+
+
+@pytest.mark.parametrize("call, error, match", [
+    pytest.param(lambda: stain.fit_macenko_device(_GLASS.astype(np.float32)), TypeError,
+                 r"rgb: expected uint8 RGB, got dtype float32", id="float-rgb"),
+    pytest.param(lambda: stain.fit_tiles_device(_GLASS), ValueError,
+                 r"tiles: expected shape \(N, H, W, 3\), got \(8, 8, 3\)", id="tiles-without-batch-axis"),
+    pytest.param(lambda: stain.fit_macenko_device(_GLASS, alpha=50), ValueError,
+                 r"alpha: expected a percentile 0 <= alpha < 50, got 50", id="alpha-50"),
+    pytest.param(lambda: stain.fit_macenko_device(_GLASS), ValueError,
+                 r"fit_macenko: image of shape \(8, 8, 3\): too few tissue pixels: 0 of 64", id="glass-only"),
+    pytest.param(lambda: stain.apply_macenko_device(_GLASS, stain.REFERENCE.stain_matrix_od), TypeError,
+                 r"expected StainFit, got ndarray", id="matrix-not-fit"),
+    pytest.param(lambda: stain.apply_tiles_device(np.zeros((2, 4, 4, 3), np.uint8), [stain.REFERENCE]), ValueError,
+                 r"sources: expected one fit \(or None\) per tile, 2, got 1", id="one-fit-for-two-tiles"),
+])
+def test_bad_arguments_raise(call: Callable[[], object], error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        call()
 
 
 def test_single_colour_tissue_is_not_separable_on_the_device() -> None:

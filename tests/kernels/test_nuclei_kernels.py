@@ -17,8 +17,8 @@ from scipy import ndimage
 import gpupath.detect.classic as classic
 from conftest import data_file
 from gpupath.slide import open_slide
-from gpupath_kernels import _launch
 from conftest import Backend
+from helpers_classic import DISCS, MPP, he_tile  # the host detector's own known-answer tiles
 from kernel_helpers import assert_compiles_for_gpu
 from gpupath_kernels.nuclei import (
     best_log_response,
@@ -175,23 +175,6 @@ def test_chain_on_real_tiles_gives_the_twins_peaks(backend: Backend) -> None:
     assert not (differ & ~ambiguous(want_best, 3, 0.05, 4 * RESP_ATOL)).any()
 
 
-def test_detect_nuclei_device_path_matches_host(monkeypatch: pytest.MonkeyPatch) -> None:
-    """detect_nuclei's device branch (all three kernels), run on NumPy under the simulator."""
-    if not _launch.simulator_enabled():
-        pytest.skip("CUDA simulator off: test_device_detector_on_strided_tiles covers the device branch")
-    tiles = real_tiles()
-    params = classic.ClassicParams(radius_um=(1.5, 3.0), n_scales=2, threshold=0.05)
-    host = classic.detect_nuclei(tiles, mpp=1.0, params=params)
-    monkeypatch.setattr(classic, "is_device_array", lambda x: True)
-    dev = classic.detect_nuclei(tiles, mpp=1.0, params=params)
-    assert len(host.cx_px) >= 3
-    np.testing.assert_array_equal(dev.tile_index, host.tile_index)
-    np.testing.assert_allclose(dev.cx_px, host.cx_px, atol=1e-3)   # float32 response in the parabola fit
-    np.testing.assert_allclose(dev.cy_px, host.cy_px, atol=1e-3)
-    np.testing.assert_array_equal(dev.radius_px, host.radius_px)
-    np.testing.assert_allclose(dev.score, host.score, atol=1e-5)
-
-
 # --------------------------------------------------------------------------- errors, bench, PTX
 @pytest.mark.parametrize("call, error, match", [
     (lambda: hematoxylin(np.zeros((2, 2, 3), np.float32), H_ROW), TypeError, "uint8"),
@@ -250,8 +233,6 @@ def test_kernels_compile_for_the_gpu() -> None:
 def test_device_detector_on_strided_tiles() -> None:
     import cupy
 
-    from test_classic import DISCS, MPP, he_tile  # the host detector's own known-answer tiles
-
     rng = np.random.default_rng(3)
     tiles = np.stack([he_tile(DISCS, rng), he_tile(DISCS[1:], rng)])
     host = classic.detect_nuclei(tiles, mpp=MPP)
@@ -261,3 +242,22 @@ def test_device_detector_on_strided_tiles() -> None:
     np.testing.assert_allclose(dev.cx_px, host.cx_px, atol=1e-3)  # float32 response in the parabola fit
     np.testing.assert_allclose(dev.cy_px, host.cy_px, atol=1e-3)
     np.testing.assert_allclose(dev.score, host.score, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_device_detector_on_real_tiles() -> None:
+    """detect_nuclei's device branch (all three kernels) on real H&E tiles. Only CuPy tiles reach it, so
+    it needs a GPU (skipped without one, with the reason). On the CPU, the same kernels on the same
+    tiles are test_chain_on_real_tiles_gives_the_twins_peaks, under the simulator."""
+    import cupy
+
+    tiles = real_tiles()
+    params = classic.ClassicParams(radius_um=(1.5, 3.0), n_scales=2, threshold=0.05)
+    host = classic.detect_nuclei(tiles, mpp=1.0, params=params)
+    assert len(host.cx_px) >= 3
+    dev = classic.detect_nuclei(cupy.asarray(tiles), mpp=1.0, params=params)
+    np.testing.assert_array_equal(dev.tile_index, host.tile_index)
+    np.testing.assert_allclose(dev.cx_px, host.cx_px, atol=1e-3)   # float32 response in the parabola fit
+    np.testing.assert_allclose(dev.cy_px, host.cy_px, atol=1e-3)
+    np.testing.assert_array_equal(dev.radius_px, host.radius_px)
+    np.testing.assert_allclose(dev.score, host.score, atol=1e-4)   # as test_device_detector_on_strided_tiles

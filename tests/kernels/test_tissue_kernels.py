@@ -16,7 +16,6 @@ import pytest
 import gpupath.tissue as tissue_stage
 from conftest import data_file
 from gpupath.slide import open_slide
-from gpupath_kernels import _launch
 from conftest import Backend
 from kernel_helpers import assert_compiles_for_gpu
 from gpupath_kernels.tissue import N_BINS, otsu_from_histogram, tissue_features, tissue_features_ref
@@ -75,19 +74,6 @@ def test_features_on_real_overview(backend: Backend) -> None:
     assert otsu_from_histogram(backend.get(got[3])) == tissue_stage.otsu_threshold(sat[grey > 25.0])
 
 
-def test_tissue_mask_device_path_matches_host(monkeypatch: pytest.MonkeyPatch) -> None:
-    """tissue_mask's device branch (kernel + host Otsu), run on NumPy under the simulator."""
-    if not _launch.simulator_enabled():
-        pytest.skip("CUDA simulator off: test_device_mask_is_host_mask covers the device branch")
-    slide = open_slide(data_file("cmu-1-small-region.svs"))
-    overview, _ = tissue_stage.read_overview(slide, 96.0)
-    host = tissue_stage.tissue_mask(overview)
-    monkeypatch.setattr(tissue_stage, "is_device_array", lambda x: True)
-    via_kernel = tissue_stage.tissue_mask(overview)
-    np.testing.assert_array_equal(via_kernel, host)
-    assert 0.1 < host.mean() < 0.9
-
-
 @pytest.mark.parametrize("seed", range(4))
 def test_otsu_from_histogram_is_the_host_threshold(seed: int) -> None:
     rng = np.random.default_rng(seed)
@@ -125,8 +111,13 @@ def test_bench_cases_run_their_twin() -> None:
 
     (case,) = bench_cases()
     args = case.make_input(np.random.default_rng(0), 100)
-    assert args[0].dtype == np.uint8 and case.bytes_moved(args) > 0
-    assert case.run_twin(*args)[3].sum() <= args[0].shape[0] * args[0].shape[1]
+    assert args[0].dtype == np.uint8 and args[0].shape == (10, 10, 3)
+    out = case.run_twin(*args)  # sat, grey (float32), candidates (bool), histogram (int64): the kernel's dtypes
+    assert [a.dtype for a in out] == [np.float32, np.float32, np.bool_, np.int64]
+    # counted from the arrays: the RGB read once, the three per-pixel outputs and the histogram written once
+    assert case.bytes_moved(args) == args[0].nbytes + sum(a.nbytes for a in out)
+    rgb = args[0].astype(np.int64)
+    assert out[3].sum() == (rgb.sum(axis=-1) > 3 * 25).sum()  # every pixel brighter than black (grey > 25), once
 
 
 _PTX_BODY = """    from gpupath_kernels import tissue
@@ -145,12 +136,17 @@ def test_kernel_compiles_for_the_gpu() -> None:
 
 
 @pytest.mark.gpu
-def test_device_mask_is_host_mask() -> None:
+@pytest.mark.parametrize("overview_um", [16.0, 96.0])
+def test_device_mask_is_host_mask(overview_um: float) -> None:
+    """tissue_mask's device branch (kernel + host Otsu on its histogram). Only a CuPy overview reaches it,
+    so it needs a GPU (skipped without one, with the reason). On the CPU, test_features_on_real_overview
+    checks what that branch computes (the kernel's features and its histogram's Otsu) under the simulator."""
     import cupy
 
     slide = open_slide(data_file("cmu-1-small-region.svs"))
-    overview, _ = tissue_stage.read_overview(slide, 16.0)
+    overview, _ = tissue_stage.read_overview(slide, overview_um)
     host = tissue_stage.tissue_mask(overview)
+    assert 0.1 < host.mean() < 0.9  # tissue and glass: a threshold that matters
     dev = tissue_stage.tissue_mask(cupy.asarray(overview))
     assert isinstance(dev, cupy.ndarray)
     np.testing.assert_array_equal(cupy.asnumpy(dev), host)  # same features and threshold: same mask

@@ -14,6 +14,8 @@ measured 0 differing of 2652 channel values here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 
@@ -181,25 +183,33 @@ def test_apply_twin_identity_for_in_cone_pixels() -> None:
 # --------------------------------------------------------------------------- validation, bench cases
 
 
-def test_wrappers_reject_bad_input() -> None:
-    od = np.zeros((4, 3))
-    with pytest.raises(TypeError, match=r"od: expected float32 or float64, got dtype int64"):
-        kv.nn_lasso(od.astype(np.int64), RUIFROK_HE, 0.1)
-    with pytest.raises(ValueError, match=r"od: expected shape \(P, 3\), got \(4, 4\)"):
-        kv.nn_lasso(np.zeros((4, 4)), RUIFROK_HE, 0.1)
-    with pytest.raises(ValueError, match=r"stain_matrix_od: expected a finite \(3, 2\) .*, got shape \(2, 3\)"):
-        kv.nn_lasso(od, RUIFROK_HE.T, 0.1)
-    with pytest.raises(ValueError, match=r"stain columns must be non-zero"):
-        kv.nn_lasso(od, np.zeros((3, 2)), 0.1)
-    with pytest.raises(ValueError, match=r"lam: expected a finite L1 weight >= 0, got -0.1"):
-        kv.nn_lasso(od, RUIFROK_HE, -0.1)
-    with pytest.raises(TypeError, match=r"rgb: expected uint8, got dtype float64"):
-        kv.vahadane_apply(od, RUIFROK_HE, RUIFROK_HE, np.ones(2), lam=0.01, io_source=240.0, io_target=240.0)
-    rgb = np.zeros((4, 3), np.uint8)
-    with pytest.raises(ValueError, match=r"conc_scale: expected 2 finite values"):
-        kv.vahadane_apply(rgb, RUIFROK_HE, RUIFROK_HE, np.ones(3), lam=0.01, io_source=240.0, io_target=240.0)
-    with pytest.raises(ValueError, match=r"io_target: expected 0 < io <= 255 grey levels, got 0"):
-        kv.vahadane_apply(rgb, RUIFROK_HE, RUIFROK_HE, np.ones(2), lam=0.01, io_source=240.0, io_target=0)
+_OD, _RGB = np.zeros((4, 3)), np.zeros((4, 3), np.uint8)  # four pixels: OD (float64) and RGB (uint8)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    pytest.param(lambda: kv.nn_lasso(_OD.astype(np.int64), RUIFROK_HE, 0.1), TypeError,
+                 r"od: expected float32 or float64, got dtype int64", id="lasso-int-od"),
+    pytest.param(lambda: kv.nn_lasso(np.zeros((4, 4)), RUIFROK_HE, 0.1), ValueError,
+                 r"od: expected shape \(P, 3\), got \(4, 4\)", id="lasso-four-channel-od"),
+    pytest.param(lambda: kv.nn_lasso(_OD, RUIFROK_HE.T, 0.1), ValueError,
+                 r"stain_matrix_od: expected a finite \(3, 2\) .*, got shape \(2, 3\)", id="lasso-transposed-stains"),
+    pytest.param(lambda: kv.nn_lasso(_OD, np.zeros((3, 2)), 0.1), ValueError,
+                 r"stain columns must be non-zero", id="lasso-zero-stains"),
+    pytest.param(lambda: kv.nn_lasso(_OD, RUIFROK_HE, -0.1), ValueError,
+                 r"lam: expected a finite L1 weight >= 0, got -0.1", id="lasso-negative-lam"),
+    pytest.param(lambda: kv.vahadane_apply(_OD, RUIFROK_HE, RUIFROK_HE, np.ones(2), lam=0.01, io_source=240.0,
+                                           io_target=240.0), TypeError,
+                 r"rgb: expected uint8, got dtype float64", id="apply-float-rgb"),
+    pytest.param(lambda: kv.vahadane_apply(_RGB, RUIFROK_HE, RUIFROK_HE, np.ones(3), lam=0.01, io_source=240.0,
+                                           io_target=240.0), ValueError,
+                 r"conc_scale: expected 2 finite values", id="apply-three-conc-scales"),
+    pytest.param(lambda: kv.vahadane_apply(_RGB, RUIFROK_HE, RUIFROK_HE, np.ones(2), lam=0.01, io_source=240.0,
+                                           io_target=0), ValueError,
+                 r"io_target: expected 0 < io <= 255 grey levels, got 0", id="apply-zero-io_target"),
+])
+def test_wrappers_reject_bad_input(call: Callable[[], object], error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        call()
 
 
 def test_bench_cases_run_on_the_host() -> None:

@@ -4,6 +4,9 @@
 level-0 boxes ``x0, y0, x1, y1`` (half-open, x right, y down), ``score`` in [0, 1], ``label``
 (int16 index into the model's class names) and the level-0 origin of the tile each came from.
 Results and exports import it from here, never from ``gpupath.detect``.
+
+:class:`TileBoxes` is what a detector gives for one batch of tiles, before the boxes are placed on
+the slide: tile px, with the index of each box's tile in the batch.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-__all__ = ["Detections"]
+__all__ = ["Detections", "TileBoxes"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,3 +65,30 @@ class Detections:
         if not parts:
             return Detections.empty()
         return Detections(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(Detections)))
+
+
+@dataclass(frozen=True, slots=True)
+class TileBoxes:
+    """Detections of one batch in tile px, on the host. Every field is (M,)."""
+
+    tile_index: np.ndarray   # int64 index into the batch
+    x0: np.ndarray           # float64 tile px, left (inclusive)
+    y0: np.ndarray           # float64 tile px, top (inclusive)
+    x1: np.ndarray           # float64 tile px, right (exclusive)
+    y1: np.ndarray           # float64 tile px, bottom (exclusive)
+    score: np.ndarray        # float32 in [0, 1]
+    label: np.ndarray        # int16 class index
+
+    @classmethod
+    def empty(cls) -> TileBoxes:
+        f = np.zeros(0)
+        return cls(np.zeros(0, np.int64), f, f, f, f, np.zeros(0, np.float32), np.zeros(0, np.int16))
+
+    @classmethod
+    def from_centres(cls, *, tile_index: np.ndarray, cx_px: np.ndarray, cy_px: np.ndarray, half_w_px: np.ndarray,
+                     half_h_px: np.ndarray, score: np.ndarray, label: np.ndarray) -> TileBoxes:
+        return cls(np.asarray(tile_index, np.int64), cx_px - half_w_px, cy_px - half_h_px, cx_px + half_w_px,
+                   cy_px + half_h_px, np.asarray(score, np.float32), np.asarray(label, np.int16))
+
+    def __len__(self) -> int:
+        return int(self.x0.shape[0])

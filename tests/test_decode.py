@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpupath.detect.card import BoxesOutput, HeatmapOutput
-from gpupath.detect.decode import decode_boxes, decode_heatmap
+from gpupath.detect.decoders import BoxesOutput, HeatmapOutput, decode_boxes, decode_heatmap
 
 
 def heat_outputs(n: int = 2, g: int = 16) -> dict[str, np.ndarray]:

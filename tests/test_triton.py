@@ -37,7 +37,7 @@ from scipy.spatial import cKDTree
 
 from gpupath.detect._triton import TritonEngine, triton_available
 from gpupath.detect.card import shipped_card
-from gpupath.detect.decode import TileBoxes
+from gpupath.types import TileBoxes
 from gpupath.detect.detector import make_detector
 from gpupath.detect.engines import OnnxRuntimeEngine
 from gpupath.detect.preprocess import preprocess

@@ -3,7 +3,7 @@
 from gpupath.detect.boxes import Detections, boxes_to_global, dedup_overlaps, to_global
 from gpupath.detect.card import ModelCard, load_card, shipped_card
 from gpupath.detect.classic import ClassicParams, detect_nuclei
-from gpupath.detect.decode import TileBoxes
+from gpupath.types import TileBoxes
 from gpupath.detect.detector import ClassicDetector, Detector, LearnedDetector, make_detector
 
 __all__ = [

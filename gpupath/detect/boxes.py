@@ -58,7 +58,7 @@ def to_global(*, tile_index: np.ndarray, cx_px: np.ndarray, cy_px: np.ndarray, r
 
 def boxes_to_global(boxes: Any, *, origin_x: np.ndarray, origin_y: np.ndarray, tile_x: np.ndarray,
                     tile_y: np.ndarray, l0_per_px: float) -> Detections:
-    """Map a detector's :class:`~gpupath.detect.decode.TileBoxes` (tile px) to level-0 boxes.
+    """Map a detector's :class:`~gpupath.types.TileBoxes` (tile px) to level-0 boxes.
 
     Parameters
     ----------

@@ -3,7 +3,8 @@
 A card is a small YAML file beside an ONNX model. It fixes everything the pipeline needs to
 run a model it did not train: the input tensor (name, layout, channel order, size, µm per
 pixel, normalisation) and the outputs with their decoder (``heatmap``: centre heatmap + size
-(+ offset) maps; ``boxes``: box list + scores (+ labels)). The shipped nuclei model has one
+(+ offset) maps; ``boxes``: box list + scores (+ labels); the registry is
+:data:`gpupath.detect.decoders.DECODERS`, each decoder reads its own ``output:`` keys). The shipped nuclei model has one
 (``gpupath/detect/models/nuclei_v2.yaml``); bring-your-own models pass theirs with
 ``--model my.onnx --model-card card.yaml``.
 
@@ -52,6 +53,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from gpupath.detect.card_fields import card_error, choice, refuse_unknown_keys
+from gpupath.detect.decoders import BoxesOutput, HeatmapOutput, OutputSpec, parse_output
 from gpupath.errors import ConfigError
 
 __all__ = ["InputSpec", "HeatmapOutput", "BoxesOutput", "ModelCard", "load_card", "shipped_card",
@@ -83,42 +86,6 @@ class InputSpec:
 
 
 @dataclass(frozen=True, slots=True)
-class HeatmapOutput:
-    """Centre-heatmap outputs (CenterNet-style)."""
-
-    heatmap: str
-    size: str
-    size_kind: Literal["radius", "wh"] = "radius"
-    offset: str | None = None
-    stride_px: int = 1                            # input px per heatmap px
-    peak_window_px: int = 3
-    threshold: float = 0.5
-    decoder: Literal["heatmap"] = "heatmap"
-    class_probs: str | None = None                  # (N, C, h, w) class probabilities; heatmap is then (N, 1, h, w)
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(n for n in (self.heatmap, self.class_probs, self.size, self.offset) if n is not None)
-
-
-@dataclass(frozen=True, slots=True)
-class BoxesOutput:
-    """Box-list outputs (DETR / YOLO-after-NMS style)."""
-
-    boxes: str
-    scores: str
-    labels: str | None = None
-    box_format: Literal["xyxy", "cxcywh"] = "xyxy"
-    box_units: Literal["pixels", "normalized"] = "pixels"
-    threshold: float = 0.5
-    decoder: Literal["boxes"] = "boxes"
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(n for n in (self.boxes, self.scores, self.labels) if n is not None)
-
-
-@dataclass(frozen=True, slots=True)
 class ModelCard:
     """A validated card. ``model_path`` is absolute; ``extra`` keeps documentation keys."""
 
@@ -126,7 +93,7 @@ class ModelCard:
     model_path: Path
     classes: tuple[str, ...]
     input: InputSpec
-    output: HeatmapOutput | BoxesOutput
+    output: OutputSpec
     card_path: Path | None = None
     weights_path: Path | None = None              # torch weights (.npz) of the shipped architecture
     extra: dict[str, Any] = field(default_factory=dict)
@@ -159,26 +126,11 @@ class ModelCard:
 _DOC_KEYS = {"format", "description", "training", "metrics", "license", "version", "sha256", "weights_sha256",
              "dedup_distance_um"}
 _INPUT_KEYS = {"name", "layout", "channels", "dtype", "mpp", "size_px", "multiple_of", "scale", "mean", "std"}
-_HEATMAP_KEYS = {"decoder", "heatmap", "class_probs", "size", "size_kind", "offset", "stride_px", "peak_window_px",
-                 "threshold"}
-_BOXES_KEYS = {"decoder", "boxes", "scores", "labels", "box_format", "box_units", "threshold"}
-
-
 def file_sha256(path: str | Path) -> str:
     """Hex SHA-256 of a model or weights file (:func:`gpupath.files.sha256_file`, the slides' hash)."""
     from gpupath.files import sha256_file
 
     return sha256_file(path)
-
-
-def _fail(card: Path, what: str) -> ConfigError:
-    return ConfigError(f"{card}: {what}")
-
-
-def _choice(card: Path, key: str, value: Any, allowed: tuple[str, ...]) -> Any:
-    if value not in allowed:
-        raise _fail(card, f"{key} must be one of {', '.join(allowed)}, got {value!r}")
-    return value
 
 
 def _triple(card: Path, key: str, value: Any, *, positive: bool) -> tuple[float, float, float]:
@@ -187,87 +139,35 @@ def _triple(card: Path, key: str, value: Any, *, positive: bool) -> tuple[float,
     except (TypeError, ValueError):
         vals = ()
     if len(vals) != 3 or (positive and min(vals) <= 0):
-        raise _fail(card, f"input.{key} must be 3 {'positive ' if positive else ''}numbers, got {value!r}")
+        raise card_error(card, f"input.{key} must be 3 {'positive ' if positive else ''}numbers, got {value!r}")
     return vals  # type: ignore[return-value]
-
-
-def _unknown(card: Path, section: str, got: dict[str, Any], allowed: set[str]) -> None:
-    extra = sorted(set(got) - allowed)
-    if extra:
-        raise _fail(card, f"unknown key(s) in {section}: {', '.join(extra)} (allowed: {', '.join(sorted(allowed))})")
 
 
 def _parse_input(card: Path, d: Any) -> InputSpec:
     if not isinstance(d, dict) or "name" not in d:
-        raise _fail(card, "input must be a mapping with at least a name")
-    _unknown(card, "input", d, _INPUT_KEYS)
+        raise card_error(card, "input must be a mapping with at least a name")
+    refuse_unknown_keys(card, "input", d, _INPUT_KEYS)
     size = d.get("size_px")
     if size is not None:
         if not (isinstance(size, list | tuple) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
-            raise _fail(card, f"input.size_px must be [height, width] positive ints or null, got {size!r}")
+            raise card_error(card, f"input.size_px must be [height, width] positive ints or null, got {size!r}")
         size = (int(size[0]), int(size[1]))
     mpp, multiple = d.get("mpp", 0.5), d.get("multiple_of", 1)
     if not (isinstance(mpp, int | float) and 0 < mpp <= 20):
-        raise _fail(card, f"input.mpp must be µm/px in (0, 20], got {mpp!r}")
+        raise card_error(card, f"input.mpp must be µm/px in (0, 20], got {mpp!r}")
     if not (isinstance(multiple, int) and multiple >= 1):
-        raise _fail(card, f"input.multiple_of must be an int >= 1, got {multiple!r}")
+        raise card_error(card, f"input.multiple_of must be an int >= 1, got {multiple!r}")
     scale = d.get("scale", 255.0)
     if not (isinstance(scale, int | float) and scale > 0):
-        raise _fail(card, f"input.scale must be a positive number, got {scale!r}")
+        raise card_error(card, f"input.scale must be a positive number, got {scale!r}")
     return InputSpec(
         name=str(d["name"]),
-        layout=_choice(card, "input.layout", d.get("layout", "NCHW"), ("NCHW", "NHWC")),
-        channels=_choice(card, "input.channels", d.get("channels", "RGB"), ("RGB", "BGR")),
-        dtype=_choice(card, "input.dtype", d.get("dtype", "float32"), ("float32", "float16")),
+        layout=choice(card, "input.layout", d.get("layout", "NCHW"), ("NCHW", "NHWC")),
+        channels=choice(card, "input.channels", d.get("channels", "RGB"), ("RGB", "BGR")),
+        dtype=choice(card, "input.dtype", d.get("dtype", "float32"), ("float32", "float16")),
         mpp=float(mpp), size_px=size, multiple_of=multiple, scale=float(scale),
         mean=_triple(card, "mean", d.get("mean", (0, 0, 0)), positive=False),
         std=_triple(card, "std", d.get("std", (1, 1, 1)), positive=True),
-    )
-
-
-def _threshold(card: Path, d: dict[str, Any]) -> float:
-    thr = d.get("threshold", 0.5)
-    if not (isinstance(thr, int | float) and 0 <= thr <= 1):
-        raise _fail(card, f"output.threshold must be in [0, 1], got {thr!r}")
-    return float(thr)
-
-
-def _parse_output(card: Path, d: Any) -> HeatmapOutput | BoxesOutput:
-    if not isinstance(d, dict):
-        raise _fail(card, "output must be a mapping")
-    decoder = _choice(card, "output.decoder", d.get("decoder"), ("heatmap", "boxes"))
-    if decoder == "heatmap":
-        _unknown(card, "output (heatmap decoder)", d, _HEATMAP_KEYS)
-        for key in ("heatmap", "size"):
-            if not isinstance(d.get(key), str):
-                raise _fail(card, f"output.{key} must name an ONNX output for the heatmap decoder")
-        stride, window = d.get("stride_px", 1), d.get("peak_window_px", 3)
-        if not (isinstance(stride, int) and stride >= 1):
-            raise _fail(card, f"output.stride_px must be an int >= 1, got {stride!r}")
-        if not (isinstance(window, int) and window >= 1 and window % 2 == 1):
-            raise _fail(card, f"output.peak_window_px must be an odd int >= 1, got {window!r}")
-        class_probs = d.get("class_probs")
-        if class_probs is not None and not isinstance(class_probs, str):
-            raise _fail(card, f"output.class_probs must name an ONNX output (class probabilities) or be absent, "
-                              f"got {class_probs!r}")
-        return HeatmapOutput(
-            heatmap=d["heatmap"], size=d["size"], offset=d.get("offset"), stride_px=stride, peak_window_px=window,
-            class_probs=class_probs,
-            size_kind=_choice(card, "output.size_kind", d.get("size_kind", "radius"), ("radius", "wh")),
-            threshold=_threshold(card, d),
-        )
-    _unknown(card, "output (boxes decoder)", d, _BOXES_KEYS)
-    for key in ("boxes", "scores"):
-        if not isinstance(d.get(key), str):
-            raise _fail(card, f"output.{key} must name an ONNX output for the boxes decoder")
-    labels = d.get("labels")
-    if labels is not None and not isinstance(labels, str):
-        raise _fail(card, f"output.labels must name an ONNX output or be absent, got {labels!r}")
-    return BoxesOutput(
-        boxes=d["boxes"], scores=d["scores"], labels=labels,
-        box_format=_choice(card, "output.box_format", d.get("box_format", "xyxy"), ("xyxy", "cxcywh")),
-        box_units=_choice(card, "output.box_units", d.get("box_units", "pixels"), ("pixels", "normalized")),
-        threshold=_threshold(card, d),
     )
 
 
@@ -294,16 +194,16 @@ def load_card(card_path: str | Path, *, model_path: str | Path | None = None) ->
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"{card}: not a readable YAML model card ({exc})".replace("\n", " ")) from None
     if not isinstance(raw, dict):
-        raise _fail(card, "a model card is a YAML mapping")
+        raise card_error(card, "a model card is a YAML mapping")
     if raw.get("format", CARD_FORMAT) != CARD_FORMAT:
-        raise _fail(card, f"format must be {CARD_FORMAT}, got {raw.get('format')!r}")
-    _unknown(card, "the card", raw, _DOC_KEYS | {"name", "model", "weights", "classes", "input", "output"})
+        raise card_error(card, f"format must be {CARD_FORMAT}, got {raw.get('format')!r}")
+    refuse_unknown_keys(card, "the card", raw, _DOC_KEYS | {"name", "model", "weights", "classes", "input", "output"})
     classes = raw.get("classes")
     if not (isinstance(classes, list) and classes and all(isinstance(c, str) and c for c in classes)):
-        raise _fail(card, f"classes must be a non-empty list of names, got {classes!r}")
+        raise card_error(card, f"classes must be a non-empty list of names, got {classes!r}")
     if model_path is None:
         if not isinstance(raw.get("model"), str):
-            raise _fail(card, "no model file: give `model:` in the card or --model")
+            raise card_error(card, "no model file: give `model:` in the card or --model")
         model_path = card.parent / raw["model"]
     model = Path(model_path)
     if not model.is_file():
@@ -311,13 +211,13 @@ def load_card(card_path: str | Path, *, model_path: str | Path | None = None) ->
     weights = raw.get("weights")
     dedup = raw.get("dedup_distance_um", 2.5)
     if not (isinstance(dedup, int | float) and not isinstance(dedup, bool) and 0 < dedup <= 1000):
-        raise _fail(card, f"dedup_distance_um must be a number of µm in (0, 1000], got {dedup!r}")
+        raise card_error(card, f"dedup_distance_um must be a number of µm in (0, 1000], got {dedup!r}")
     return ModelCard(
         name=str(raw.get("name", model.stem)),
         model_path=model.resolve(),
         classes=tuple(classes),
         input=_parse_input(card, raw.get("input")),
-        output=_parse_output(card, raw.get("output")),
+        output=parse_output(card, raw.get("output")),
         card_path=card.resolve(),
         weights_path=(card.parent / weights).resolve() if isinstance(weights, str) else None,
         extra={k: raw[k] for k in _DOC_KEYS & set(raw)},

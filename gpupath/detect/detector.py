@@ -8,7 +8,7 @@ Runtime then torch (never a Triton server); each engine it skips gets one note s
 engine named explicitly either works or fails with its reason (no silent substitute).
 
 A learned detector is preprocessing (DALI, or the NumPy/CuPy reference) -> engine -> decoder
-(:mod:`gpupath.detect.decode`), all on the tiles' device; only the decoded boxes leave it.
+(:mod:`gpupath.detect.decoders`), all on the tiles' device; only the decoded boxes leave it.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ import numpy as np
 from gpupath._xp import is_device_array
 from gpupath.detect.card import ModelCard, file_sha256, load_card, shipped_card
 from gpupath.detect.classic import ClassicParams, detect_nuclei
-from gpupath.detect.decode import TileBoxes, decode
+from gpupath.detect.decoders import decode
+from gpupath.types import TileBoxes
 from gpupath.detect.engines import ENGINE_NAMES, Engine, OnnxRuntimeEngine, TorchEngine, check_onnx_io
-from gpupath.errors import ConfigError, KernelError
+from gpupath.errors import ConfigError, KernelError, unexpected
 
 __all__ = ["Detector", "ClassicDetector", "LearnedDetector", "make_detector", "CLASSIC_NAME"]
 
@@ -268,6 +269,7 @@ def make_detector(engine: str = "auto", *, device: Literal["cpu", "cuda"] = "cpu
                 raise  # named explicitly: no substitute (ConfigError, KernelError for a failed TensorRT build, ...)
             # an engine that has never run on this node may fail in ways its code does not foresee (a CUDA
             # error, an API change in a new TensorRT): auto says so in the note and moves on
+            unexpected(log, f"engine {name}", exc)
             why = str(exc) if isinstance(exc, (ConfigError, KernelError)) else f"{type(exc).__name__}: {exc}"
             notes.append(f"engine {name} skipped: {why}")
     if built is None:

@@ -22,7 +22,9 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from gpupath._xp import is_device_array
-from gpupath.detect.card import BoxesOutput, HeatmapOutput, ModelCard
+from gpupath.detect.card import ModelCard
+from gpupath.detect.decoders import check_outputs
+from gpupath.detect.decoders.base import dim_ok
 from gpupath.errors import ConfigError
 
 __all__ = ["Engine", "OnnxRuntimeEngine", "TorchEngine", "check_onnx_io", "onnx_io", "ENGINE_NAMES"]
@@ -49,10 +51,6 @@ def onnx_io(model_path: Path) -> tuple[dict[str, tuple], dict[str, tuple]]:
     return ({i.name: tuple(i.shape) for i in sess.get_inputs()}, {o.name: tuple(o.shape) for o in sess.get_outputs()})
 
 
-def _dim_ok(declared: Any, want: int) -> bool:
-    return not isinstance(declared, int) or declared in (want, -1)
-
-
 def check_onnx_io(card: ModelCard) -> None:
     """Raise ConfigError when the ONNX model's inputs or outputs do not match its card."""
     inputs, outputs = onnx_io(card.model_path)
@@ -66,7 +64,7 @@ def check_onnx_io(card: ModelCard) -> None:
     if len(shape) != 4:
         raise ConfigError(f"{where}: input {spec.name!r} has rank {len(shape)}, the card's {spec.layout} needs 4")
     ch_axis = 1 if spec.layout == "NCHW" else 3
-    if not _dim_ok(shape[ch_axis], 3):
+    if not dim_ok(shape[ch_axis], 3):
         raise ConfigError(f"{where}: input {spec.name!r} {list(shape)} has {shape[ch_axis]} channels on the "
                           f"{spec.layout} channel axis; the card says 3 ({spec.channels})")
     h_axis, w_axis = (2, 3) if spec.layout == "NCHW" else (1, 2)
@@ -75,36 +73,9 @@ def check_onnx_io(card: ModelCard) -> None:
         if spec.size_px is None or tuple(fixed) != tuple(spec.size_px):
             raise ConfigError(f"{where}: the model takes fixed {fixed[0]} x {fixed[1]} px inputs; "
                               f"set input.size_px: [{fixed[0]}, {fixed[1]}] in the card (card: {spec.size_px})")
-    out = card.output
-    ranks: dict[str | None, int]
-    if isinstance(out, HeatmapOutput):
-        ranks = {out.heatmap: 4, out.size: 4, out.offset: 4, out.class_probs: 4}
-    else:
-        assert isinstance(out, BoxesOutput)
-        ranks = {out.boxes: 3, out.scores: 2, out.labels: 2}
-    for name, rank in ranks.items():
-        if name is None:
-            continue
-        if name not in outputs:
-            raise ConfigError(f"{where}: output {name!r} ({out.decoder} decoder) not in the model ({listing})")
-        if len(outputs[name]) != rank:
-            raise ConfigError(f"{where}: output {name!r} has shape {list(outputs[name])}, the {out.decoder} "
-                              f"decoder needs rank {rank}")
-    if isinstance(out, BoxesOutput) and not _dim_ok(outputs[out.boxes][-1], 4):
-        raise ConfigError(f"{where}: output {out.boxes!r} {list(outputs[out.boxes])} must end in 4 box coordinates")
-    if isinstance(out, HeatmapOutput) and out.offset is not None and not _dim_ok(outputs[out.offset][1], 2):
-        raise ConfigError(f"{where}: output {out.offset!r} {list(outputs[out.offset])} must have 2 channels (x, y)")
-    if isinstance(out, HeatmapOutput) and out.class_probs is None and not _dim_ok(outputs[out.heatmap][1],
-                                                                                  len(card.classes)):
-        raise ConfigError(f"{where}: heatmap {out.heatmap!r} {list(outputs[out.heatmap])} needs one channel per "
-                          f"class ({len(card.classes)}: {', '.join(card.classes)})")
-    if isinstance(out, HeatmapOutput) and out.class_probs is not None:
-        if not _dim_ok(outputs[out.heatmap][1], 1):
-            raise ConfigError(f"{where}: heatmap {out.heatmap!r} {list(outputs[out.heatmap])} must have 1 channel "
-                              f"when the card names class probabilities ({out.class_probs!r})")
-        if not _dim_ok(outputs[out.class_probs][1], len(card.classes)):
-            raise ConfigError(f"{where}: class probabilities {out.class_probs!r} {list(outputs[out.class_probs])} "
-                              f"need one channel per class ({len(card.classes)}: {', '.join(card.classes)})")
+    problem = check_outputs(card.output, outputs, card.classes)
+    if problem:
+        raise ConfigError(f"{where}: {problem} ({listing})")
 
 
 class OnnxRuntimeEngine:

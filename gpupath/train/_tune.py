@@ -13,7 +13,7 @@ import hashlib
 import numpy as np
 
 from gpupath.detect.card import HeatmapOutput
-from gpupath.detect.decode import decode_heatmap
+from gpupath.detect.decoders import decode_heatmap
 from gpupath.detect.net import V2_STRIDE_PX as STRIDE_PX
 from gpupath.detect.matching import MatchCounts
 from gpupath.train._data import MODEL_MPP, RENDERINGS, TrainImage

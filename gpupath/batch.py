@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import logging
 import os
 import platform
 import time
@@ -39,10 +40,12 @@ from pathlib import Path
 from typing import Any
 
 from gpupath._version import __version__
-from gpupath.errors import ConfigError
+from gpupath.errors import ConfigError, unexpected
 from gpupath.pipeline import RunParams, SlideResult, detector_record, process_slide
 from gpupath.files import write_json_atomic
 from gpupath.results import write_slides_table
+
+log = logging.getLogger("gpupath.batch")
 
 __all__ = ["run_batch", "expand_inputs", "check_scheduler", "dask_client", "SLIDE_SUFFIXES", "default_workers", "run_slides",
            "environment"]
@@ -295,6 +298,7 @@ def _write_index(out: Path, note: Callable[[str], None]) -> None:
     try:
         build_index(out)
     except Exception as exc:  # noqa: BLE001  the results are written; the index is a convenience
+        unexpected(log, f"{out}: index.html", exc)
         note(f"index.html not written ({type(exc).__name__}: {exc}); rebuild with gpupath report {out}")
 
 

@@ -41,7 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from gpupath._version import __version__
-from gpupath.errors import ConfigError, GpupathError, SlideReadError
+from gpupath.errors import ConfigError, GpupathError, SlideReadError, unexpected
 from gpupath.files import atomic_path, fsync_path, sha256_file
 from gpupath.slide import tiff_truncation
 
@@ -463,6 +463,7 @@ def _ingest_one(src: Path, store: Path, manifest: pa.Table,
         try:
             facts = _check_slide(stage / unit[0][1])
         except Exception as exc:  # noqa: BLE001  (any reader failure rejects this copy; the batch goes on)
+            unexpected(log, str(unit[0][0]), exc)
             text = str(exc).replace(str(stage / unit[0][1]), str(unit[0][0])).removeprefix(f"{unit[0][0]}: ")
             raise _Rejected(text if isinstance(exc, GpupathError) else f"{type(exc).__name__}: {text}", sha) from None
         final = store / "slides" / sha
@@ -547,6 +548,7 @@ def ingest(sources: Sequence[str | os.PathLike[str]], store: str | os.PathLike[s
                 result = IngestResult(source=str(source), status="already", sha256=same.sha256,
                                       stored_path=str((store / same.stored_path).absolute()), reason=str(same))
             except Exception as exc:  # noqa: BLE001  (one source's failure is its result; the batch goes on)
+                unexpected(log, str(source), exc)
                 reason = str(exc).removeprefix(f"{src}: ")
                 if not isinstance(exc, GpupathError):
                     reason = f"{type(exc).__name__}: {reason}"

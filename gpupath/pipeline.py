@@ -34,7 +34,7 @@ from gpupath.detect.boxes import Detections, GridLayout, boxes_to_global, dedup_
 from gpupath.detect.classic import RUIFROK_HE_OD, ClassicParams
 from gpupath.detect.detector import Detector, make_detector
 from gpupath.detect.engines import ENGINE_NAMES
-from gpupath.errors import ConfigError, GpupathError, NoTissueError, SlideReadError
+from gpupath.errors import ConfigError, GpupathError, NoTissueError, SlideReadError, unexpected
 from gpupath.ingest import sha256_file
 from gpupath.results import (
     completed_result,
@@ -233,10 +233,9 @@ _NORMALISERS = {
 
 
 def _fit_slide_stain(slide: Slide, grid: TileGrid, params: RunParams) -> tuple[stain.StainFit | None, str]:
-    """Stain fit on the most tissue-rich tiles (up to STAIN_SAMPLE_TILES of them).
-
-    With ``stain="none"`` a Macenko fit still gives the detector the slide's own stain basis.
-    """
+    """Stain fit on the most tissue-rich tiles (up to STAIN_SAMPLE_TILES of them): the ``--stain``
+    method's, or with ``--stain none`` a Macenko fit that gives a stain-reading detector the slide's
+    own basis."""
     order = np.argsort(-grid.tissue_fraction, kind="stable")
     sample = np.sort(order[: STAIN_SAMPLE_TILES])
     fit = _NORMALISERS.get(params.stain, _NORMALISERS["macenko"])[0]
@@ -247,7 +246,9 @@ def _fit_slide_stain(slide: Slide, grid: TileGrid, params: RunParams) -> tuple[s
         pixels = read_grid_tiles(slide, grid, sample, host).pixels
         return fit(pixels if host is params else to_device(pixels)), ""
     except ValueError as exc:
-        return None, f"stain fit failed ({exc}); tiles not normalised, Ruifrok H&E basis used"
+        if params.stain in _NORMALISERS:
+            return None, f"stain fit failed ({exc}); tiles not normalised, Ruifrok H&E basis used"
+        return None, f"stain basis fit failed ({exc}); Ruifrok H&E basis used"
 
 
 # RunParams fields that change how fast or where a run goes, not what it finds
@@ -273,8 +274,8 @@ def _write_reports(out_dir: Path, result: SlideResult, params: RunParams, detect
         write_slide_outputs(out_dir, asdict(result), params=params.to_dict(), environment=environment, slide=slide,
                             tissue=host_tissue)
         write_geojson(out_dir, result.slide_id)  # QuPath: File > Import objects
-    except Exception as exc:
-        log.debug("report failed for %s", result.path, exc_info=True)
+    except Exception as exc:  # noqa: BLE001  derived outputs: the slide's results stand (unexpected ones logged)
+        unexpected(log, f"{result.path}: report", exc)
         note = f"report not written ({type(exc).__name__}: {exc}); rebuild with gpupath report"
         result.warning = f"{result.warning}; {note}" if result.warning else note
 
@@ -367,8 +368,13 @@ class _StainPlan:
     warnings: tuple[str, ...]
 
 
-def _stain_plan(slide: Slide, grid: TileGrid, params: RunParams, tissue: Any) -> _StainPlan:
-    fit, stain_warning = _fit_slide_stain(slide, grid, params)
+def _stain_plan(slide: Slide, grid: TileGrid, params: RunParams, tissue: Any, detector: Detector) -> _StainPlan:
+    """The slide's stain fit: for normalising (``--stain macenko|vahadane``) or for a detector that reads
+    the stain basis; with ``--stain none`` and a detector that sees RGB only, no fit at all."""
+    if params.stain in _NORMALISERS or detector.uses_stain_basis:
+        fit, stain_warning = _fit_slide_stain(slide, grid, params)
+    else:
+        fit, stain_warning = None, ""
     warnings = [stain_warning] if stain_warning else []
     if tissue.median_grey < DARK_FIELD_GREY:
         warnings.append(f"dark background (median grey {tissue.median_grey:.0f}): looks like fluorescence, "
@@ -410,15 +416,15 @@ def _detect_tiles(slide: Slide, grid: TileGrid, params: RunParams, detector: Det
 def _merge_tiles(parts: list[Detections], grid: TileGrid, detector: Detector, mpp: float,
                  dimensions: tuple[int, int]) -> tuple[Detections, np.ndarray]:
     """One slide's detections: overlap duplicates removed, clipped to the slide; and the count per tile."""
-    layout = GridLayout(stride_l0=grid.stride_l0, overlap_l0=grid.overlap_l0, n_cols=grid.n_cols,
-                        n_rows=grid.n_rows, processed=frozenset(zip(grid.col.tolist(), grid.row.tolist())))
+    layout = GridLayout.from_cells(stride_l0=grid.stride_l0, overlap_l0=grid.overlap_l0, n_cols=grid.n_cols,
+                                   n_rows=grid.n_rows, col=grid.col, row=grid.row)
     det = dedup_overlaps(Detections.concat(parts), layout, min_distance_l0_px=detector.dedup_distance_um / mpp,
                          any_label=getattr(detector, "dedup_any_label", False))
     det = det.clip_to(*dimensions)
-    per_tile = np.zeros(len(grid), np.int64)
-    tile_pos = {(int(x), int(y)): i for i, (x, y) in enumerate(zip(grid.x, grid.y))}
-    for tx, ty in zip(det.tile_x.tolist(), det.tile_y.tolist()):
-        per_tile[tile_pos[(tx, ty)]] += 1
+    index_of = np.full((grid.n_rows, grid.n_cols), -1, np.int64)  # grid cell -> position in the tile table
+    index_of[grid.row, grid.col] = np.arange(len(grid))
+    col, row = det.tile_cells(grid.stride_l0)
+    per_tile = np.bincount(index_of[row, col], minlength=len(grid))
     return det, per_tile
 
 
@@ -469,7 +475,7 @@ def _process_slide(path: str | Path, out_dir: Path, params: RunParams, detector:
             t = timer.add("open", t)
             tissue, grid = _tissue_and_grid(slide, path, mpp, params, detector, result)
             t = timer.add("tissue", t)
-            plan = _stain_plan(slide, grid, params, tissue)
+            plan = _stain_plan(slide, grid, params, tissue, detector)
             result.warning = "; ".join(plan.warnings)
             t = timer.add("stain_fit", t)
             parts = _detect_tiles(slide, grid, params, detector, plan, timer, on_tiles)
@@ -491,8 +497,8 @@ def _process_slide(path: str | Path, out_dir: Path, params: RunParams, detector:
                 write_marker(out_dir, result.slide_id, results_key=key, result=asdict(result))  # with its warning
     except GpupathError as exc:
         result.status, result.error = "failed", str(exc)
-    except Exception as exc:
-        log.debug("unexpected error on %s", path, exc_info=True)
+    except Exception as exc:  # noqa: BLE001  one slide's failure is its result; the batch goes on
+        unexpected(log, str(path), exc)
         result.status, result.error = "failed", f"{path}: {type(exc).__name__}: {exc}"
     result.seconds = time.perf_counter() - start
     result.timings = timer.seconds

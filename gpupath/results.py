@@ -136,7 +136,7 @@ def detections_table(det: Detections, *, stride_l0: float, label_names: list[str
     ``stride_l0`` is the level-0 distance between tile origins; the tile key is the Morton code
     of the source tile's (col, row).
     """
-    key = morton_code(np.rint(det.tile_x / stride_l0).astype(np.int64), np.rint(det.tile_y / stride_l0).astype(np.int64))
+    key = morton_code(*det.tile_cells(stride_l0))
     order = np.lexsort((det.x0, det.y0, key))
     labels = pa.DictionaryArray.from_arrays(pa.array(det.label[order], pa.int16()), pa.array(label_names, pa.string()))
     table = pa.table(

@@ -47,6 +47,11 @@ class Detections:
     def cy(self) -> np.ndarray:
         return (self.y0 + self.y1) / 2
 
+    def tile_cells(self, stride_l0: float) -> tuple[np.ndarray, np.ndarray]:
+        """(col, row) int64 of each box's source tile in a grid of tiles every ``stride_l0`` level-0 px:
+        the integer origins lie within 1 px of ``col * stride_l0`` (the one place this is computed)."""
+        return (np.rint(self.tile_x / stride_l0).astype(np.int64), np.rint(self.tile_y / stride_l0).astype(np.int64))
+
     def take(self, index: np.ndarray) -> Detections:
         return Detections(*(getattr(self, f.name)[index] for f in fields(self)))
 

@@ -20,6 +20,10 @@ from gpupath._xp import cupy_or_none, gpu_available, gpu_problem
 if not gpu_available():
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
+# Broad guards re-raise what is not a GpupathError (gpupath.errors.unexpected): a bug fails its test
+# instead of passing as a failed slide. Subprocesses and Dask workers inherit it.
+os.environ.setdefault("GPUPATH_STRICT", "1")
+
 DATA_DIR = Path(os.environ.get("GPUPATH_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 # every file of the shared test data, and what it is expected to do

@@ -5,19 +5,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpupath.detect.boxes import Detections, GridLayout, dedup_overlaps, suppress_near_duplicates, to_global
+from gpupath.detect.boxes import Detections, GridLayout, boxes_to_global, dedup_overlaps, suppress_near_duplicates
+from gpupath.types import TileBoxes
 from helpers_boxes import ALL_TILES, N, SIZE, STRIDE, seen_by_tiles
 
 
 def layout(processed: frozenset[tuple[int, int]] = ALL_TILES) -> GridLayout:
-    return GridLayout(stride_l0=STRIDE, overlap_l0=SIZE - STRIDE, n_cols=N, n_rows=N, processed=processed)
+    cells = sorted(processed)
+    return GridLayout.from_cells(stride_l0=STRIDE, overlap_l0=SIZE - STRIDE, n_cols=N, n_rows=N,
+                                 col=[c for c, _ in cells], row=[r for _, r in cells])
 
 
-def test_to_global_maps_tile_px_to_level0() -> None:
-    det = to_global(tile_index=np.array([0, 1]), cx_px=np.array([10.5, 0.0]), cy_px=np.array([20.5, 5.0]),
-                    radius_px=np.array([4.0, 2.0]), score=np.array([0.9, 0.5]), label=np.zeros(2, np.int16),
-                    origin_x=np.array([1000.0, 2000.5]), origin_y=np.array([0.0, 512.25]),
-                    tile_x=np.array([1000, 2001]), tile_y=np.array([0, 513]), l0_per_px=2.0)
+def test_boxes_to_global_maps_tile_px_to_level0() -> None:
+    r = np.array([4.0, 2.0])
+    boxes = TileBoxes.from_centres(tile_index=np.array([0, 1]), cx_px=np.array([10.5, 0.0]), cy_px=np.array([20.5, 5.0]),
+                                   half_w_px=r, half_h_px=r, score=np.array([0.9, 0.5]), label=np.zeros(2, np.int16))
+    det = boxes_to_global(boxes, origin_x=np.array([1000.0, 2000.5]), origin_y=np.array([0.0, 512.25]),
+                          tile_x=np.array([1000, 2001]), tile_y=np.array([0, 513]), l0_per_px=2.0)
     np.testing.assert_allclose(det.cx, [1021.0, 2000.5])
     np.testing.assert_allclose(det.cy, [41.0, 522.25])
     np.testing.assert_allclose(det.x1 - det.x0, [16.0, 8.0])
@@ -82,7 +86,7 @@ def test_empty_detections_have_defined_shape() -> None:
 def test_twins_with_different_labels_merge_only_with_any_label() -> None:
     # one nucleus on the line between tiles (0, 0) and (1, 0) (stride 480, overlap 32): tile 0 calls it
     # label 0, tile 1 label 1, 1 px apart; with any_label (learned detectors) it is one detection
-    layout = GridLayout(stride_l0=480.0, overlap_l0=32.0, n_cols=2, n_rows=1, processed=frozenset({(0, 0), (1, 0)}))
+    layout = GridLayout(stride_l0=480.0, overlap_l0=32.0, processed=np.ones((1, 2), bool))
     det = Detections(x0=np.array([490.0, 491.0]), y0=np.array([100.0, 100.0]), x1=np.array([500.0, 501.0]),
                      y1=np.array([110.0, 110.0]), score=np.array([0.9, 0.8], np.float32),
                      label=np.array([0, 1], np.int16), tile_x=np.array([0, 480]), tile_y=np.array([0, 0]))

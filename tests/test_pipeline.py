@@ -189,3 +189,36 @@ def test_cucim_device_reads_of_real_scans_match_host_reads(name: str) -> None:
         assert diff.max() <= 8 and diff.mean() <= 1.0, (diff.max(), diff.mean(), slide._reader.device_decode_ok())
         one_diff = np.abs(cupy.asnumpy(one).astype(np.int16) - slide.read_rgb(locations[1], 0, (200, 100)))
         assert one_diff.max() <= 8
+
+
+@pytest.fixture(scope="module")
+def pale_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real JPEG TIFF (Aperio metadata, 0.5 µm/px) of glass with one pale tissue block: the tissue mask
+    finds it, a Macenko fit cannot (almost no pixel reaches the fit's OD floor, beta = 0.15)."""
+    import tifffile
+
+    path = tmp_path_factory.mktemp("pale") / "pale.svs"
+    rgb = np.full((1024, 1024, 3), 241, np.uint8)
+    block = np.array([214, 196, 222], np.float64) * (1 + 0.02 * np.random.default_rng(0).standard_normal((640, 640, 1)))
+    rgb[192:832, 192:832] = np.clip(block, 0, 255).astype(np.uint8)
+    desc = "Aperio Image Library v12.0.15 \r\n1024x1024 [0,0 1024x1024] (256x256) JPEG/RGB Q=90|AppMag = 20|MPP = 0.5"
+    tifffile.imwrite(path, rgb, tile=(256, 256), compression="jpeg", photometric="rgb", description=desc)
+    return path
+
+
+@pytest.mark.parametrize("stain, engine, warning", [
+    # nothing asked of the stains and a detector that sees RGB only: no fit, so nothing to warn about
+    ("none", "onnxruntime", ""),
+    # the classic detector reads hematoxylin in the slide's stains: the basis fit fails, and says so
+    ("none", "classic", "stain basis fit failed (fit_macenko: image of shape (16, 256, 256, 3): too few tissue pixels"),
+    ("macenko", "onnxruntime", "stain fit failed (fit_macenko: image of shape (16, 256, 256, 3): too few tissue pixels"),
+])
+def test_stain_fit_only_when_something_needs_it(pale_slide: Path, tmp_path: Path, stain: str, engine: str,
+                                                warning: str) -> None:
+    res = process_slide(pale_slide, tmp_path, RunParams(tile=TileSpec(tile_px=256, overlap_px=0, target_mpp=0.5),
+                                                        stain=stain, engine=engine, reports=False))
+    assert res.status == "ok", res.error
+    assert res.warning.startswith(warning) if warning else res.warning == ""
+    if warning:
+        tail = "; tiles not normalised, Ruifrok H&E basis used" if stain == "macenko" else "; Ruifrok H&E basis used"
+        assert res.warning.endswith(tail), res.warning

@@ -2,8 +2,8 @@
 
 :class:`Detections` is a struct of arrays (host NumPy): level-0 boxes ``x0, y0, x1, y1``
 (half-open, x right, y down), ``score`` in [0, 1], ``label`` (int16 index into the model's class
-names), and the level-0 origin of the tile each came from. :func:`to_global` maps per-tile
-results to level-0; :func:`own_by_centre` and :func:`suppress_near_duplicates` together make a
+names), and the level-0 origin of the tile each came from. :func:`boxes_to_global` maps a
+detector's per-tile boxes to level-0; :func:`own_by_centre` and :func:`suppress_near_duplicates` together make a
 nucleus that lies in the overlap of neighbouring tiles count once. Ownership is a Numba CUDA
 kernel (``gpupath_kernels.boxes``) when the detections are CuPy arrays; the greedy suppression is
 sequential by nature (each decision depends on the earlier ones) and stays on the host.
@@ -21,39 +21,8 @@ from gpupath._xp import array_module, is_device_array
 from gpupath.types import Detections
 from gpupath_kernels import boxes as boxes_kernels
 
-__all__ = ["Detections", "GridLayout", "to_global", "boxes_to_global", "own_by_centre", "suppress_near_duplicates",
+__all__ = ["Detections", "GridLayout", "boxes_to_global", "own_by_centre", "suppress_near_duplicates",
            "dedup_overlaps", "match_one_to_one", "random_detections"]
-
-
-def to_global(*, tile_index: np.ndarray, cx_px: np.ndarray, cy_px: np.ndarray, radius_px: np.ndarray,
-              score: np.ndarray, label: np.ndarray, origin_x: np.ndarray, origin_y: np.ndarray,
-              tile_x: np.ndarray, tile_y: np.ndarray, l0_per_px: float) -> Detections:
-    """Map centre + radius detections in tile px to level-0 boxes.
-
-    Parameters
-    ----------
-    tile_index : (M,) index of each detection's tile in the batch.
-    cx_px, cy_px, radius_px : (M,) centre and radius, tile px (pixel ``c`` covers ``[c, c + 1)``).
-    score, label : (M,) detection score and class index.
-    origin_x, origin_y : (N,) exact level-0 position of each tile's pixel (0, 0) corner (float).
-    tile_x, tile_y : (N,) integer level-0 origins that identify the tiles.
-    l0_per_px : level-0 px per tile px.
-
-    Returns
-    -------
-    Detections, level-0 px.
-    """
-    ox = np.asarray(origin_x, np.float64)[tile_index]
-    oy = np.asarray(origin_y, np.float64)[tile_index]
-    gx = ox + cx_px * l0_per_px
-    gy = oy + cy_px * l0_per_px
-    r = radius_px * l0_per_px
-    return Detections(
-        x0=(gx - r).astype(np.float32), y0=(gy - r).astype(np.float32),
-        x1=(gx + r).astype(np.float32), y1=(gy + r).astype(np.float32),
-        score=score.astype(np.float32), label=label.astype(np.int16),
-        tile_x=tile_x[tile_index].astype(np.int64), tile_y=tile_y[tile_index].astype(np.int64),
-    )
 
 
 def boxes_to_global(boxes: Any, *, origin_x: np.ndarray, origin_y: np.ndarray, tile_x: np.ndarray,
@@ -84,15 +53,28 @@ class GridLayout:
 
     stride_l0: float          # distance between neighbouring tile origins
     overlap_l0: float         # width shared by neighbours
-    n_cols: int
-    n_rows: int
-    processed: frozenset[tuple[int, int]]   # (col, row) of the tiles that were read
+    processed: np.ndarray     # (n_rows, n_cols) bool: the tiles that were read
 
+    def __post_init__(self) -> None:
+        if self.processed.ndim != 2 or self.processed.dtype != np.bool_:
+            raise ValueError(f"processed: expected an (n_rows, n_cols) bool array, got {self.processed.dtype} "
+                             f"{self.processed.shape}")
 
-def _tile_cells(det: Detections, layout: GridLayout) -> tuple[np.ndarray, np.ndarray]:
-    """(col, row) of each detection's source tile, from its integer origin (within 1 px of col * stride)."""
-    return (np.rint(det.tile_x / layout.stride_l0).astype(np.int64),
-            np.rint(det.tile_y / layout.stride_l0).astype(np.int64))
+    @classmethod
+    def from_cells(cls, *, stride_l0: float, overlap_l0: float, n_cols: int, n_rows: int, col: Any,
+                   row: Any) -> GridLayout:
+        """The layout of an ``n_cols`` x ``n_rows`` grid of which tiles (``col[i]``, ``row[i]``) were read."""
+        processed = np.zeros((n_rows, n_cols), bool)
+        processed[np.asarray(row, np.int64), np.asarray(col, np.int64)] = True
+        return cls(stride_l0=stride_l0, overlap_l0=overlap_l0, processed=processed)
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.processed.shape[0])
+
+    @property
+    def n_cols(self) -> int:
+        return int(self.processed.shape[1])
 
 
 def _owner(c: np.ndarray, layout: GridLayout, n: int) -> np.ndarray:
@@ -126,7 +108,7 @@ def own_by_centre(det: Detections, layout: GridLayout, *, margin_l0_px: float = 
         return _own_by_centre_device(det, layout, margin_l0_px=margin_l0_px)
     if len(det) == 0:
         return det, np.zeros(0, bool)
-    col, row = _tile_cells(det, layout)
+    col, row = det.tile_cells(layout.stride_l0)
     cx, cy = det.cx.astype(np.float64), det.cy.astype(np.float64)
     own_c, own_r = _owner(cx, layout, layout.n_cols), _owner(cy, layout, layout.n_rows)
     owned = (own_c == col) & (own_r == row)
@@ -137,7 +119,7 @@ def own_by_centre(det: Detections, layout: GridLayout, *, margin_l0_px: float = 
         own_r_lo, own_r_hi = (_owner(cy - margin_l0_px, layout, layout.n_rows),
                               _owner(cy + margin_l0_px, layout, layout.n_rows))
         near = (own_c_lo <= col) & (col <= own_c_hi) & (own_r_lo <= row) & (row <= own_r_hi) & ~owned
-    orphan = np.array([(c, r) not in layout.processed for c, r in zip(own_c.tolist(), own_r.tolist())], bool)
+    orphan = ~layout.processed[own_r, own_c]
     keep = owned | near | orphan
     return det.take(np.flatnonzero(keep)), (near | orphan)[keep]
 
@@ -147,12 +129,8 @@ def _own_by_centre_device(det: Detections, layout: GridLayout, *, margin_l0_px: 
     xp = array_module(det.x0)
     if len(det) == 0:
         return det, xp.zeros(0, bool)
-    col = xp.rint(det.tile_x / layout.stride_l0).astype(xp.int64)
-    row = xp.rint(det.tile_y / layout.stride_l0).astype(xp.int64)
-    bitmap = np.zeros((layout.n_rows, layout.n_cols), np.uint8)
-    for c, r in layout.processed:
-        if 0 <= c < layout.n_cols and 0 <= r < layout.n_rows:
-            bitmap[r, c] = 1
+    col, row = det.tile_cells(layout.stride_l0)
+    bitmap = layout.processed.astype(np.uint8)
     keep, look = boxes_kernels.own_by_centre(
         det.cx.astype(xp.float64), det.cy.astype(xp.float64), col, row, stride_l0=layout.stride_l0,
         overlap_l0=layout.overlap_l0, processed=xp.asarray(bitmap),  # the grid's bitmap: one small upload

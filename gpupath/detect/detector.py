@@ -41,6 +41,7 @@ class Detector(Protocol):
     classes: tuple[str, ...]
     model_sha256: str               # "" for the classic detector
     dedup_distance_um: float        # twins closer than this across tile overlaps are one object
+    uses_stain_basis: bool          # detect() reads stain_matrix_od (else the slide needs no stain fit for it)
 
     def check_tiles(self, *, tile_px: int, tile_mpp: float) -> None: ...
 
@@ -56,6 +57,7 @@ class ClassicDetector:
     engine: str = "classic"
     classes: tuple[str, ...] = ("nucleus",)
     model_sha256: str = ""
+    uses_stain_basis: bool = True   # hematoxylin by colour deconvolution in the slide's stains
 
     @property
     def dedup_distance_um(self) -> float:
@@ -88,6 +90,7 @@ class LearnedDetector:
         # twins across a tile overlap are one object whatever label each tile gave it: a model that reads
         # the class at a peak (nuclei_v2) can label one nucleus differently from two tiles' contexts
         self.dedup_any_label = True
+        self.uses_stain_basis = False  # the model sees RGB only
         self.preprocessor = preprocessor
         self.preprocess_name = preprocess_name
 

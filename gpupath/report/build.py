@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from gpupath.errors import ConfigError, GpupathError
+from gpupath.errors import ConfigError, GpupathError, unexpected
 from gpupath.report.geojson import write_geojson
 from gpupath.report.html import index_html, slide_report_html
 from gpupath.report.colours import label_colours
@@ -254,8 +254,9 @@ def build_reports(out: Path, *, slides: Sequence[str] | None = None, max_px: int
                                            environment=run.get("environment") or {}, max_px=max_px,
                                            run=run).values()
             written.append(write_geojson(out, str(result["slide_id"])))
-        except Exception as exc:  # noqa: BLE001  one bad slide (or a reader's bug) costs its report, not the others
-            reason = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # noqa: BLE001  one bad slide costs its report, not the others
+            unexpected(log, f"{result.get('path')}: report", exc)
+            reason = str(exc) if isinstance(exc, GpupathError) else f"{type(exc).__name__}: {exc}"
             errors[str(result.get("path", ""))] = reason
             log.warning("%s: report not made: %s", result.get("path"), reason)
             if on_error is not None:

@@ -14,7 +14,8 @@ import pytest
 
 import gpupath.detect.boxes as boxes_stage
 from conftest import data_file
-from gpupath.detect.boxes import Detections, GridLayout, to_global
+from gpupath.detect.boxes import Detections, GridLayout, boxes_to_global
+from gpupath.types import TileBoxes
 from gpupath.detect.classic import ClassicParams, detect_nuclei
 from gpupath.slide import open_slide
 from conftest import Backend
@@ -71,11 +72,11 @@ def test_twin_is_the_stage() -> None:
     rng = np.random.default_rng(2)
     processed = ALL_TILES - {(1, 0), (2, 2)}
     seen = seen_by_tiles(rng.uniform(0, 1800, (120, 2)), rng=rng, jitter=0.4, processed=processed)
-    layout = GridLayout(stride_l0=STRIDE, overlap_l0=OVERLAP, n_cols=4, n_rows=4, processed=processed)
-    kept, look = boxes_stage.own_by_centre(seen, layout, margin_l0_px=5.0)
     bitmap = np.zeros((4, 4), np.uint8)
     for c, r in processed:
         bitmap[r, c] = 1
+    layout = GridLayout(stride_l0=STRIDE, overlap_l0=OVERLAP, processed=bitmap.astype(bool))
+    kept, look = boxes_stage.own_by_centre(seen, layout, margin_l0_px=5.0)
     keep, look_all = own_by_centre_ref(seen.cx.astype(np.float64), seen.cy.astype(np.float64),
                                        np.rint(seen.tile_x / STRIDE), np.rint(seen.tile_y / STRIDE),
                                        stride_l0=STRIDE, overlap_l0=OVERLAP, processed=bitmap, margin_l0_px=5.0)
@@ -92,11 +93,14 @@ def real_detections() -> tuple[Detections, GridLayout]:
     found = detect_nuclei(tiles, mpp=0.5, params=ClassicParams(radius_um=(1.5, 3.0), n_scales=2, threshold=0.05))
     ox = np.array([o[0] for o in origins], np.int64) - 1000  # grid origin at (0, 0)
     oy = np.array([o[1] for o in origins], np.int64) - 1200
-    det = to_global(tile_index=found.tile_index, cx_px=found.cx_px, cy_px=found.cy_px, radius_px=found.radius_px,
-                    score=found.score, label=np.zeros(len(found.score), np.int16), origin_x=ox.astype(float),
-                    origin_y=oy.astype(float), tile_x=ox, tile_y=oy, l0_per_px=1.0)
-    processed = frozenset((c, r) for r in range(3) for c in range(3)) - {(1, 1)}
-    return det, GridLayout(stride_l0=stride, overlap_l0=size - stride, n_cols=3, n_rows=3, processed=processed)
+    boxes = TileBoxes.from_centres(tile_index=found.tile_index, cx_px=found.cx_px, cy_px=found.cy_px,
+                                   half_w_px=found.radius_px, half_h_px=found.radius_px, score=found.score,
+                                   label=np.zeros(len(found.score), np.int16))
+    det = boxes_to_global(boxes, origin_x=ox.astype(float), origin_y=oy.astype(float), tile_x=ox, tile_y=oy,
+                          l0_per_px=1.0)
+    processed = np.ones((3, 3), bool)
+    processed[1, 1] = False  # the middle tile was not read
+    return det, GridLayout(stride_l0=stride, overlap_l0=size - stride, processed=processed)
 
 
 def test_kernel_on_real_detections_is_the_stage(backend: Backend) -> None:

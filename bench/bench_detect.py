@@ -83,7 +83,7 @@ def time_row(engine: str, device: str, preprocess: str, tiles: np.ndarray, batch
         t0 = time.perf_counter()
         found = 0
         for start in range(0, len(data), batch):
-            found += len(det.detect(data[start:start + batch], mpp=0.5, stain_matrix_od=NO_STAIN))
+            found += len(det.detect(data[start:start + batch], tile_mpp=0.5, stain_matrix_od=NO_STAIN))
         sync()
         if rep > 0:  # the first pass warms up (kernel compiles, engine builds, DALI pipeline build)
             best = min(best, time.perf_counter() - t0)

@@ -68,7 +68,7 @@ class RunParams:
     batch_size: int = 32
     prefetch_batches: int = 2
     read_workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))  # cuCIM decoder threads
-    detector: ClassicParams = ClassicParams()  # settings of the classic detector
+    classic: ClassicParams = ClassicParams()   # settings of the classic detector (--engine classic)
     engine: str = "auto"                   # auto | tensorrt | torch | onnxruntime | triton | classic
     model: str | None = None               # bring-your-own ONNX model (with model_card)
     model_card: str | None = None          # its YAML card
@@ -103,7 +103,7 @@ class RunParams:
         """The run's detector (built once: a TensorRT engine build takes minutes) and notes on the choice."""
         detector, notes = make_detector(self.engine, device=self.device, model=self.model, model_card=self.model_card,
                                         batch_size=self.batch_size, tile_px=self.tile.tile_px,
-                                        preprocess=self.preprocess, classic=self.detector,
+                                        preprocess=self.preprocess, classic=self.classic,
                                         triton_url=self.triton_url)
         # a target resolution or tile size the model cannot take stops the run before any slide
         # (each slide's tiles are checked again: their mpp is the target rounded to level pixels)
@@ -401,7 +401,7 @@ def _detect_tiles(slide: Slide, grid: TileGrid, params: RunParams, detector: Det
             _, apply, target = _NORMALISERS[params.stain]
             tiles = apply(tiles, plan.fit, target=target)
         t = timer.add("normalize", t)
-        found = detector.detect(tiles, mpp=grid.tile_mpp, stain_matrix_od=plan.basis)
+        found = detector.detect(tiles, tile_mpp=grid.tile_mpp, stain_matrix_od=plan.basis)
         parts.append(boxes_to_global(
             found, origin_x=grid.x_lvl[index] * grid.downsample, origin_y=grid.y_lvl[index] * grid.downsample,
             tile_x=batch.x, tile_y=batch.y, l0_per_px=grid.l0_per_tile_px,

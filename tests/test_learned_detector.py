@@ -62,8 +62,8 @@ def test_onnxruntime_and_torch_give_the_same_detections(real_tiles: np.ndarray, 
     ort_det, _ = make_detector("onnxruntime")
     torch_det, _ = make_detector("torch")
     assert (ort_det.engine, torch_det.engine) == ("onnxruntime", "torch")
-    a = ort_det.detect(tiles, mpp=0.5, stain_matrix_od=NO_STAIN)
-    b = torch_det.detect(tiles, mpp=0.5, stain_matrix_od=NO_STAIN)
+    a = ort_det.detect(tiles, tile_mpp=0.5, stain_matrix_od=NO_STAIN)
+    b = torch_det.detect(tiles, tile_mpp=0.5, stain_matrix_od=NO_STAIN)
     assert len(a) > 200, "the tiles hold many nuclei"
     # float32 on both; summation order differs: boxes within 1 px, scores within 1e-3 (the bar)
     assert_same_detections(a, b, box_px=1.0, score=1e-3)
@@ -74,8 +74,8 @@ def test_dali_cpu_preprocessing_gives_the_same_detections(real_tiles: np.ndarray
     xp_det, _ = make_detector("onnxruntime", preprocess="xp")
     dali_det, _ = make_detector("onnxruntime", preprocess="dali", batch_size=8)
     assert dali_det.preprocess_name == "dali"
-    assert_same_detections(xp_det.detect(real_tiles, mpp=0.5, stain_matrix_od=NO_STAIN),
-                     dali_det.detect(real_tiles, mpp=0.5, stain_matrix_od=NO_STAIN), box_px=1e-3, score=1e-5)
+    assert_same_detections(xp_det.detect(real_tiles, tile_mpp=0.5, stain_matrix_od=NO_STAIN),
+                     dali_det.detect(real_tiles, tile_mpp=0.5, stain_matrix_od=NO_STAIN), box_px=1e-3, score=1e-5)
 
 
 def test_auto_on_cpu_picks_onnxruntime_and_says_so() -> None:
@@ -174,8 +174,8 @@ def test_a_box_list_model_runs_through_its_card(box_model: tuple[Path, Path], re
     mine, notes = make_detector("onnxruntime", model=onnx_path, model_card=card)
     assert mine.name == "boxlist-test" and mine.engine == "onnxruntime" and not notes
     shipped, _ = make_detector("onnxruntime")
-    a = shipped.detect(real_tiles, mpp=0.5, stain_matrix_od=NO_STAIN)
-    b = mine.detect(real_tiles, mpp=0.5, stain_matrix_od=NO_STAIN)
+    a = shipped.detect(real_tiles, tile_mpp=0.5, stain_matrix_od=NO_STAIN)
+    b = mine.detect(real_tiles, tile_mpp=0.5, stain_matrix_od=NO_STAIN)
     assert len(a) < 200 * len(real_tiles), "top-K must not cut detections for this comparison"
     assert_same_detections(a, b, box_px=1e-2, score=1e-5)
 
@@ -277,8 +277,8 @@ def test_gpu_engines_match_the_cpu_engines(engine: str, preprocess: str, real_ti
     cpu, _ = make_detector("onnxruntime", device="cpu")
     gpu, _ = make_detector(engine, device="cuda", batch_size=len(real_tiles), preprocess=preprocess)
     assert gpu.preprocess_name == preprocess
-    a = cpu.detect(real_tiles, mpp=0.5, stain_matrix_od=NO_STAIN)
-    b = gpu.detect(cupy.asarray(real_tiles), mpp=0.5, stain_matrix_od=NO_STAIN)
+    a = cpu.detect(real_tiles, tile_mpp=0.5, stain_matrix_od=NO_STAIN)
+    b = gpu.detect(cupy.asarray(real_tiles), tile_mpp=0.5, stain_matrix_od=NO_STAIN)
     # fp16 on the device: peaks near the threshold may flip, boxes move by a fraction of a pixel
     ca = np.c_[a.tile_index * 1e4 + (a.x0 + a.x1) / 2, (a.y0 + a.y1) / 2]
     cb = np.c_[b.tile_index * 1e4 + (b.x0 + b.x1) / 2, (b.y0 + b.y1) / 2]
@@ -322,8 +322,8 @@ def test_a_fixed_size_model_gets_resized_tiles_and_boxes_come_back(box_model: tu
     with pytest.raises(ConfigError, match="resized to 320 x 320 px give 0.5 µm/px: use --target-mpp 0.5"):
         mine.check_tiles(tile_px=256, tile_mpp=0.625)
     shipped, _ = make_detector("onnxruntime")
-    a = shipped.detect(real_tiles, mpp=0.5, stain_matrix_od=NO_STAIN)
-    b = mine.detect(real_tiles, mpp=0.5, stain_matrix_od=NO_STAIN)
+    a = shipped.detect(real_tiles, tile_mpp=0.5, stain_matrix_od=NO_STAIN)
+    b = mine.detect(real_tiles, tile_mpp=0.5, stain_matrix_od=NO_STAIN)
     ca = np.c_[a.tile_index * 1e4 + (a.x0 + a.x1) / 2, (a.y0 + a.y1) / 2]
     cb = np.c_[b.tile_index * 1e4 + (b.x0 + b.x1) / 2, (b.y0 + b.y1) / 2]
     matched = len(one_to_one(ca, cb, 1.5)[0])
@@ -379,7 +379,7 @@ def test_labels_outside_the_cards_classes_fail_naming_the_model(box_model: tuple
     classes = shipped_card().classes
     with pytest.raises(ValueError, match=rf"three.onnx\) gave class label {len(classes)}; its card lists "
                                          rf"{len(classes)} classes \({', '.join(classes)}\)"):
-        det.detect(real_tiles, mpp=0.5, stain_matrix_od=NO_STAIN)
+        det.detect(real_tiles, tile_mpp=0.5, stain_matrix_od=NO_STAIN)
 
 
 def _break_onnxruntime(monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:

@@ -109,5 +109,5 @@ def test_the_training_command_writes_a_model_the_pipeline_loads(tmp_path) -> Non
     assert card.extra["metrics"]["tune_f1_by_threshold"]  # chosen on held-out training images
     det, _ = make_detector("onnxruntime", model_card=out / "nuclei_v2.yaml")
     tiles = np.full((2, 64, 64, 3), 230, np.uint8)
-    found = det.detect(tiles, mpp=0.5, stain_matrix_od=np.eye(3)[:, :2])
+    found = det.detect(tiles, tile_mpp=0.5, stain_matrix_od=np.eye(3)[:, :2])
     assert ((found.label >= 0) & (found.label < 3)).all()

@@ -162,8 +162,8 @@ def test_triton_gives_the_onnxruntime_detections(triton_url: str, real_tiles: np
     local, _ = make_detector("onnxruntime")
     assert (remote.engine, remote.name, notes) == ("triton", MODEL, [])
     assert remote.model_sha256 == shipped_card().extra["sha256"]  # provenance: the card's model file
-    a = remote.detect(real_tiles, mpp=0.5, stain_matrix_od=NO_STAIN)
-    b = local.detect(real_tiles, mpp=0.5, stain_matrix_od=NO_STAIN)
+    a = remote.detect(real_tiles, tile_mpp=0.5, stain_matrix_od=NO_STAIN)
+    b = local.detect(real_tiles, tile_mpp=0.5, stain_matrix_od=NO_STAIN)
     assert len(a) > 100, "the tiles hold many nuclei"
     # the same onnxruntime (CPU, float32) runs the same model on both sides; only the batch split differs
     assert_same_detections(a, b, box_px=1e-3, score=1e-5)
@@ -198,11 +198,11 @@ def test_the_engine_works_from_another_thread(triton_url: str, real_tiles: np.nd
     """Dask runs slides on worker threads: the HTTP client (gevent-based) is made per thread."""
     det, _ = make_detector("triton", triton_url=triton_url)
     found: list[TileBoxes] = []
-    worker = threading.Thread(target=lambda: found.append(det.detect(real_tiles[:2], mpp=0.5,
+    worker = threading.Thread(target=lambda: found.append(det.detect(real_tiles[:2], tile_mpp=0.5,
                                                                      stain_matrix_od=NO_STAIN)))
     worker.start()
     worker.join(timeout=60)
-    here = det.detect(real_tiles[:2], mpp=0.5, stain_matrix_od=NO_STAIN)
+    here = det.detect(real_tiles[:2], tile_mpp=0.5, stain_matrix_od=NO_STAIN)
     assert len(found) == 1
     assert_same_detections(found[0], here, box_px=0, score=0)
 
@@ -235,8 +235,8 @@ def test_triton_on_cuda_tiles_matches_the_host_run(triton_url: str, real_tiles: 
     x = on_gpu.preprocessor(cupy.asarray(real_tiles))
     assert all(isinstance(v, cupy.ndarray) for v in on_gpu.engine_impl(x).values())
     # preprocessing and decoding on CuPy vs NumPy: float32 either way, a few ulp apart
-    assert_same_detections(on_gpu.detect(cupy.asarray(real_tiles), mpp=0.5, stain_matrix_od=NO_STAIN),
-                     on_cpu.detect(real_tiles, mpp=0.5, stain_matrix_od=NO_STAIN), box_px=1e-2, score=1e-4)
+    assert_same_detections(on_gpu.detect(cupy.asarray(real_tiles), tile_mpp=0.5, stain_matrix_od=NO_STAIN),
+                     on_cpu.detect(real_tiles, tile_mpp=0.5, stain_matrix_od=NO_STAIN), box_px=1e-2, score=1e-4)
 
 
 def test_cli_run_with_triton_on_a_dask_worker(triton_url: str, small_slide: Path, tmp_path: Path) -> None:

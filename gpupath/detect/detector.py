@@ -45,7 +45,7 @@ class Detector(Protocol):
 
     def check_tiles(self, *, tile_px: int, tile_mpp: float) -> None: ...
 
-    def detect(self, tiles: Any, *, mpp: float, stain_matrix_od: np.ndarray) -> TileBoxes: ...
+    def detect(self, tiles: Any, *, tile_mpp: float, stain_matrix_od: np.ndarray) -> TileBoxes: ...
 
 
 @dataclass(slots=True)
@@ -66,8 +66,8 @@ class ClassicDetector:
     def check_tiles(self, *, tile_px: int, tile_mpp: float) -> None:
         """Any tile size and resolution: radii are in µm."""
 
-    def detect(self, tiles: Any, *, mpp: float, stain_matrix_od: np.ndarray) -> TileBoxes:
-        found = detect_nuclei(tiles, mpp=mpp, params=self.params, stain_matrix_od=stain_matrix_od)
+    def detect(self, tiles: Any, *, tile_mpp: float, stain_matrix_od: np.ndarray) -> TileBoxes:
+        found = detect_nuclei(tiles, mpp=tile_mpp, params=self.params, stain_matrix_od=stain_matrix_od)
         return TileBoxes.from_centres(tile_index=found.tile_index, cx_px=found.cx_px, cy_px=found.cy_px,
                                       half_w_px=found.radius_px, half_h_px=found.radius_px, score=found.score,
                                       label=np.zeros(len(found.score), np.int16))
@@ -97,8 +97,9 @@ class LearnedDetector:
     def check_tiles(self, *, tile_px: int, tile_mpp: float) -> None:
         self.card.check_tile(tile_px=tile_px, tile_mpp=tile_mpp)
 
-    def detect(self, tiles: Any, *, mpp: float, stain_matrix_od: np.ndarray) -> TileBoxes:
-        """Boxes in tile px. ``mpp`` was checked against the card by :meth:`check_tiles`; stains are unused."""
+    def detect(self, tiles: Any, *, tile_mpp: float, stain_matrix_od: np.ndarray) -> TileBoxes:
+        """Boxes in tile px. ``tile_mpp`` (µm per tile px) was checked against the card by :meth:`check_tiles`;
+        stains are unused."""
         from gpupath.detect.preprocess import input_scale
 
         if tiles.ndim != 4 or tiles.shape[-1] != 3:

@@ -42,27 +42,29 @@ def device_weights(device: int, in_px: int, out_px: int) -> Any:
         return cupy.asarray(resample_weights(in_px, out_px))
 
 
-def resize_batch(batch: Any, out_px: int) -> Any:
-    """Resize square RGB tiles.
+def resize_batch(batch: Any, out_px: int, out_w: int | None = None) -> Any:
+    """Resize RGB tiles.
 
     Parameters
     ----------
     batch : (N, H, W, 3) uint8, NumPy or CuPy.
-    out_px : output edge, px.
+    out_px : output height (and width, unless ``out_w`` is given), px.
+    out_w : output width, px (default ``out_px``: square tiles).
 
     Returns
     -------
-    (N, out_px, out_px, 3) uint8 on the input's device (the input itself when no resize is needed).
+    (N, out_px, out_w, 3) uint8 on the input's device (the input itself when no resize is needed).
     """
+    out_w = out_px if out_w is None else out_w
     n, h, w, c = batch.shape
-    if h == out_px and w == out_px:
+    if h == out_px and w == out_w:
         return batch
     xp = array_module(batch)
     if xp is np:
-        wy, wx = resample_weights(h, out_px), resample_weights(w, out_px)
+        wy, wx = resample_weights(h, out_px), resample_weights(w, out_w)
     else:
         device = xp.cuda.Device().id
-        wy, wx = device_weights(device, h, out_px), device_weights(device, w, out_px)
+        wy, wx = device_weights(device, h, out_px), device_weights(device, w, out_w)
     planes = xp.ascontiguousarray(xp.moveaxis(batch, -1, 1), dtype=xp.float32)  # (N, 3, H, W)
     out = xp.matmul(xp.matmul(wy, planes), wx.T)                    # (N, 3, out, out), batched GEMMs
     return xp.ascontiguousarray(xp.moveaxis(xp.clip(xp.rint(out), 0, 255).astype(xp.uint8), 1, -1))

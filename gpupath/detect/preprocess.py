@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from gpupath._resize import device_weights, resample_weights, resize_batch
+from gpupath._resize import resize_batch
 from gpupath._xp import array_module, is_device_array
 from gpupath.detect.card import InputSpec
 
@@ -91,22 +91,6 @@ def check_tiles(tiles: Any, spec: InputSpec) -> Any:
     return tiles
 
 
-def _resize_hw(tiles: Any, out_h: int, out_w: int) -> Any:
-    """:func:`resize_batch` generalised to a (out_h, out_w) target; same filter and rounding."""
-    if out_h == out_w:
-        return resize_batch(tiles, out_h)
-    xp = array_module(tiles)
-    _, h, w, _ = tiles.shape
-    if xp is np:
-        wy, wx = resample_weights(h, out_h), resample_weights(w, out_w)
-    else:
-        device = xp.cuda.Device().id
-        wy, wx = device_weights(device, h, out_h), device_weights(device, w, out_w)
-    planes = xp.ascontiguousarray(xp.moveaxis(tiles, -1, 1), dtype=xp.float32)  # (N, 3, H, W)
-    out = xp.matmul(xp.matmul(wy, planes), wx.T)                                 # (N, 3, out_h, out_w)
-    return xp.ascontiguousarray(xp.moveaxis(xp.clip(xp.rint(out), 0, 255).astype(xp.uint8), 1, -1))
-
-
 def _device_id(tiles: Any) -> int:
     return int(tiles.device.id) if is_device_array(tiles) else -1
 
@@ -155,7 +139,7 @@ def preprocess(tiles: Any, spec: InputSpec) -> Any:
     xp = array_module(tiles)
     _, h, w, _ = tiles.shape
     if spec.size_px is not None and tuple(spec.size_px) != (h, w):
-        tiles = _resize_hw(tiles, *spec.size_px)
+        tiles = resize_batch(tiles, *spec.size_px)
     if spec.channels == "BGR":
         tiles = tiles[..., ::-1]
     mean, std = _constants(spec.mean, spec.std, xp, _device_id(tiles))

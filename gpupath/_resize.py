@@ -2,8 +2,9 @@
 
 Each output pixel is a weighted mean of input pixels under a triangle (bilinear) kernel widened
 by the downscale factor, so downsampling averages every input pixel (no aliasing) and
-upsampling is plain bilinear. The resampling is separable and written as two small matrix
-products, which both NumPy and CuPy run as BLAS/cuBLAS calls.
+upsampling is plain bilinear. The resampling is separable. On the device it is two small matrix
+products (cuBLAS GEMMs); on the host the compiled kernel of ``gpupath_kernels.resample`` reads only
+the few non-zero taps of each weight row (within 1 grey level of the matrix products, its twin).
 """
 
 from __future__ import annotations
@@ -14,23 +15,14 @@ from typing import Any
 import numpy as np
 
 from gpupath._xp import array_module
+from gpupath_kernels.resample import resize_cpu, triangle_weights
 
 __all__ = ["resize_batch", "resample_weights"]
 
 
-@functools.lru_cache(maxsize=64)
 def resample_weights(in_px: int, out_px: int) -> np.ndarray:
     """(out_px, in_px) float32 matrix whose rows sum to 1; pixel centres aligned (half-pixel convention)."""
-    if in_px <= 0 or out_px <= 0:
-        raise ValueError(f"sizes must be positive, got in_px={in_px}, out_px={out_px}")
-    scale = in_px / out_px
-    support = max(scale, 1.0)  # triangle half-width in input px
-    centres = (np.arange(out_px) + 0.5) * scale - 0.5
-    src = np.arange(in_px)
-    dist = np.abs(src[None, :] - centres[:, None]) / support
-    weights = np.clip(1.0 - dist, 0.0, None)
-    weights /= weights.sum(axis=1, keepdims=True)
-    return weights.astype(np.float32)
+    return triangle_weights(in_px, out_px)
 
 
 @functools.lru_cache(maxsize=64)
@@ -60,11 +52,10 @@ def resize_batch(batch: Any, out_px: int, out_w: int | None = None) -> Any:
     if h == out_px and w == out_w:
         return batch
     xp = array_module(batch)
-    if xp is np:
-        wy, wx = resample_weights(h, out_px), resample_weights(w, out_w)
-    else:
-        device = xp.cuda.Device().id
-        wy, wx = device_weights(device, h, out_px), device_weights(device, w, out_w)
+    if xp is np:  # the compiled CPU kernel: only the filter's few non-zero taps per output pixel
+        return resize_cpu(batch, out_px, out_w)
+    device = xp.cuda.Device().id
+    wy, wx = device_weights(device, h, out_px), device_weights(device, w, out_w)
     planes = xp.ascontiguousarray(xp.moveaxis(batch, -1, 1), dtype=xp.float32)  # (N, 3, H, W)
     out = xp.matmul(xp.matmul(wy, planes), wx.T)                    # (N, 3, out, out), batched GEMMs
     return xp.ascontiguousarray(xp.moveaxis(xp.clip(xp.rint(out), 0, 255).astype(xp.uint8), 1, -1))

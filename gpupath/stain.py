@@ -63,6 +63,7 @@ __all__ = [
     "MIN_TISSUE_FRAC",
     "od_from_rgb",
     "fit_macenko",
+    "apply_macenko_reference",
     "apply_macenko",
     "normalize_batch",
     "fit_macenko_device",
@@ -401,6 +402,12 @@ def apply_macenko(rgb: ArrayLike, source: StainFit, *, target: StainFit = REFERE
     if is_device_array(arr):  # one fused kernel
         return apply_macenko_device(arr, source, target)
     _check_rgb(arr, "rgb", (3, 4))
+    return _apply_host(arr, source, target)
+
+
+def apply_macenko_reference(arr: np.ndarray, source: StainFit, target: StainFit) -> np.ndarray:
+    """The NumPy definition of :func:`apply_macenko` on the host (several passes; the tests' reference
+    for the compiled path :func:`_apply_host`)."""
     xp = array_module(arr)
     f32 = xp.float32
     conc = _concentrations(_od(arr, source.io, f32).reshape(-1, 3), source.stain_matrix_od)
@@ -408,6 +415,17 @@ def apply_macenko(rgb: ArrayLike, source: StainFit, *, target: StainFit = REFERE
     od_out = conc @ xp.asarray(target.stain_matrix_od.T, dtype=f32)  # (P, 3)
     out = f32(target.io) * xp.exp(-od_out) - 1
     return xp.clip(xp.rint(out), 0, 255).astype(xp.uint8).reshape(arr.shape)
+
+
+def _apply_host(arr: np.ndarray, source: StainFit, target: StainFit) -> np.ndarray:
+    """:func:`apply_macenko` on the host in one fused pass (the compiled CPU kernel of
+    ``gpupath_kernels.macenko``): the NumPy definition's pixels within 1 grey level."""
+    from gpupath_kernels import macenko as mk
+
+    px = np.ascontiguousarray(arr).reshape(1, -1, 3)
+    out = mk.apply_groups(px, source.stain_matrix_od[None], source.max_conc[None], target.stain_matrix_od,
+                          target.max_conc, io_in=source.io, io_out=target.io, active=[True], on_host=True)
+    return out.reshape(arr.shape)
 
 
 def normalize_batch(

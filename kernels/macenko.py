@@ -38,6 +38,7 @@ References
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +72,7 @@ __all__ = [
     "concentrations_max_ref",
     "apply",
     "apply_ref",
+    "apply_cpu",
     "FIT_OK",
     "FIT_TOO_FEW",
     "FIT_NOT_SEPARABLE",
@@ -421,6 +423,45 @@ def apply_ref(
     return out
 
 
+@functools.cache
+def _apply_cpu_kernel() -> Any:
+    import numba
+
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def apply_cpu(px, lut, mt, io_out, pinv, scale, active, out):
+        n_groups, n_px, _ = px.shape
+        one = np.float32(1.0)
+        for k in numba.prange(n_groups * n_px):
+            g, i = k // n_px, k % n_px
+            if not active[g]:
+                for c in range(3):
+                    out[g, i, c] = px[g, i, c]
+                continue
+            r, gr, b = lut[px[g, i, 0]], lut[px[g, i, 1]], lut[px[g, i, 2]]
+            c0 = (pinv[g, 0, 0] * r + pinv[g, 0, 1] * gr + pinv[g, 0, 2] * b) * scale[g, 0]
+            c1 = (pinv[g, 1, 0] * r + pinv[g, 1, 1] * gr + pinv[g, 1, 2] * b) * scale[g, 1]
+            for c in range(3):
+                y = np.rint(io_out * np.exp(-(c0 * mt[c, 0] + c1 * mt[c, 1])) - one)
+                out[g, i, c] = 0 if y < 0 else (255 if y > 255 else np.uint8(y))
+        return out
+
+    return apply_cpu
+
+
+def apply_cpu(
+    px: np.ndarray, pinv: np.ndarray, scale: np.ndarray, target_matrix: np.ndarray, *,
+    io_in: float, io_out: float, active: ArrayLike | None = None,
+) -> np.ndarray:
+    """:func:`apply` compiled for the CPU (Numba, all cores, one fused pass per pixel): host (G, P, 3)
+    uint8 in and out; :func:`apply_ref`'s result within 1 grey level (float32 ``exp`` of another libm)."""
+    px = np.asarray(px)
+    if px.dtype != np.uint8 or px.ndim != 3 or px.shape[-1] != 3:
+        raise ValueError(f"px: expected (G, P, 3) uint8, got {px.dtype} {px.shape}")
+    lut, mt, io32, pinv32, scale32 = _apply_params(pinv, scale, target_matrix, io_in, io_out)
+    out = np.empty_like(px)
+    return _apply_cpu_kernel()(px, lut, mt, io32, pinv32, scale32, _active(active, px.shape[0]), out)
+
+
 # --------------------------------------------------------------------------- fits and re-rendering of pixel groups
 
 FIT_OK, FIT_TOO_FEW, FIT_NOT_SEPARABLE, FIT_SPARSE = 0, 1, 2, 3
@@ -482,10 +523,11 @@ def fit_groups(
 
 def apply_groups(
     px: Any, stains: np.ndarray, max_conc: np.ndarray, target_matrix: np.ndarray, target_max_conc: np.ndarray, *,
-    io_in: float, io_out: float, active: ArrayLike,
+    io_in: float, io_out: float, active: ArrayLike, on_host: bool = False,
 ) -> Any:
     """Re-render each active group of ``(G, P, 3)`` ``px`` from its stains (G, 3, 2) and maxima (G, 2)
-    with the target's; inactive groups are copied unchanged. One fused launch."""
+    with the target's; inactive groups are copied unchanged. One fused launch (``on_host``: one pass
+    of the compiled CPU kernel, :func:`apply_cpu`, on host ``px``)."""
     active = np.asarray(active, dtype=bool)
     if not active.any():
         return px.copy()
@@ -493,7 +535,8 @@ def apply_groups(
     scale = np.zeros((px.shape[0], 2))
     pinv[active] = _pinv(np.asarray(stains)[active])
     scale[active] = np.asarray(target_max_conc)[None] / np.asarray(max_conc)[active]
-    return apply(px, pinv, scale, target_matrix, io_in=io_in, io_out=io_out, active=active)
+    run = apply_cpu if on_host else apply
+    return run(px, pinv, scale, target_matrix, io_in=io_in, io_out=io_out, active=active)
 
 
 # --------------------------------------------------------------------------- bench

@@ -12,6 +12,7 @@ file and its sha256. Not the default engine yet: the study measures it (see the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    args.out = args.out.resolve()
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -55,9 +57,10 @@ def main() -> int:
             return next(self.batches, None)
 
     pre, model = args.out / "pre.onnx", args.out / "nuclei_v2_int8.onnx"
-    quant_pre_process(str(card.model_path), str(pre), skip_symbolic_shape=True)
-    quantize_static(str(pre), str(model), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, per_channel=True)
+    with contextlib.chdir(args.out):  # both write scratch files into the working folder
+        quant_pre_process(str(card.model_path), str(pre), skip_symbolic_shape=True)
+        quantize_static(str(pre), str(model), Reader(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
     pre.unlink()
     raw = yaml.safe_load(card.card_path.read_text(encoding="utf-8"))
     raw.update(name="nuclei_v2_int8", model=model.name, sha256=file_sha256(model))

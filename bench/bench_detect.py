@@ -63,12 +63,12 @@ def bench_tiles(n: int) -> np.ndarray:
 
 
 def time_row(engine: str, device: str, preprocess: str, tiles: np.ndarray, batch: int, repeat: int,
-             model_card: Path | None = None) -> dict:
+             model_card: Path | None = None, precision: str = "fp32") -> dict:
     try:
         if device == "cuda" and not gpu_available():
             raise ConfigError("no CUDA GPU")
         det, _ = make_detector(engine, device=device, batch_size=batch, preprocess=preprocess,  # type: ignore[arg-type]
-                               model_card=model_card)
+                               model_card=model_card, precision=precision)
     except (ConfigError, ImportError) as exc:
         return {"skipped": str(exc)}
     if device == "cuda":
@@ -103,6 +103,10 @@ def main() -> int:
         r = {"row": label, "engine": engine, "device": device, "preprocess": pre,
              **time_row(engine, device, pre, tiles, args.batch, args.repeat)}
         rows.append(r)
+    # the card's int8 file, which the pipeline runs by default on the CPU (--precision auto)
+    rows.append({"row": "onnxruntime cpu int8", "engine": "onnxruntime", "device": "cpu", "preprocess": "auto",
+                 "precision": "int8", **time_row("onnxruntime", "cpu", "auto", tiles, args.batch, args.repeat,
+                                                 precision="int8")})
     for label, engine, device, pre in V1_ROWS:
         rows.append({"row": label, "engine": engine, "device": device, "preprocess": pre, "model": "nuclei_v1",
                      **time_row(engine, device, pre, tiles, args.batch, args.repeat, model_card=V1_CARD)})
@@ -117,6 +121,11 @@ def main() -> int:
         r["x_classic_cpu"] = base / r["seconds"] if base else None
         ratio = f"{r['x_classic_cpu']:.2f}" if r["x_classic_cpu"] else "-"
         print(f"{r['row']:32s} {r['tiles_per_s']:9.1f} {ratio:>14s} {r['detections']:11d}")
+    fp32 = next((r for r in rows if r["row"] == "onnxruntime cpu" and "seconds" in r), None)
+    int8 = next((r for r in rows if r["row"] == "onnxruntime cpu int8" and "seconds" in r), None)
+    if fp32 and int8:
+        ratio = int8["tiles_per_s"] / fp32["tiles_per_s"]
+        print(f"{SHIPPED_MODEL} int8 / fp32 on onnxruntime cpu: {ratio:.2f}x the tiles/s")
     for engine in ("onnxruntime", "torch"):
         new = next((r for r in rows if r["row"] == f"{engine} cpu" and "seconds" in r), None)
         old = next((r for r in rows if r["row"] == f"nuclei_v1 {engine} cpu" and "seconds" in r), None)

@@ -208,6 +208,8 @@ def run(
     model_card: Annotated[Optional[Path], typer.Option(help="YAML card of --model: input, outputs, decoder.")] = None,
     preprocess: Annotated[str, typer.Option(help="auto | dali | xp: model input made by DALI or NumPy/CuPy "
                                                  "(auto: DALI on a GPU when installed)")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto | fp32 | int8: int8 runs the model card's int8_model on ONNX "
+                                                "Runtime (auto: on the CPU when the card has one)")] = "auto",
     store: Annotated[Optional[Path], typer.Option(help="Also run every slide of this store (gpupath ingest).")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Dask workers of a local cluster (0: in this process; "
                                                         "default: in this process for one slide, else ~1 per 2 cores, "
@@ -225,8 +227,8 @@ def run(
     code = _run(RunOptions(
         slides=tuple(slides or ()), out=out, mpp=mpp, target_mpp=target_mpp, magnification=magnification, tile=tile,
         overlap=overlap, stain=stain, device=device, backend=backend, batch_size=batch_size, min_tissue=min_tissue,
-        engine=engine, model=model, model_card=model_card, preprocess=preprocess, store=store, workers=workers,
-        scheduler=scheduler, redo=redo, triton_url=triton_url, checksums=checksums, reports=reports))
+        engine=engine, model=model, model_card=model_card, preprocess=preprocess, precision=precision, store=store,
+        workers=workers, scheduler=scheduler, redo=redo, triton_url=triton_url, checksums=checksums, reports=reports))
     raise typer.Exit(code)
 
 

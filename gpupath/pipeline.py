@@ -75,6 +75,7 @@ class RunParams:
     preprocess: str = "auto"               # model input by auto | dali | xp (NumPy/CuPy)
     reports: bool = True                   # overlay PNG, summary JSON and HTML report per slide
     triton_url: str | None = None          # engine triton: the server's HTTP endpoint, host:port
+    precision: str = "auto"                # auto | fp32 | int8 (the card's int8 model, ONNX Runtime on the CPU)
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINE_NAMES:
@@ -83,6 +84,8 @@ class RunParams:
             raise ConfigError("--engine triton needs --triton-url (host:port of the server's HTTP endpoint)"
                               if self.engine == "triton" else
                               f"--triton-url {self.triton_url} is for --engine triton (engine here: {self.engine})")
+        if self.precision not in ("auto", "fp32", "int8"):
+            raise ConfigError(f"precision must be auto, fp32 or int8, got {self.precision!r}")
         if self.preprocess not in ("auto", "dali", "xp"):
             raise ConfigError(f"preprocess must be auto, dali or xp, got {self.preprocess!r}")
         if self.stain not in ("none", "macenko", "vahadane"):
@@ -104,7 +107,7 @@ class RunParams:
         detector, notes = make_detector(self.engine, device=self.device, model=self.model, model_card=self.model_card,
                                         batch_size=self.batch_size, tile_px=self.tile.tile_px,
                                         preprocess=self.preprocess, classic=self.classic,
-                                        triton_url=self.triton_url)
+                                        triton_url=self.triton_url, precision=self.precision)
         # a target resolution or tile size the model cannot take stops the run before any slide
         # (each slide's tiles are checked again: their mpp is the target rounded to level pixels)
         detector.check_tiles(tile_px=self.tile.tile_px, tile_mpp=self.tile.target_mpp)
@@ -258,7 +261,7 @@ PERFORMANCE_FIELDS = frozenset({"device", "batch_size", "prefetch_batches", "rea
 def detector_record(detector: Detector) -> dict[str, Any]:
     """What ran, for run.json and the reports: model name, engine, sha256 of the model file, classes."""
     return {"model": detector.name, "engine": detector.engine, "model_sha256": detector.model_sha256,
-            "classes": list(detector.classes)}
+            "precision": getattr(detector, "precision", None), "classes": list(detector.classes)}
 
 
 def _write_reports(out_dir: Path, result: SlideResult, params: RunParams, detector: Detector, slide: Slide,

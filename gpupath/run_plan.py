@@ -45,6 +45,7 @@ class RunOptions:
     model: Path | None = None
     model_card: Path | None = None
     preprocess: str = "auto"
+    precision: str = "auto"
     store: Path | None = None
     workers: int | None = None
     scheduler: str | None = None
@@ -117,6 +118,7 @@ def plan_run(options: RunOptions, *, warn: Callable[[str], None] = lambda line: 
         model=None if options.model is None else str(options.model),
         model_card=None if options.model_card is None else str(options.model_card),
         preprocess=options.preprocess, reports=options.reports, triton_url=options.triton_url,
+        precision=options.precision,
     )
     note = None
     if options.device == "auto":

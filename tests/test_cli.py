@@ -176,12 +176,21 @@ def test_engines_on_the_cli_record_what_ran(tmp_path: Path) -> None:
     slide = data_file("cmu-1-small-region.svs")
     proc = gpupath("run", slide, "--out", tmp_path / "auto", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
-    assert "note: engine auto: nuclei_v2 on onnxruntime (cpu)" in proc.stderr
+    assert "note: engine auto: nuclei_v2 on onnxruntime (cpu, int8)" in proc.stderr
     import json
 
+    from gpupath.detect.card import shipped_card
+
+    card = shipped_card()
     run = json.loads((tmp_path / "auto" / "run.json").read_text())
     det = run["environment"]["detector"]
-    assert det["model"] == "nuclei_v2" and det["engine"] == "onnxruntime" and len(det["model_sha256"]) == 64
+    # on the CPU the default runs the card's int8 file, and provenance names that file, not the fp32 one
+    assert det["model"] == "nuclei_v2" and det["engine"] == "onnxruntime" and det["precision"] == "int8"
+    assert det["model_sha256"] == card.extra["int8_sha256"] != card.extra["sha256"]
+    proc = gpupath("run", slide, "--out", tmp_path / "fp32", "--device", "cpu", "--precision", "fp32")
+    assert proc.returncode == 0 and "(cpu, fp32)" in proc.stderr, proc.stderr
+    det32 = json.loads((tmp_path / "fp32" / "run.json").read_text())["environment"]["detector"]
+    assert det32["precision"] == "fp32" and det32["model_sha256"] == card.extra["sha256"]
     meta = pq.read_schema(next((tmp_path / "auto" / "detections").rglob("*.parquet"))).metadata
     assert b"nuclei_v2" in b"".join(meta.values())
     proc = gpupath("run", slide, "--out", tmp_path / "classic", "--device", "cpu", "--engine", "classic")

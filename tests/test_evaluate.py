@@ -77,7 +77,7 @@ def test_a_wrapped_image_reads_back_losslessly_at_its_resolution(tmp_path: Path)
 def test_card_metrics_go_into_the_card_and_it_still_loads(tmp_path: Path) -> None:
     folder = nuclei_dataset("brca_m2c")
     card = shipped_card()
-    for path in (card.card_path, card.model_path, card.weights_path):
+    for path in (card.card_path, card.model_path, card.weights_path, card.int8_path):
         shutil.copy(path, tmp_path / path.name)
     mine = tmp_path / card.card_path.name
     proc = gpupath("evaluate", folder, "--limit", 1, "--out", tmp_path / "ev", "--device", "cpu", "--compare", "",

@@ -209,7 +209,7 @@ def test_the_engine_works_from_another_thread(triton_url: str, real_tiles: np.nd
 
 def test_pipeline_on_triton_equals_onnxruntime(triton_url: str, small_slide: Path, tmp_path: Path) -> None:
     tile = TileSpec(tile_px=256, overlap_px=32)
-    res_local = process_slide(small_slide, tmp_path / "ort", RunParams(tile=tile, engine="onnxruntime"))
+    res_local = process_slide(small_slide, tmp_path / "ort", RunParams(tile=tile, engine="onnxruntime", precision="fp32"))
     params = RunParams(tile=tile, engine="triton", triton_url=triton_url)
     detector, _ = params.make_detector()
     assert detector.engine == "triton"

@@ -96,6 +96,7 @@ class ModelCard:
     output: OutputSpec
     card_path: Path | None = None
     weights_path: Path | None = None              # torch weights (.npz) of the shipped architecture
+    int8_path: Path | None = None                 # int8-quantised ONNX of the same model (ONNX Runtime, CPU)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -124,6 +125,7 @@ class ModelCard:
 
 
 _DOC_KEYS = {"format", "description", "training", "metrics", "license", "version", "sha256", "weights_sha256",
+             "int8_sha256",
              "dedup_distance_um"}
 _INPUT_KEYS = {"name", "layout", "channels", "dtype", "mpp", "size_px", "multiple_of", "scale", "mean", "std"}
 def file_sha256(path: str | Path) -> str:
@@ -197,10 +199,12 @@ def load_card(card_path: str | Path, *, model_path: str | Path | None = None) ->
         raise card_error(card, "a model card is a YAML mapping")
     if raw.get("format", CARD_FORMAT) != CARD_FORMAT:
         raise card_error(card, f"format must be {CARD_FORMAT}, got {raw.get('format')!r}")
-    refuse_unknown_keys(card, "the card", raw, _DOC_KEYS | {"name", "model", "weights", "classes", "input", "output"})
+    refuse_unknown_keys(card, "the card", raw,
+                        _DOC_KEYS | {"name", "model", "weights", "int8_model", "classes", "input", "output"})
     classes = raw.get("classes")
     if not (isinstance(classes, list) and classes and all(isinstance(c, str) and c for c in classes)):
         raise card_error(card, f"classes must be a non-empty list of names, got {classes!r}")
+    explicit_model = model_path is not None  # --model: the card's int8 file is of another model
     if model_path is None:
         if not isinstance(raw.get("model"), str):
             raise card_error(card, "no model file: give `model:` in the card or --model")
@@ -208,7 +212,9 @@ def load_card(card_path: str | Path, *, model_path: str | Path | None = None) ->
     model = Path(model_path)
     if not model.is_file():
         raise ConfigError(f"{model}: model file not found (card {card})")
-    weights = raw.get("weights")
+    weights, int8 = raw.get("weights"), raw.get("int8_model")
+    if int8 is not None and not (isinstance(int8, str) and (card.parent / int8).is_file()):
+        raise card_error(card, f"int8_model must name an ONNX file beside the card, got {int8!r}")
     dedup = raw.get("dedup_distance_um", 2.5)
     if not (isinstance(dedup, int | float) and not isinstance(dedup, bool) and 0 < dedup <= 1000):
         raise card_error(card, f"dedup_distance_um must be a number of µm in (0, 1000], got {dedup!r}")
@@ -220,6 +226,7 @@ def load_card(card_path: str | Path, *, model_path: str | Path | None = None) ->
         output=parse_output(card, raw.get("output")),
         card_path=card.resolve(),
         weights_path=(card.parent / weights).resolve() if isinstance(weights, str) else None,
+        int8_path=(card.parent / int8).resolve() if isinstance(int8, str) and not explicit_model else None,
         extra={k: raw[k] for k in _DOC_KEYS & set(raw)},
     )
 

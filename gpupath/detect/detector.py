@@ -85,6 +85,8 @@ class LearnedDetector:
         self.classes = card.classes
         # provenance: the file whose numbers ran (the torch engine runs the .npz weights, not the ONNX)
         ran = card.weights_path if engine.name == "torch" and card.weights_path is not None else card.model_path
+        ran = getattr(engine, "model_path", None) or ran  # ONNX Runtime may run the card's int8 file
+        self.precision = "int8" if card.int8_path is not None and ran == card.int8_path else "fp32"
         self.model_sha256 = card.model_sha256 if ran == card.model_path else file_sha256(ran)
         self.dedup_distance_um = float(card.extra.get("dedup_distance_um", 2.5))
         # twins across a tile overlap are one object whatever label each tile gave it: a model that reads
@@ -136,21 +138,46 @@ def _resolve_card(model: str | Path | None, model_card: str | Path | None) -> Mo
     return card
 
 
+def _check_file(path: Path | None, want: Any, what: str) -> None:
+    """A file the card pins by sha256 (``want``) must still be that file."""
+    if path is not None and path.is_file() and want:
+        got = file_sha256(path)
+        if got != want:
+            raise ConfigError(f"{path}: sha256 {got[:12]}... differs from the card's "
+                              f"{str(want)[:12]}... (the {what} changed; fix the card or the file)")
+
+
 def _check_weights(card: ModelCard) -> None:
     """The torch engine runs the .npz weights: they must be the card's too."""
-    want = card.extra.get("weights_sha256")
-    if card.weights_path is not None and card.weights_path.is_file() and want:
-        got = file_sha256(card.weights_path)
-        if got != want:
-            raise ConfigError(f"{card.weights_path}: sha256 {got[:12]}... differs from the card's "
-                              f"{str(want)[:12]}... (the weights changed; fix the card or the file)")
+    _check_file(card.weights_path, card.extra.get("weights_sha256"), "weights")
+
+
+PRECISIONS = ("auto", "fp32", "int8")
+
+
+def _onnx_file(card: ModelCard, *, device: str, precision: str) -> Path:
+    """The ONNX file ONNX Runtime runs: the card's int8 one on the CPU (``auto``, or asked), else its model."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "int8":
+        if card.int8_path is None:
+            raise ConfigError(f"--precision int8: model {card.name} has no int8 file (card key int8_model)")
+        if device != "cpu":
+            raise ConfigError("--precision int8 is for ONNX Runtime on the CPU (device here: cuda)")
+    if precision == "fp32" or card.int8_path is None or device != "cpu":
+        return card.model_path
+    _check_file(card.int8_path, card.extra.get("int8_sha256"), "int8 model")
+    return card.int8_path
 
 
 def _build_engine(name: str, card: ModelCard, *, device: str, batch_size: int, tile_px: int,
                   cache_dir: str | Path | None, triton_url: str | None = None,
-                  triton_model: str | None = None) -> Engine:
+                  triton_model: str | None = None, precision: str = "fp32") -> Engine:
+    if precision == "int8" and name != "onnxruntime":
+        raise ConfigError(f"--precision int8 runs on ONNX Runtime only (engine here: {name})")
     if name == "onnxruntime":
-        return OnnxRuntimeEngine(card, device=device)  # type: ignore[arg-type]
+        return OnnxRuntimeEngine(card, device=device,  # type: ignore[arg-type]
+                                 model_path=_onnx_file(card, device=device, precision=precision))
     if name == "torch":
         _check_weights(card)
         return TorchEngine(card, device=device)  # type: ignore[arg-type]
@@ -220,7 +247,7 @@ def make_detector(engine: str = "auto", *, device: Literal["cpu", "cuda"] = "cpu
                   model_card: str | Path | None = None, batch_size: int = 32, tile_px: int = 256,
                   preprocess: str = "auto", cache_dir: str | Path | None = None,
                   classic: ClassicParams | None = None, triton_url: str | None = None,
-                  triton_model: str | None = None) -> tuple[Detector, list[str]]:
+                  triton_model: str | None = None, precision: str = "fp32") -> tuple[Detector, list[str]]:
     """A detector for ``engine`` on ``device``, and notes on what was chosen and why.
 
     Parameters
@@ -235,6 +262,9 @@ def make_detector(engine: str = "auto", *, device: Literal["cpu", "cuda"] = "cpu
     classic : classic-detector settings.
     triton_url, triton_model : the Triton server (``host:port``, HTTP) and the model's name there
         (default the card's name); used by ``engine="triton"`` only.
+    precision : fp32 (the card's model) | int8 (its ``int8_model``: ONNX Runtime on the CPU) | auto
+        (int8 where the card has one and ONNX Runtime runs on the CPU, else fp32). The pipeline's
+        default is auto (RunParams); this function's fp32, so engines compare on one file.
 
     Raises
     ------
@@ -266,7 +296,8 @@ def make_detector(engine: str = "auto", *, device: Literal["cpu", "cuda"] = "cpu
     for name in order:
         try:
             built = _build_engine(name, card, device=device, batch_size=batch_size, tile_px=tile_px,
-                                  cache_dir=cache_dir, triton_url=triton_url, triton_model=triton_model)
+                                  cache_dir=cache_dir, triton_url=triton_url, triton_model=triton_model,
+                                  precision=precision if name == "onnxruntime" or precision == "int8" else "fp32")
             break
         except Exception as exc:
             if engine != "auto":
@@ -282,8 +313,12 @@ def make_detector(engine: str = "auto", *, device: Literal["cpu", "cuda"] = "cpu
                                                   tile_px=tile_px)
     if pre_note:
         notes.append(pre_note)
+    detector = LearnedDetector(card, built, preprocessor=pre, preprocess_name=pre_name)
     if engine == "auto":
-        notes.append(f"engine auto: {card.name} on {built.name} ({device}), preprocessing by {pre_name}")
+        notes.append(f"engine auto: {card.name} on {built.name} ({device}, {detector.precision}), "
+                     f"preprocessing by {pre_name}")
+    elif detector.precision == "int8":
+        notes.append(f"{card.name} runs its int8 file on {built.name} (cpu); --precision fp32 for the fp32 model")
     for note in notes:
         log.debug("%s", note)  # callers show notes (the CLI prints them once as `note:` lines)
-    return LearnedDetector(card, built, preprocessor=pre, preprocess_name=pre_name), notes
+    return detector, notes

@@ -83,7 +83,8 @@ class OnnxRuntimeEngine:
 
     name = "onnxruntime"
 
-    def __init__(self, card: ModelCard, *, device: Literal["cpu", "cuda"] = "cpu", intra_op_threads: int = 0) -> None:
+    def __init__(self, card: ModelCard, *, device: Literal["cpu", "cuda"] = "cpu", intra_op_threads: int = 0,
+                 model_path: Path | None = None) -> None:
         import onnxruntime as ort
 
         providers = ["CPUExecutionProvider"]
@@ -95,7 +96,8 @@ class OnnxRuntimeEngine:
         opts.intra_op_num_threads = intra_op_threads
         self.device = device
         self.card = card
-        self.session = ort.InferenceSession(str(card.model_path), sess_options=opts, providers=providers)
+        self.model_path = model_path or card.model_path  # the file that runs (the card's int8 one, when chosen)
+        self.session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=providers)
         if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
             # onnxruntime quietly drops a CUDA provider that fails to load and runs on the CPU,
             # which would copy every batch to the host: refuse instead

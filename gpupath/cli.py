@@ -438,6 +438,11 @@ def query_cmd(
         raise _fail(f"--limit must be >= 0, got {limit}")
     if fmt in FILE_ONLY and output is None:
         raise _fail(f"--format {fmt} needs --output FILE")
+    if output is not None and output.is_dir():
+        raise _fail(f"--output {output}: is a folder; give a file name")
+    if output is not None and not output.parent.is_dir():
+        raise _fail(f"--output {output}: folder {output.parent} does not exist")
+    limit = min(limit, 2**62)  # "all rows": Arrow slices take int64
     t0 = time.perf_counter()
     try:
         region = None if bbox is None else parse_bbox(bbox)
@@ -455,6 +460,8 @@ def query_cmd(
                 n += batch.num_rows
     except (GpupathError, ValueError) as exc:
         raise _fail(str(exc)) from None
+    except OSError as exc:  # a damaged data page (the footer read fine), or the output's disk
+        raise _fail(f"{out}: cannot read its detections or write the output ({exc})".replace("\n", " ")) from None
     stats = (f"{n} detections; searched {len(plan.slide_ids)} slide(s), read {plan.row_groups_read} of "
              f"{plan.row_groups_total} row groups ({plan.rows_read} rows) in {time.perf_counter() - t0:.3f} s")
     if fmt != "table":

@@ -327,6 +327,40 @@ def test_cli_bad_arguments_exit_2_with_one_line(small_run: Path, args: list[str]
     assert res.stderr.startswith(message) and res.stderr.count("\n") == 1, res.stderr
 
 
+def test_cli_a_limit_beyond_int64_shows_every_row(one_slide: Path) -> None:
+    """Issue 18 item 9: --limit 99999999999999999999 was an OverflowError traceback."""
+    res = runner.invoke(app, ["query", str(one_slide), "--limit", "99999999999999999999"])
+    assert res.exit_code == 0, res.output
+    assert "2000 detections" in res.stdout
+
+
+@pytest.mark.parametrize("where, message", [
+    pytest.param("folder", "is a folder; give a file name", id="output-is-a-folder"),
+    pytest.param("missing/dir/x.csv", "does not exist", id="output-folder-missing"),
+])
+def test_cli_bad_output_is_refused_creating_nothing(one_slide: Path, tmp_path: Path, where: str, message: str) -> None:
+    """Issue 18 item 9: -o a folder was IsADirectoryError; -o /missing/dir/x.csv created the folders."""
+    (tmp_path / "folder").mkdir()
+    target = tmp_path / where
+    res = runner.invoke(app, ["query", str(one_slide), "--format", "csv", "-o", str(target)])
+    assert res.exit_code == 2 and res.stderr.startswith(f"error: --output {target}: ") and message in res.stderr
+    assert res.stderr.count("\n") == 1 and not (tmp_path / "missing").exists()
+
+
+def test_cli_a_damaged_data_page_is_one_line(tmp_path: Path) -> None:
+    """Issue 18 item 9: a data page damaged after the footer was written ended in an OSError traceback."""
+    write_slide(tmp_path, "abcd", synthetic_detections(20_000, np.random.default_rng(3), side_px=5000))
+    part = tmp_path / "detections" / "slide_id=abcd" / "part-0.parquet"
+    raw = bytearray(part.read_bytes())
+    first_page = int(pq.read_metadata(part).row_group(0).column(0).data_page_offset)
+    raw[first_page:first_page + 64] = b"\xff" * 64  # the first page's header: footer intact, page unreadable
+    part.write_bytes(bytes(raw))
+    res = runner.invoke(app, ["query", str(tmp_path), "--format", "csv", "-o", str(tmp_path / "q.csv")])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1 and "Traceback" not in res.output
+    assert not (tmp_path / "q.csv").exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
 def test_cli_missing_run_and_old_schema(one_slide: Path, tmp_path: Path) -> None:
     res = runner.invoke(app, ["query", str(tmp_path / "nope")])
     assert res.exit_code == 2 and "no such run folder" in res.stderr

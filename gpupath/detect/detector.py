@@ -297,7 +297,7 @@ def make_detector(engine: str = "auto", *, device: Literal["cpu", "cuda"] = "cpu
         try:
             built = _build_engine(name, card, device=device, batch_size=batch_size, tile_px=tile_px,
                                   cache_dir=cache_dir, triton_url=triton_url, triton_model=triton_model,
-                                  precision=precision if name == "onnxruntime" or precision == "int8" else "fp32")
+                                  precision=precision)
             break
         except Exception as exc:
             if engine != "auto":

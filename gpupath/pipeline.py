@@ -12,13 +12,10 @@ the failed slide is written except its row in ``slides.parquet``.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
-import contextlib
-import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,10 +24,9 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from gpupath import stain, vahadane
-from gpupath._resize import resize_batch
 from gpupath._version import __version__
 from gpupath._xp import gpu_available, gpu_problem, is_device_array, to_device
-from gpupath.detect.boxes import Detections, GridLayout, boxes_to_global, dedup_overlaps
+from gpupath.detect.boxes import Detections, GridLayout, dedup_overlaps
 from gpupath.detect.classic import RUIFROK_HE_OD, ClassicParams
 from gpupath.detect.detector import Detector, make_detector
 from gpupath.detect.engines import ENGINE_NAMES
@@ -44,11 +40,13 @@ from gpupath.results import (
     write_slide_parts,
     write_marker,
 )
-from gpupath.slide import MPP_PLAUSIBLE_MAX, BackendName, Slide, TileBatch, check_slide_file, open_slide
+from gpupath.slide import MPP_PLAUSIBLE_MAX, BackendName, Slide, check_slide_file, open_slide
+from gpupath.tile_loop import LoopSettings, cpu_share, read_grid_tiles, run_tiles
 from gpupath.tiling import TileGrid, TileSpec, tile_grid
+from gpupath_kernels.cpu import warm_up_in_background
 from gpupath.tissue import compute_tissue
 
-__all__ = ["RunParams", "SlideResult", "process_slide", "resolve_device", "read_grid_tiles"]
+__all__ = ["RunParams", "SlideResult", "process_slide", "resolve_device"]
 
 log = logging.getLogger("gpupath.pipeline")
 
@@ -68,6 +66,7 @@ class RunParams:
     batch_size: int = 32
     prefetch_batches: int = 2
     read_workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))  # cuCIM decoder threads
+    cpu_workers: int = 0                   # CPU: tile-chain workers side by side (0: one per core, at most 4)
     classic: ClassicParams = ClassicParams()   # settings of the classic detector (--engine classic)
     engine: str = "auto"                   # auto | tensorrt | torch | onnxruntime | triton | classic
     model: str | None = None               # bring-your-own ONNX model (with model_card)
@@ -98,16 +97,28 @@ class RunParams:
             raise ConfigError(f"mpp must be in (0, {MPP_PLAUSIBLE_MAX}] µm/px, got {self.mpp_override}")
         if self.prefetch_batches < 0:
             raise ConfigError(f"prefetch_batches must be >= 0, got {self.prefetch_batches}")
+        if self.cpu_workers < 0:
+            raise ConfigError(f"cpu_workers must be >= 0 (0: one per core), got {self.cpu_workers}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def loop_settings(self) -> LoopSettings:
+        """How the tile loop is scheduled (see :mod:`gpupath.tile_loop`)."""
+        return LoopSettings(device=self.device, batch_size=self.batch_size, prefetch_batches=self.prefetch_batches,
+                            read_workers=self.read_workers, cpu_workers=self.cpu_workers)
+
     def make_detector(self) -> tuple[Detector, list[str]]:
-        """The run's detector (built once: a TensorRT engine build takes minutes) and notes on the choice."""
+        """The run's detector (built once: a TensorRT engine build takes minutes) and notes on the choice.
+        On the CPU its engine gets one CPU worker's share of the cores (:func:`gpupath.tile_loop.cpu_share`), and
+        the compiled CPU kernels start loading in the background (~0.4 s, once a process)."""
+        if self.device == "cpu":
+            warm_up_in_background()
         detector, notes = make_detector(self.engine, device=self.device, model=self.model, model_card=self.model_card,
                                         batch_size=self.batch_size, tile_px=self.tile.tile_px,
                                         preprocess=self.preprocess, classic=self.classic,
-                                        triton_url=self.triton_url, precision=self.precision)
+                                        triton_url=self.triton_url, precision=self.precision,
+                                        cpu_threads=cpu_share(self.cpu_workers)[1] if self.device == "cpu" else 0)
         # a target resolution or tile size the model cannot take stops the run before any slide
         # (each slide's tiles are checked again: their mpp is the target rounded to level pixels)
         detector.check_tiles(tile_px=self.tile.tile_px, tile_mpp=self.tile.target_mpp)
@@ -152,80 +163,23 @@ def resolve_device(device: str) -> Literal["cpu", "cuda"]:
 
 
 class _Timer:
+    """Wall seconds of the slide's stages, and the process's CPU seconds during each (``<stage>_cpu``)."""
+
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self._cpu = time.process_time()
 
     def add(self, stage: str, since: float) -> float:
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         self.seconds[stage] = self.seconds.get(stage, 0.0) + now - since
+        self.seconds[f"{stage}_cpu"] = self.seconds.get(f"{stage}_cpu", 0.0) + cpu - self._cpu
+        self._cpu = cpu
         return now
 
-
-def read_grid_tiles(slide: Slide, grid: TileGrid, index: np.ndarray, params: RunParams) -> TileBatch:
-    """Tiles ``index`` of the grid as the pipeline reads them: at the grid's level, resized to ``tile_px``
-    (NumPy on the CPU, CuPy with ``params.device == "cuda"``)."""
-    locations = list(zip(grid.x[index].tolist(), grid.y[index].tolist()))
-    raw = slide.read_tiles(locations, grid.level, grid.read_px, device=params.device, num_workers=params.read_workers)
-    return TileBatch(resize_batch(raw.pixels, grid.tile_px), raw.x, raw.y, raw.size_l0_px)
-
-
-def _current_device_context(device: str) -> Callable[[], Any]:
-    """A factory of context managers that make the calling thread's current CUDA device current."""
-    if device != "cuda":
-        return contextlib.nullcontext
-    import cupy
-
-    device_id = cupy.cuda.Device().id
-    return lambda: cupy.cuda.Device(device_id)
-
-
-def _prefetched(slide: Slide, grid: TileGrid, params: RunParams) -> Iterator[tuple[np.ndarray, TileBatch, float]]:
-    """Yield (index, tiles, read seconds) with up to ``prefetch_batches`` batches decoded ahead."""
-    batches = list(grid.batches(params.batch_size))
-
-    device_ctx = _current_device_context(params.device)
-
-    def job(index: np.ndarray) -> tuple[np.ndarray, TileBatch, Any, float]:
-        t0 = time.perf_counter()
-        ready = None
-        with device_ctx():  # the reader thread decodes onto the caller's GPU (dask-cuda: one GPU per worker)
-            tiles = read_grid_tiles(slide, grid, index, params)
-            if params.device == "cuda":
-                import cupy
-
-                ready = cupy.cuda.Event(block=False, disable_timing=True)
-                ready.record()  # on the reader thread's current stream, after the batch's copies and resize
-        return index, tiles, ready, time.perf_counter() - t0
-
-    def handed_over(done: tuple[np.ndarray, TileBatch, Any, float]) -> tuple[np.ndarray, TileBatch, float]:
-        index, tiles, ready, seconds = done
-        if ready is not None:  # the consumer's stream waits (on the device, not the host) for the reader's work
-            import cupy
-
-            cupy.cuda.get_current_stream().wait_event(ready)
-        return index, tiles, seconds
-
-    if params.prefetch_batches == 0:
-        for index in batches:
-            yield handed_over(job(index))
-        return
-    pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpupath-read")
-    pending: list[cf.Future] = []
-    try:
-        it = iter(batches)
-        for index in it:  # the batch being consumed + prefetch_batches decoding ahead
-            pending.append(pool.submit(job, index))
-            if len(pending) >= params.prefetch_batches + 1:
-                break
-        while pending:
-            yield handed_over(pending.pop(0).result())
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append(pool.submit(job, nxt))
-    finally:  # on error or early exit: drop queued reads instead of decoding them
-        for fut in pending:
-            fut.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
+    def mark(self) -> float:
+        """Start the next stage now (wall and CPU clocks): the stage before it is not counted."""
+        self._cpu = time.process_time()
+        return time.perf_counter()
 
 
 # method -> (fit, apply, target the tiles are normalised to)
@@ -244,10 +198,9 @@ def _fit_slide_stain(slide: Slide, grid: TileGrid, params: RunParams) -> tuple[s
     fit = _NORMALISERS.get(params.stain, _NORMALISERS["macenko"])[0]
     # the sample is spread over the whole slide: decoded on the host and uploaded (cuCIM's GPU batch
     # reader would read the whole file span between the first and last tile into device memory)
-    host = dataclasses.replace(params, device="cpu") if params.device == "cuda" else params
     try:
-        pixels = read_grid_tiles(slide, grid, sample, host).pixels
-        return fit(pixels if host is params else to_device(pixels)), ""
+        pixels = read_grid_tiles(slide, grid, sample, device="cpu").pixels
+        return fit(pixels if params.device == "cpu" else to_device(pixels)), ""
     except ValueError as exc:
         if params.stain in _NORMALISERS:
             return None, f"stain fit failed ({exc}); tiles not normalised, Ruifrok H&E basis used"
@@ -255,7 +208,8 @@ def _fit_slide_stain(slide: Slide, grid: TileGrid, params: RunParams) -> tuple[s
 
 
 # RunParams fields that change how fast or where a run goes, not what it finds
-PERFORMANCE_FIELDS = frozenset({"device", "batch_size", "prefetch_batches", "read_workers", "triton_url", "reports"})
+PERFORMANCE_FIELDS = frozenset({"device", "batch_size", "prefetch_batches", "read_workers", "cpu_workers", "triton_url",
+                                "reports"})
 
 
 def detector_record(detector: Detector) -> dict[str, Any]:
@@ -391,29 +345,17 @@ def _stain_plan(slide: Slide, grid: TileGrid, params: RunParams, tissue: Any, de
 
 def _detect_tiles(slide: Slide, grid: TileGrid, params: RunParams, detector: Detector, plan: _StainPlan,
                   timer: _Timer, on_tiles: Callable[[int, int], None] | None) -> list[Detections]:
-    """Read, normalise and detect every tile of the grid, batch by batch; level-0 detections per batch."""
-    parts: list[Detections] = []
-    done = 0
-    if on_tiles is not None:
-        on_tiles(0, len(grid))
-    for index, batch, read_s in _prefetched(slide, grid, params):
-        timer.seconds["read"] = timer.seconds.get("read", 0.0) + read_s
-        t = time.perf_counter()
-        tiles = batch.pixels
-        if plan.normalise:
-            _, apply, target = _NORMALISERS[params.stain]
-            tiles = apply(tiles, plan.fit, target=target)
-        t = timer.add("normalize", t)
-        found = detector.detect(tiles, tile_mpp=grid.tile_mpp, stain_matrix_od=plan.basis)
-        parts.append(boxes_to_global(
-            found, origin_x=grid.x_lvl[index] * grid.downsample, origin_y=grid.y_lvl[index] * grid.downsample,
-            tile_x=batch.x, tile_y=batch.y, l0_per_px=grid.l0_per_tile_px,
-        ))
-        timer.add("detect", t)
-        done += len(index)
-        if on_tiles is not None:
-            on_tiles(done, len(grid))
-    return parts
+    """Read, normalise and detect every tile of the grid (scheduled by :func:`gpupath.tile_loop.run_tiles`)."""
+    normalise = None
+    if plan.normalise:
+        _, apply, target = _NORMALISERS[params.stain]
+        fit = plan.fit
+
+        def normalise(tiles: Any) -> Any:
+            return apply(tiles, fit, target=target)
+
+    return run_tiles(slide, grid, detector, params.loop_settings(), normalise=normalise, basis=plan.basis,
+                     seconds=timer.seconds, on_tiles=on_tiles)
 
 
 def _merge_tiles(parts: list[Detections], grid: TileGrid, detector: Detector, mpp: float,
@@ -460,11 +402,13 @@ def _resumed_result(out_dir: Path, path: str | Path, slide_id: str, key: str, st
 def _process_slide(path: str | Path, out_dir: Path, params: RunParams, detector: Detector, *, resume: bool,
                    checksums: dict[str, str] | None, on_tiles: Callable[[int, int], None] | None) -> SlideResult:
     start = time.perf_counter()
+    if params.device == "cpu":  # Numba and the CPU kernels load (~0.4 s, once a process) while the slide is hashed
+        warm_up_in_background()
     result = SlideResult(path=str(path))
     timer = _Timer()
     key = results_key(params, detector)
     try:
-        t = time.perf_counter()
+        t = timer.mark()
         result.sha256 = result.slide_id = _verified_sha256(Path(path), checksums)
         if resume and (kept := _resumed_result(out_dir, path, result.slide_id, key, start)) is not None:
             return kept
@@ -482,7 +426,7 @@ def _process_slide(path: str | Path, out_dir: Path, params: RunParams, detector:
             result.warning = "; ".join(plan.warnings)
             t = timer.add("stain_fit", t)
             parts = _detect_tiles(slide, grid, params, detector, plan, timer, on_tiles)
-            t = time.perf_counter()
+            t = timer.mark()  # the tile loop timed itself (tiles, tiles_cpu and its stages)
             det, per_tile = _merge_tiles(parts, grid, detector, mpp, slide.dimensions)
             t = timer.add("dedup", t)
             _write_parts(out_dir, result, path, mpp, grid, params, detector, det, per_tile)

@@ -423,26 +423,50 @@ def apply_ref(
     return out
 
 
+_SAFE_EXPONENT = 230.0  # |exponent| of every table entry below this: products of three stay in [1e-300, 1e300]
+
+
+def _channel_tables(lut: np.ndarray, mt: np.ndarray, pinv: np.ndarray, scale: np.ndarray,
+                    io_out: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(factors, exponents, safe)`` per group g, output channel c, input channel k and grey level v:
+    ``exponents[g, c, k, v] = W[g, c, k] * lut[v]`` with ``W[g, c, k] = sum_j mt[c, j] scale[g, j] pinv[g, j, k]``,
+    ``factors = exp(-exponents)`` with io_out folded into k = 0, float64; ``safe[g]``: every exponent of the
+    group is within +-_SAFE_EXPONENT, so no product of three factors over- or underflows.
+
+    The output channel c of a pixel (r, g, b) is ``io_out * exp(-sum_k W[c, k] od_k) - 1`` (apply_ref's
+    expression regrouped) = ``factors[c, 0][r] * factors[c, 1][g] * factors[c, 2][b] - 1``: 9 lookups and 6
+    products a pixel instead of 3 ``exp``. Groups that are not safe (concentrations scaled by absurd
+    factors) take ``exp`` of the sum of the exponents instead, which neither overflows nor loses a term.
+    """
+    w = np.einsum("cj,gj,gjk->gck", mt.astype(np.float64), scale.astype(np.float64), pinv.astype(np.float64))
+    exponents = np.ascontiguousarray(w[..., None] * lut.astype(np.float64)[None, None, None, :])
+    safe = np.abs(exponents).reshape(len(exponents), -1).max(axis=1, initial=0.0) <= _SAFE_EXPONENT
+    with np.errstate(over="ignore"):  # unsafe groups' factors are never read
+        factors = np.exp(-np.where(safe[:, None, None, None], exponents, 0.0))
+    factors[:, :, 0, :] *= float(io_out)
+    return np.ascontiguousarray(factors), exponents, safe
+
+
 @functools.cache
 def _apply_cpu_kernel() -> Any:
     import numba
 
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def apply_cpu(px, lut, mt, io_out, pinv, scale, active, out):
+    def apply_cpu(px, factors, exponents, safe, io_out, active, out):
         n_groups, n_px, _ = px.shape
-        one = np.float32(1.0)
         for k in numba.prange(n_groups * n_px):
             g, i = k // n_px, k % n_px
+            r, gr, b = px[g, i, 0], px[g, i, 1], px[g, i, 2]
             if not active[g]:
-                for c in range(3):
-                    out[g, i, c] = px[g, i, c]
+                out[g, i, 0], out[g, i, 1], out[g, i, 2] = r, gr, b
                 continue
-            r, gr, b = lut[px[g, i, 0]], lut[px[g, i, 1]], lut[px[g, i, 2]]
-            c0 = (pinv[g, 0, 0] * r + pinv[g, 0, 1] * gr + pinv[g, 0, 2] * b) * scale[g, 0]
-            c1 = (pinv[g, 1, 0] * r + pinv[g, 1, 1] * gr + pinv[g, 1, 2] * b) * scale[g, 1]
             for c in range(3):
-                y = np.rint(io_out * np.exp(-(c0 * mt[c, 0] + c1 * mt[c, 1])) - one)
-                out[g, i, c] = 0 if y < 0 else (255 if y > 255 else np.uint8(y))
+                if safe[g]:
+                    y = factors[g, c, 0, r] * factors[g, c, 1, gr] * factors[g, c, 2, b] - 1.0
+                else:
+                    y = io_out * np.exp(-(exponents[g, c, 0, r] + exponents[g, c, 1, gr] + exponents[g, c, 2, b])) - 1.0
+                y = np.rint(y)
+                out[g, i, c] = 0 if y < 0 else (255 if y > 255 else np.uint8(y))  # +inf -> 255
         return out
 
     return apply_cpu
@@ -452,14 +476,23 @@ def apply_cpu(
     px: np.ndarray, pinv: np.ndarray, scale: np.ndarray, target_matrix: np.ndarray, *,
     io_in: float, io_out: float, active: ArrayLike | None = None,
 ) -> np.ndarray:
-    """:func:`apply` compiled for the CPU (Numba, all cores, one fused pass per pixel): host (G, P, 3)
-    uint8 in and out; :func:`apply_ref`'s result within 1 grey level (float32 ``exp`` of another libm)."""
+    """:func:`apply` compiled for the CPU (Numba, all cores, one pass per pixel): host (G, P, 3)
+    uint8 in and out; :func:`apply_ref`'s result within 1 grey level.
+
+    The exponential of a sum is the product of exponentials: each group's 9 (output channel, input
+    channel) factors are 256-entry tables (:func:`_channel_tables`, float64), so a pixel costs 9
+    lookups and 6 products, no ``exp`` (a group whose exponents could over- or underflow a product
+    takes one ``exp`` of their sum). Differs from the float32 twin only where its value lies within
+    float32 rounding of a half grey level (tested: <= 1 level, at <= 1e-3 of the pixels).
+    """
     px = np.asarray(px)
     if px.dtype != np.uint8 or px.ndim != 3 or px.shape[-1] != 3:
         raise ValueError(f"px: expected (G, P, 3) uint8, got {px.dtype} {px.shape}")
     lut, mt, io32, pinv32, scale32 = _apply_params(pinv, scale, target_matrix, io_in, io_out)
+    active = _active(active, px.shape[0])
+    factors, exponents, safe = _channel_tables(lut, mt, pinv32, scale32, io32)
     out = np.empty_like(px)
-    return _apply_cpu_kernel()(px, lut, mt, io32, pinv32, scale32, _active(active, px.shape[0]), out)
+    return _apply_cpu_kernel()(np.ascontiguousarray(px), factors, exponents, safe, float(io32), active, out)
 
 
 # --------------------------------------------------------------------------- fits and re-rendering of pixel groups

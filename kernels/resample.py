@@ -17,6 +17,12 @@ Twin and kernel
     ``njit(parallel=True)`` over (tile, output row), reading only the few non-zero taps of each
     weight row (at most ``ceil(2 * factor) + 1``) instead of the whole row; about 25x the twin's
     tiles/s on 512 -> 256 px tiles on 2 cores (measured: 509 vs 20 tiles/s, 64 tiles, one run).
+    An exact 2x downsample (the pipeline's 0.25 -> 0.5 µm/px case) has its own kernel,
+    :func:`_compiled_half`: inside the tile every weight is 1/8 or 3/8, so the float32 sums are
+    exact multiples of 1/64 whatever their order, and the kernel computes them as integers
+    (16-bit sums the compiler vectorises) with the same round-half-to-even; rows and columns at the
+    tile's edges (renormalised, inexact weights) go through the general kernel's float32 loop in
+    its order. Same bits as the general kernel (tested), about 4x its tiles/s.
 
 Exactness
     Same weights, float32 sums in another order: within 1 grey level of the twin (measured:
@@ -111,6 +117,56 @@ def _compiled() -> Any:
     return separable
 
 
+@functools.cache
+def _compiled_half() -> Any:
+    import numba
+
+    # one self-contained function (no jitted helpers from this scope): Numba caches only such kernels to disk
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def half(flat, c, iy, wy, ix, wx, out):  # flat: (N, H, W * C) C-contiguous; out: (N, H/2, W/2 * C)
+        n, h, wc = flat.shape
+        oh, ty = iy.shape
+        ow, tx = ix.shape
+        for k in numba.prange(n * oh):
+            i, oy = k // oh, k % oh
+            dst = out[i, oy]
+            edge_row = oy == 0 or oy == oh - 1
+            rowf = np.zeros(wc, np.float32)  # float32 row sums, as the general kernel makes them
+            rowi = np.empty(wc, np.uint16)   # inner rows: 8x those sums, exact integers
+            if edge_row:  # renormalised edge rows: the general kernel's float32 loop, in its order
+                for t in range(ty):
+                    wt = wy[oy, t]
+                    if wt != 0:
+                        src = flat[i, iy[oy, t]]
+                        for j in range(wc):
+                            rowf[j] += wt * np.float32(src[j])
+            else:
+                a, b, d, e = flat[i, 2 * oy - 1], flat[i, 2 * oy], flat[i, 2 * oy + 1], flat[i, 2 * oy + 2]
+                for j in range(wc):
+                    rowi[j] = np.uint16(a[j]) + np.uint16(e[j]) + np.uint16(3) * (np.uint16(b[j]) + np.uint16(d[j]))
+                for j in range(wc):
+                    rowf[j] = np.float32(rowi[j]) * np.float32(0.125)  # exact
+            for ox in range(ow):
+                if edge_row or ox == 0 or ox == ow - 1:  # the general kernel's float32 column sum
+                    for ch in range(c):
+                        s = np.float32(0.0)
+                        for t in range(tx):
+                            s += wx[ox, t] * rowf[ix[ox, t] * c + ch]
+                        v = np.rint(s)
+                        dst[ox * c + ch] = 0 if v < 0 else (255 if v > 255 else np.uint8(v))
+                    continue
+                p = 2 * ox * c
+                for ch in range(c):  # 64x the float32 sum, rounded half to even as np.rint
+                    q = (np.int32(rowi[p + ch - c]) + np.int32(rowi[p + ch + 2 * c])
+                         + 3 * (np.int32(rowi[p + ch]) + np.int32(rowi[p + ch + c])))
+                    r = q & 63
+                    q >>= 6
+                    dst[ox * c + ch] = np.uint8(q + 1 if r > 32 or (r == 32 and (q & 1) == 1) else q)
+        return out
+
+    return half
+
+
 def resize_cpu(batch: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     """The CPU kernel (Numba, all cores): :func:`resize_ref`'s result within 1 grey level."""
     _check(batch, out_h, out_w)
@@ -118,4 +174,8 @@ def resize_cpu(batch: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     iy, wy = filter_taps(h, out_h)
     ix, wx = filter_taps(w, out_w)
     out = np.empty((n, out_h, out_w, c), np.uint8)
+    if h == 2 * out_h and w == 2 * out_w and out_h >= 3 and out_w >= 3:
+        flat = np.ascontiguousarray(batch).reshape(n, h, w * c)
+        _compiled_half()(flat, c, iy, wy, ix, wx, out.reshape(n, out_h, out_w * c))
+        return out
     return _compiled()(batch, iy, wy, ix, wx, out)

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -298,3 +301,26 @@ def test_implausible_mpp_needs_override(backend: str) -> None:
         assert slide.require_mpp() == 0.5
         assert float(slide.properties["openslide.mpp-x"]) == 0.5
         assert float(slide.properties["openslide.mpp-y"]) == 0.5
+
+
+@pytest.mark.skipif(any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/nvidia0")),
+                    reason="an NVIDIA device node is present: cuCIM imports CuPy as usual there")
+def test_host_only_machine_reads_with_cucim_without_loading_cupy() -> None:
+    """cuCIM imports CuPy (and cuSOLVER) at import, ~240 MiB resident that its CPU reader never uses; where no
+    NVIDIA device exists gpupath imports cuCIM as on a CPU-only install, and CuPy stays importable."""
+    def peak_mib(first: str) -> tuple[str, int]:
+        code = (f"import sys\n{first}\n"
+                "from gpupath.slide import open_slide\n"
+                f"s = open_slide({str(data_file('cmu-1-small-region.svs'))!r})\n"
+                "assert s.backend == 'cucim', s.backend\n"
+                "s.read_tiles([(0, 0), (300, 300)], 0, 256)\n"
+                "hwm = [ln for ln in open('/proc/self/status') if ln.startswith('VmHWM')][0].split()[1]\n"
+                "print('cupy' in sys.modules, int(hwm) // 1024)\n"
+                "import cupy\n")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr  # and CuPy imports afterwards
+        loaded, rss = proc.stdout.split()
+        return loaded, int(rss)
+
+    (loaded, ours), (_, with_cupy) = peak_mib(""), peak_mib("import cupy")
+    assert loaded == "False" and ours < with_cupy - 100, (ours, with_cupy)  # peak RSS; measured 44 vs 259 MiB

@@ -1,10 +1,12 @@
 """gpupath against a hand-written CPU baseline on one slide: per stage and end to end, same run.
 
 :func:`run_bench` plans one tile grid, then runs each side in a child process of its own (its
-``ru_maxrss`` is that side's peak RSS):
+VmHWM is that side's peak RSS):
 
 * **ours**: :func:`gpupath.pipeline.process_slide` (engine ``onnxruntime`` on the CPU, the best
-  engine with ``device="cuda"``); stage seconds from ``SlideResult.timings``.
+  engine with ``device="cuda"``); stage seconds (wall and CPU) from ``SlideResult.timings``; then,
+  on the CPU, the engine alone on the run's first tiles and our decoder against raw libjpeg-turbo
+  on the slide's own file tiles, and which stage bounds the tile loop (:func:`loop_bound`).
 * **baseline** (:func:`run_baseline`): what a lab writes by hand. OpenSlide ``read_region`` per
   tile (RGBA over white, PIL bilinear resize), torchstain's NumPy Macenko, ONNX Runtime on the CPU
   with the same shipped model, NumPy preprocessing, a scipy maximum-filter peak decoder, overlaps
@@ -28,11 +30,11 @@ top of ``_sides.py``, so the TIAToolbox venv (without gpupath) runs that file by
 """
 
 from gpupath.bench._core import STAGE_NOTES as STAGE_NOTES
-from gpupath.bench._core import match_detections, plan_job, run_bench
+from gpupath.bench._core import loop_bound, match_detections, plan_job, run_bench
 from gpupath.bench._report import machine_info, machine_tag, markdown_report, results_stem, text_report, write_results
 from gpupath.bench._sides import IO as IO
 from gpupath.bench._sides import STAGES, run_baseline, run_ours, run_tiatoolbox
 from gpupath.bench._sides import main as main
 
 __all__ = ["STAGES", "run_bench", "run_baseline", "run_ours", "run_tiatoolbox", "plan_job", "match_detections",
-           "machine_info", "markdown_report", "text_report", "results_stem", "machine_tag", "write_results"]
+           "machine_info", "markdown_report", "text_report", "results_stem", "machine_tag", "write_results", "loop_bound"]

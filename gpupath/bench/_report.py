@@ -81,11 +81,13 @@ def _fmt(v: Any, digits: int = 2) -> str:
 
 
 def _table_lines(result: dict[str, Any]) -> list[list[str]]:
-    head = ["stage", "ours s", "baseline s", "speed-up", "ours tiles/s", "base tiles/s", "ours MP/s", "base MP/s", "what"]
+    head = ["stage", "ours s", "baseline s", "speed-up", "ours CPU s", "base CPU s", "ours tiles/s", "base tiles/s",
+            "ours MP/s", "base MP/s", "what"]
     lines = [head]
     for r in result["rows"]:
         lines.append([r["stage"].replace("_", " "), _fmt(r["ours_s"], 3), _fmt(r["baseline_s"], 3),
-                      _fmt(r["speedup"]) + ("x" if r["speedup"] else ""), _fmt(r["ours_tiles_per_s"], 1),
+                      _fmt(r["speedup"]) + ("x" if r["speedup"] else ""), _fmt(r.get("ours_cpu_s"), 3),
+                      _fmt(r.get("baseline_cpu_s"), 3), _fmt(r["ours_tiles_per_s"], 1),
                       _fmt(r["baseline_tiles_per_s"], 1), _fmt(r["ours_mp_per_s"], 1),
                       _fmt(r["baseline_mp_per_s"], 1), r["note"]])
     return lines
@@ -109,6 +111,7 @@ def _summary_lines(result: dict[str, Any]) -> list[str]:
              f"same tiles: {a['same_tiles']}",
              f"baseline's own tissue mask (thumbnail Otsu) keeps {result['baseline']['own_tissue_tiles']} tiles, "
              f"{result['baseline']['own_tissue_tiles_in_our_grid']} of them in ours"]
+    lines += _loop_lines(result)
     if "not_run" in tia:
         lines.append(f"TIAToolbox: not run ({tia['not_run']})")
     else:
@@ -121,11 +124,49 @@ def _summary_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _loop_lines(result: dict[str, Any]) -> list[str]:
+    """Which stage bounds our tile loop, the engine alone, and the decoder against raw libjpeg-turbo."""
+    ours, b, lines = result["ours"], result.get("bound"), []
+    if b and b["by"] == "cpu":
+        cpu = ", ".join(f"{k} {v:.2f}" for k, v in b["stage_cpu_s"].items())
+        lines.append(f"tile loop: {b['workers']} CPU workers x {b['threads_each']} thread(s), each running every stage "
+                     f"on its own batches; {b['loop_wall_s']:.2f} s wall, {b['loop_cpu_s']:.2f} CPU s "
+                     f"({b['busy']:.0%} of {b['cores']} cores busy); stage CPU s: {cpu}. Bound by {b['stage']} "
+                     f"({b['share']:.0%} of the stages' CPU seconds): no stage waits on another's thread, so the loop "
+                     f"lasts about their CPU seconds over the cores, and {b['stage']} holds the most of them")
+    elif b:
+        lines.append(f"tile loop: one reader thread ahead of the detecting thread; {b['loop_wall_s']:.2f} s wall; "
+                     f"bound by {b['stage']} ({b['share']:.0%} of the stages' wall seconds)")
+    eng = ours.get("engine_alone")
+    if eng and "not_run" not in eng:
+        in_run = ours["n_tiles"] / (ours["raw_timings"]["detect"] / eng["workers"])
+        lines.append(f"engine alone ({eng['engine']} {eng['precision'] or ''}, {eng['workers']} worker(s) side by side, "
+                     f"the run's first {eng['tiles']} tiles normalised and preprocessed): {eng['tiles_per_s']:.1f} tiles/s;"
+                     f" the run's detect stage (preprocess + engine + decode + to level 0): {in_run:.1f} tiles/s")
+    elif eng:
+        lines.append(f"engine alone: not run ({eng['not_run']})")
+    dec = ours.get("decode")
+    if dec and "ours" in dec:
+        o = dec["ours"]
+        text = (f"decode: ours ({o['backend']}, file-tile cache, aligned runs of file tiles) {o['file_tiles']} file "
+                f"tiles, {o['mp_per_s_per_core']:.1f} MP/s per core")
+        if "raw" in dec:
+            r = dec["raw"]
+            text += (f"; raw {r['decoder']} on the same {r['file_tiles']} file tiles, one thread: "
+                     f"{r['mp_per_s_per_core']:.1f} MP/s per core; ours = {dec['ratio']:.0%} of raw")
+        else:
+            text += f"; raw libjpeg-turbo not run ({dec['not_run']})"
+        lines.append(text)
+    elif dec:
+        lines.append(f"decode: not measured ({dec['not_run']})")
+    return lines
+
+
 def text_report(result: dict[str, Any]) -> str:
     """The per-stage table (fixed-width text) and the summary lines."""
     lines = _table_lines(result)
     widths = [max(len(row[c]) for row in lines) for c in range(len(lines[0]))]
-    text = ["  ".join(cell.ljust(w) if c in (0, 8) else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths)))
+    text = ["  ".join(cell.ljust(w) if c in (0, 10) else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths)))
             for row in lines]
     return "\n".join(text + [""] + _summary_lines(result))
 
@@ -137,8 +178,10 @@ def markdown_report(result: dict[str, Any]) -> str:
           "| " + " | ".join(lines[0]) + " |", "|" + "---|" * len(lines[0])]
     md += ["| " + " | ".join(row) + " |" for row in lines[1:]]
     md += ["", *[f"- {line}" for line in _summary_lines(result)], "",
-           "Speed-up = baseline s / ours s. MP = tiles x tile px², at the target resolution. Stages of ours overlap "
-           "(tiles are read in a background thread), so they do not add up to the end-to-end time. Versions: "
+           "Speed-up = baseline s / ours s. CPU s: the process's CPU seconds in the stage (ours, inside the tile "
+           "loop: the CPU seconds of the threads that ran it). MP = tiles x tile px², at the target resolution. "
+           "Stages of ours inside the tile loop (read, normalise's apply, detect) run side by side on CPU workers "
+           "and are summed over them, so they do not add up to the end-to-end time. Versions: "
            + ", ".join(f"{k} {v}" for k, v in result["machine"]["versions"].items() if v) + ".",
            "Figures from this machine only; compare none with figures from another machine.", ""]
     return "\n".join(md)

@@ -35,8 +35,33 @@ def _lap(seconds: dict[str, float], stage: str, since: float) -> float:
     return now
 
 
+class _Laps:
+    """Wall and process-CPU seconds of consecutive stages (the baseline runs them one after the other)."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self.mark()
+
+    def mark(self) -> None:
+        """The next stage starts now."""
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def lap(self, stage: str) -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.wall[stage] = self.wall.get(stage, 0.0) + wall - self._wall
+        self.cpu[stage] = self.cpu.get(stage, 0.0) + cpu - self._cpu
+        self._wall, self._cpu = wall, cpu
+
+
 def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+    """This process's peak resident memory, MiB: Linux's VmHWM (reset at exec, unlike ``ru_maxrss``, which a
+    child started by fork + exec can inherit from its parent's size), else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            return next(int(ln.split()[1]) for ln in fh if ln.startswith("VmHWM")) / 1024.0  # kB
+    except (OSError, StopIteration, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
 # --------------------------------------------------------------------------- ours (child)
@@ -65,8 +90,10 @@ class _DevicePeak:
 
 
 def run_ours(job: dict[str, Any]) -> dict[str, Any]:
-    """gpupath's pipeline on the job's slide; stage seconds, counts, peak memory."""
+    """gpupath's pipeline on the job's slide; stage seconds (wall and CPU), counts, peak memory; then, on
+    the CPU, the engine alone on the run's own tiles and the decoder against raw libjpeg-turbo."""
     from gpupath.pipeline import RunParams, process_slide
+    from gpupath.tile_loop import REENTRANT_ENGINES, cpu_share
     from gpupath.tiling import TileSpec
 
     p = job["params"]
@@ -75,25 +102,153 @@ def run_ours(job: dict[str, Any]) -> dict[str, Any]:
                        engine=p["engine"], batch_size=p["batch_size"], mpp_override=job["mpp_override"],
                        **({"reports": False} if "reports" in RunParams.__dataclass_fields__ else {}))  # Parquet only
     device_peak = _DevicePeak() if p["device"] == "cuda" else None
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     detector, notes = params.make_detector()
-    setup_s = time.perf_counter() - t0
+    setup_s, setup_cpu = time.perf_counter() - t0, time.process_time() - cpu0
     res = process_slide(job["slide"], Path(job["work"]) / "ours", params, detector=detector, resume=False)
-    total_s = time.perf_counter() - t0
+    total_s, total_cpu = time.perf_counter() - t0, time.process_time() - cpu0
     if res.status != "ok":
         raise RuntimeError(f"ours failed on {job['slide']}: {res.error}")
     tm = res.timings
-    stages = {"setup": setup_s, "open": tm.get("sha256", 0.0) + tm.get("open", 0.0), "tissue": tm.get("tissue", 0.0),
-              "read": tm.get("read", 0.0), "normalise": tm.get("stain_fit", 0.0) + tm.get("normalize", 0.0),
-              "detect": tm.get("detect", 0.0) + tm.get("dedup", 0.0), "write": tm.get("write", 0.0)}
-    out: dict[str, Any] = {"stages": stages, "end_to_end_s": total_s, "n_tiles": res.n_tiles,
+    workers, threads = cpu_share(params.cpu_workers) if p["device"] == "cpu" and detector.engine in REENTRANT_ENGINES \
+        else (1, 0)
+    out: dict[str, Any] = {"stages": _our_stages(tm, setup_s), "cpu_stages": _our_cpu_stages(tm, setup_cpu),
+                           "end_to_end_s": total_s, "end_to_end_cpu_s": total_cpu, "n_tiles": res.n_tiles,
                            "n_detections": res.n_detections, "peak_rss_mib": _peak_rss_mib(),
-                           "engine": detector.engine, "notes": notes, "raw_timings": tm,
+                           "engine": detector.engine, "precision": getattr(detector, "precision", None), "notes": notes,
+                           "raw_timings": tm, "tile_loop": {"wall_s": tm.get("tiles"), "cpu_s": tm.get("tiles_cpu"),
+                                                            "workers": workers, "threads_each": threads},
                            "detections": str(Path(job["work"]) / "ours" / "detections"),
                            "tiles": str(Path(job["work"]) / "ours" / "tiles")}
     if device_peak is not None:
         out["peak_device_mib"] = device_peak.stop()
+    if p["device"] == "cpu":  # after the run and its peak RSS: these passes do not disturb either
+        out["engine_alone"] = _engine_alone(job, detector, workers)
+        out["decode"] = _decode_rates(job)
     return out
+
+
+def _our_stages(tm: dict[str, float], setup_s: float) -> dict[str, float]:
+    """The pipeline's timings in the bench's stages (wall seconds; loop stages summed over workers)."""
+    return {"setup": setup_s, "open": tm.get("sha256", 0.0) + tm.get("open", 0.0), "tissue": tm.get("tissue", 0.0),
+            "read": tm.get("read", 0.0), "normalise": tm.get("stain_fit", 0.0) + tm.get("normalize", 0.0),
+            "detect": tm.get("detect", 0.0) + tm.get("dedup", 0.0), "write": tm.get("write", 0.0)}
+
+
+def _our_cpu_stages(tm: dict[str, float], setup_cpu: float) -> dict[str, float | None]:
+    """CPU seconds of the same stages (None for a loop stage the schedule did not time on the CPU)."""
+    def cpu(*keys: str) -> float | None:
+        values = [tm.get(f"{k}_cpu") for k in keys]
+        return None if any(v is None for v in values) else float(sum(values))  # type: ignore[arg-type]
+
+    return {"setup": setup_cpu, "open": cpu("sha256", "open"), "tissue": cpu("tissue"), "read": cpu("read"),
+            "normalise": cpu("stain_fit", "normalize"), "detect": cpu("detect", "dedup"), "write": cpu("write")}
+
+
+ENGINE_ALONE_TILES = 128  # tiles of the run the engine is timed on alone
+ENGINE_ALONE_MIN_S = 1.0
+
+
+def _engine_alone(job: dict[str, Any], detector: Any, workers: int) -> dict[str, Any]:
+    """Our engine alone on the run's first tiles (read, normalised and preprocessed as the run does them),
+    ``workers`` threads side by side as in the run, repeated for at least ENGINE_ALONE_MIN_S."""
+    from gpupath import stain
+    from gpupath._resize import resize_batch
+    from gpupath.detect.detector import CPU_CHUNK
+    from gpupath.slide import open_slide
+
+    if not hasattr(detector, "engine_impl"):
+        return {"not_run": f"engine {detector.engine} has no model to time alone"}
+    g = job["grid"]
+    n = min(ENGINE_ALONE_TILES, len(g["x"]))
+    with open_slide(job["slide"], mpp=job["mpp_override"]) as slide:
+        raw = slide.read_tiles(list(zip(g["x"][:n], g["y"][:n])), g["level"], g["read_px"]).pixels
+    tiles = resize_batch(raw, g["tile_px"])
+    tiles = stain.apply_macenko(tiles, stain.fit_macenko(tiles))
+    inputs = [detector.preprocessor(tiles[i:i + CPU_CHUNK]) for i in range(0, n, CPU_CHUNK)]  # as the run calls it
+    detector.engine_impl(inputs[0])  # warm
+
+    def work(k: int) -> int:
+        done = 0
+        for i in range(k, len(inputs), workers):
+            detector.engine_impl(inputs[i])
+            done += len(inputs[i])
+        return done
+
+    import concurrent.futures as cf
+
+    tiles_done, t0 = 0, time.perf_counter()
+    with cf.ThreadPoolExecutor(workers) as pool:
+        while time.perf_counter() - t0 < ENGINE_ALONE_MIN_S:
+            tiles_done += sum(pool.map(work, range(workers)))
+    wall = time.perf_counter() - t0
+    return {"tiles": n, "tiles_timed": tiles_done, "wall_s": wall, "tiles_per_s": tiles_done / wall,
+            "workers": workers, "engine": detector.engine, "precision": getattr(detector, "precision", None)}
+
+
+def _decode_rates(job: dict[str, Any]) -> dict[str, Any]:
+    """Our reader's decode rate per core (the file-tile cache's decoder CPU seconds on one pass over the
+    run's tiles) against raw libjpeg-turbo (imagecodecs, one thread) on the same file tiles."""
+    from gpupath.slide import open_slide
+
+    g = job["grid"]
+    bs = job["params"]["batch_size"]
+    with open_slide(job["slide"], mpp=job["mpp_override"]) as slide:
+        for i in range(0, len(g["x"]), bs):
+            slide.read_tiles(list(zip(g["x"][i:i + bs], g["y"][i:i + bs])), g["level"], g["read_px"])
+        stats = slide.tile_cache_stats()
+        backend = slide.backend
+    if stats is None or stats["decode_cpu_s"] <= 0:
+        return {"not_run": f"the {backend} reader has no file-tile cache to time"}
+    ours = {"backend": backend, "file_tiles": stats["decoded"], "mp": stats["decoded_px"] / 1e6,
+            "cpu_s": stats["decode_cpu_s"], "mp_per_s_per_core": stats["decoded_px"] / 1e6 / stats["decode_cpu_s"]}
+    raw = _raw_jpeg_rate(job)
+    if "not_run" in raw:
+        return {"ours": ours, **raw}
+    return {"ours": ours, "raw": raw, "ratio": ours["mp_per_s_per_core"] / raw["mp_per_s_per_core"]}
+
+
+def _raw_jpeg_rate(job: dict[str, Any]) -> dict[str, Any]:
+    """imagecodecs' libjpeg-turbo decoding, on one thread, every JPEG file tile under the run's tiles."""
+    import imagecodecs
+    import tifffile
+
+    from gpupath.slide import open_slide
+
+    g = job["grid"]
+    with open_slide(job["slide"], mpp=job["mpp_override"]) as slide:
+        level_wh = slide.level_dimensions[g["level"]]
+    with tifffile.TiffFile(job["slide"]) as tf:
+        page = next((pg for pg in tf.pages if (pg.imagewidth, pg.imagelength) == level_wh and pg.is_tiled), None)
+        if page is None:
+            return {"not_run": f"no tiled TIFF page of {level_wh[0]}x{level_wh[1]} px (level {g['level']})"}
+        if int(page.compression) != 7:
+            return {"not_run": f"level {g['level']} is not JPEG-tiled (compression {int(page.compression)})"}
+        tw, th = int(page.tilewidth), int(page.tilelength)
+        across = -(-int(page.imagewidth) // tw)
+        ds, read_px = g["downsample"], g["read_px"]
+        wanted = set()
+        for x0, y0 in zip(g["x"], g["y"]):
+            x, y = int(x0 // ds), int(y0 // ds)
+            for ty in range(max(y, 0) // th, (y + read_px - 1) // th + 1):
+                for tx in range(max(x, 0) // tw, (x + read_px - 1) // tw + 1):
+                    if tx < across and ty * across + tx < len(page.dataoffsets):
+                        wanted.add(ty * across + tx)
+        fh = tf.filehandle
+        data = []
+        for i in sorted(wanted):
+            fh.seek(int(page.dataoffsets[i]))
+            data.append(fh.read(int(page.databytecounts[i])))
+        colorspace, outcolorspace = tifffile.tifffile.jpeg_decode_colorspace(
+            page.photometric, page.planarconfig, page.extrasamples, page.is_jfif)
+        tables = page.jpegtables
+    cpu = time.thread_time()
+    for d in data:
+        imagecodecs.jpeg8_decode(d, tables=tables, colorspace=colorspace, outcolorspace=outcolorspace)
+    cpu_s = time.thread_time() - cpu
+    mp = len(data) * tw * th / 1e6
+    return {"decoder": f"imagecodecs {imagecodecs.__version__} jpeg8 (libjpeg-turbo)", "file_tiles": len(data), "mp": mp,
+            "cpu_s": cpu_s, "mp_per_s_per_core": mp / cpu_s}
 
 
 # --------------------------------------------------------------------------- baseline (child)
@@ -158,7 +313,7 @@ def _baseline_normaliser(sample: np.ndarray) -> Callable[[np.ndarray], np.ndarra
 
 
 def _baseline_detect(session: Any, read: Callable[[int], np.ndarray], normalise: Callable[[np.ndarray], np.ndarray],
-                     g: dict[str, Any], model: dict[str, Any], batch_size: int, sec: dict[str, float]) -> np.ndarray:
+                     g: dict[str, Any], model: dict[str, Any], batch_size: int, laps: _Laps) -> np.ndarray:
     """(N, 5) level-0 centre x, y, radius, score, tile index of every heatmap peak, batch by batch."""
     from scipy import ndimage
 
@@ -168,12 +323,12 @@ def _baseline_detect(session: Any, read: Callable[[int], np.ndarray], normalise:
     xs, ys = np.asarray(g["x"], np.float64), np.asarray(g["y"], np.float64)
     found: list[np.ndarray] = []
     for start in range(0, len(xs), batch_size):
-        t = time.perf_counter()
+        laps.mark()
         index = range(start, min(start + batch_size, len(xs)))
         tiles = np.stack([read(i) for i in index])
-        t = _lap(sec, "read", t)
+        laps.lap("read")
         tiles = np.stack([normalise(tile) for tile in tiles])
-        t = _lap(sec, "normalise", t)
+        laps.lap("normalise")
         x = np.ascontiguousarray(((tiles.astype(np.float32) / model["scale"] - mean) / std).transpose(0, 3, 1, 2))
         heat, size, offset = session.run([model["heatmap"], model["size"], model["offset"]], {model["input"]: x})
         peaks = (heat == ndimage.maximum_filter(heat, size=(1, 1, k, k), mode="constant", cval=-1.0)) & (heat >= thr)
@@ -181,7 +336,7 @@ def _baseline_detect(session: Any, read: Callable[[int], np.ndarray], normalise:
         cx = (c + offset[n, 0, r, c]) * stride * l0_per_px + xs[start + n]   # level-0 px
         cy = (r + offset[n, 1, r, c]) * stride * l0_per_px + ys[start + n]
         found.append(np.stack([cx, cy, size[n, 0, r, c] * l0_per_px, heat[n, 0, r, c], start + n], axis=1))
-        _lap(sec, "detect", t)
+        laps.lap("detect")
     return np.concatenate(found) if found else np.zeros((0, 5))
 
 
@@ -251,28 +406,28 @@ def run_baseline(slide_path: str | Path, tile_grid: dict[str, Any], *, model: di
     import openslide
 
     g = tile_grid
-    sec: dict[str, float] = {}
-    t_start = t = time.perf_counter()
+    laps = _Laps()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     session = ort.InferenceSession(model["path"], providers=["CPUExecutionProvider"])
-    t = _lap(sec, "setup", t)
+    laps.lap("setup")
     slide = openslide.OpenSlide(str(slide_path))
     mpp = mpp or float(slide.properties[openslide.PROPERTY_NAME_MPP_X])
     w0, h0 = slide.dimensions
-    t = _lap(sec, "open", t)
+    laps.lap("open")
     own_tiles, both = _baseline_tissue(slide, g, mpp, min_tissue)
-    t = _lap(sec, "tissue", t)
+    laps.lap("tissue")
     read = _baseline_reader(slide, g)
-    t_norm = time.perf_counter()
     normalise = _baseline_normaliser(np.stack([read(i) for i in g["sample"]]))
-    sec["normalise"] = time.perf_counter() - t_norm
-    found = _baseline_detect(session, read, normalise, g, model, batch_size, sec)
-    t = time.perf_counter()
+    laps.lap("normalise")
+    found = _baseline_detect(session, read, normalise, g, model, batch_size, laps)
+    laps.mark()
     det = _baseline_merge(found, g, model["dedup_distance_um"] / mpp, w0, h0)
-    t = _lap(sec, "detect", t)
+    laps.lap("detect")
     _baseline_write(det, w0, h0, out_path)
-    _lap(sec, "write", t)
+    laps.lap("write")
     slide.close()
-    return {"stages": {s: sec.get(s, 0.0) for s in STAGES}, "end_to_end_s": time.perf_counter() - t_start,
+    return {"stages": {s: laps.wall.get(s, 0.0) for s in STAGES}, "end_to_end_s": time.perf_counter() - t_start,
+            "cpu_stages": {s: laps.cpu.get(s, 0.0) for s in STAGES}, "end_to_end_cpu_s": time.process_time() - cpu_start,
             "n_tiles": len(g["x"]), "n_detections": len(det), "peak_rss_mib": _peak_rss_mib(), "engine": "onnxruntime",
             "own_tissue_tiles": int(own_tiles.sum()), "own_tissue_tiles_in_our_grid": both,
             "detections": str(out_path)}

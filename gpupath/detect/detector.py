@@ -73,6 +73,9 @@ class ClassicDetector:
                                       label=np.zeros(len(found.score), np.int16))
 
 
+CPU_CHUNK = 8  # tiles per preprocess + engine call on the CPU
+
+
 class LearnedDetector:
     """A card's model on one engine: preprocess -> engine -> decode."""
 
@@ -111,8 +114,7 @@ class LearnedDetector:
         if is_device_array(tiles) != (self.device == "cuda"):
             raise TypeError(f"{self.engine} engine on {self.device} got {'device' if is_device_array(tiles) else 'host'}"
                             " tiles; run the pipeline with the same --device")
-        x = self.preprocessor(tiles)
-        outputs = self.engine_impl(x)
+        outputs = self._run(tiles)
         tile_px = int(tiles.shape[1])
         found = decode(outputs, self.card.output, input_hw=self.card.input.input_hw(tile_px),
                        scale_yx=input_scale(self.card.input, tile_px))
@@ -122,6 +124,16 @@ class LearnedDetector:
                              f"{int(found.label[bad][0])}; its card lists {len(self.classes)} classes "
                              f"({', '.join(self.classes)})")
         return found
+
+
+    def _run(self, tiles: Any) -> dict[str, Any]:
+        """Preprocess + engine. On the CPU, CPU_CHUNK tiles at a time, joined back in order: the model input
+        and the engine's activations of a few tiles, not of the whole batch, are in memory (the engine's
+        rate is the same: 337 vs 322 tiles/s at 4 vs 32 tiles, ONNX Runtime, one thread)."""
+        if self.device != "cpu" or len(tiles) <= CPU_CHUNK:
+            return self.engine_impl(self.preprocessor(tiles))
+        runs = [self.engine_impl(self.preprocessor(tiles[i:i + CPU_CHUNK])) for i in range(0, len(tiles), CPU_CHUNK)]
+        return {name: np.concatenate([r[name] for r in runs]) for name in runs[0]}
 
 
 def _resolve_card(model: str | Path | None, model_card: str | Path | None) -> ModelCard:
@@ -172,11 +184,11 @@ def _onnx_file(card: ModelCard, *, device: str, precision: str) -> Path:
 
 def _build_engine(name: str, card: ModelCard, *, device: str, batch_size: int, tile_px: int,
                   cache_dir: str | Path | None, triton_url: str | None = None,
-                  triton_model: str | None = None, precision: str = "fp32") -> Engine:
+                  triton_model: str | None = None, precision: str = "fp32", cpu_threads: int = 0) -> Engine:
     if precision == "int8" and name != "onnxruntime":
         raise ConfigError(f"--precision int8 runs on ONNX Runtime only (engine here: {name})")
     if name == "onnxruntime":
-        return OnnxRuntimeEngine(card, device=device,  # type: ignore[arg-type]
+        return OnnxRuntimeEngine(card, device=device, intra_op_threads=cpu_threads,  # type: ignore[arg-type]
                                  model_path=_onnx_file(card, device=device, precision=precision))
     if name == "torch":
         _check_weights(card)
@@ -247,7 +259,8 @@ def make_detector(engine: str = "auto", *, device: Literal["cpu", "cuda"] = "cpu
                   model_card: str | Path | None = None, batch_size: int = 32, tile_px: int = 256,
                   preprocess: str = "auto", cache_dir: str | Path | None = None,
                   classic: ClassicParams | None = None, triton_url: str | None = None,
-                  triton_model: str | None = None, precision: str = "fp32") -> tuple[Detector, list[str]]:
+                  triton_model: str | None = None, precision: str = "fp32",
+                  cpu_threads: int = 0) -> tuple[Detector, list[str]]:
     """A detector for ``engine`` on ``device``, and notes on what was chosen and why.
 
     Parameters
@@ -265,6 +278,8 @@ def make_detector(engine: str = "auto", *, device: Literal["cpu", "cuda"] = "cpu
     precision : fp32 (the card's model) | int8 (its ``int8_model``: ONNX Runtime on the CPU) | auto
         (int8 where the card has one and ONNX Runtime runs on the CPU, else fp32). The pipeline's
         default is auto (RunParams); this function's fp32, so engines compare on one file.
+    cpu_threads : threads of ONNX Runtime on the CPU per call (0: ONNX Runtime's default, all cores);
+        the pipeline's CPU workers each call the engine with their share.
 
     Raises
     ------
@@ -297,7 +312,7 @@ def make_detector(engine: str = "auto", *, device: Literal["cpu", "cuda"] = "cpu
         try:
             built = _build_engine(name, card, device=device, batch_size=batch_size, tile_px=tile_px,
                                   cache_dir=cache_dir, triton_url=triton_url, triton_model=triton_model,
-                                  precision=precision)
+                                  precision=precision, cpu_threads=cpu_threads)
             break
         except Exception as exc:
             if engine != "auto":

@@ -94,6 +94,9 @@ class OnnxRuntimeEngine:
             providers = [("CUDAExecutionProvider", {"device_id": _current_device_id()}), "CPUExecutionProvider"]
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_threads
+        # pool threads that spin between operators steal the core of the worker beside them (CPU workers,
+        # a reader thread): measured 5.9 -> 5.2 s on a 20k x 20k slide with spinning off
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.device = device
         self.card = card
         self.model_path = model_path or card.model_path  # the file that runs (the card's int8 one, when chosen)

@@ -30,7 +30,15 @@ import numpy as np
 from gpupath._coords import level0_origin, level_px
 from gpupath._xp import device_module
 from gpupath.errors import MetadataError, SlideReadError
-from gpupath.slide._backends import DECODER_TOLERANCE, CucimReader, OpenSlideReader, Reader, TifffileReader
+from gpupath.slide._backends import (
+    DECODER_TOLERANCE,
+    CucimReader,
+    OpenSlideReader,
+    Reader,
+    TifffileReader,
+    import_cucim,
+)
+from gpupath.slide._cache import FileTileCache
 from gpupath.slide._meta import TiffLayout, cucim_refusal, read_tiff_layout, tiff_truncation
 
 __all__ = ["open_slide", "Slide", "TileBatch", "BackendName", "MPP_PLAUSIBLE_MAX"]
@@ -72,18 +80,27 @@ class Slide:
     backend, plus :meth:`read_rgb` / :meth:`read_tiles` for the pipeline.
     """
 
-    def __init__(self, path: Path, reader: Reader, layout: TiffLayout | None, mpp_override: float | None) -> None:
+    def __init__(self, path: Path, reader: Reader, layout: TiffLayout | None, mpp_override: float | None,
+                 tile_cache_bytes: int | None = None) -> None:
         self.path = path
         self._reader = reader
         self._layout = layout
         self._mpp_override = mpp_override
         self._properties: Mapping[str, str] | None = None
+        # host reads of tiles decode each file tile once (cuCIM, tifffile); OpenSlide keeps its own cache
+        cached = reader.name in ("cucim", "tifffile") and tile_cache_bytes != 0
+        self._tile_cache = FileTileCache(reader, tile_cache_bytes) if cached else None
 
     # ------------------------------------------------------------------ gpupath API
     @property
     def backend(self) -> str:
         """Name of the reader that decodes pixels: ``cucim``, ``openslide`` or ``tifffile``."""
         return self._reader.name
+
+    def tile_cache_stats(self) -> dict[str, float] | None:
+        """The host file-tile cache's counters (:meth:`FileTileCache.stats`), or None for a reader without one
+        (OpenSlide keeps its own cache)."""
+        return None if self._tile_cache is None else self._tile_cache.stats()
 
     @property
     def vendor(self) -> str:
@@ -139,13 +156,7 @@ class Slide:
         ds = self.level_downsamples[level]
         x_lvl, y_lvl = level_px(location[0], ds), level_px(location[1], ds)
         on_device = device == "cuda" and isinstance(self._reader, CucimReader)
-        pixels, (r0, r1, c0, c1) = self._read_clipped(level, x_lvl, y_lvl, w, h, "cuda" if on_device else "cpu")
-        if pixels is not None and pixels.shape[:2] == (h, w):
-            out = pixels
-        else:
-            out = device_module("cuda" if on_device else "cpu").full((h, w, 3), 255, np.uint8)
-            if pixels is not None:
-                out[r0:r1, c0:c1] = pixels
+        out = self._rect(level, x_lvl, y_lvl, w, h, "cuda" if on_device else "cpu")
         return device_module("cuda").asarray(out) if device == "cuda" and not on_device else out
 
     def _read_clipped(self, level: int, x_lvl: int, y_lvl: int, w: int, h: int,
@@ -173,31 +184,24 @@ class Slide:
         level : pyramid level to read.
         size_px : tile edge, px at ``level``.
         device : ``cpu`` (NumPy pixels) or ``cuda`` (CuPy pixels; cuCIM decodes on the device).
-        num_workers : cuCIM decoder threads.
+        num_workers : cuCIM decoder threads of device reads.
 
         Returns
         -------
         TileBatch with (N, size_px, size_px, 3) uint8 pixels; areas outside the slide are white.
-        With cuCIM, tiles wholly inside the level go through cuCIM's batched multi-threaded reader.
+        On the device, cuCIM's batched multi-threaded reader decodes the tiles wholly inside the level.
+        On the host, cuCIM and tifffile slides are assembled from a :class:`FileTileCache` of decoded
+        file tiles (each file tile decoded once for neighbouring tiles; the same pixels as direct reads).
         """
         on_device = isinstance(self._reader, CucimReader) and device == "cuda"
-        xp = device_module("cuda" if on_device else "cpu")
         if device == "cuda":
             device_module("cuda")  # fail before decoding anything when no device is usable
-        out = xp.empty((len(locations), size_px, size_px, 3), np.uint8)
         ds = self.level_downsamples[level]
-        lw, lh = self.level_dimensions[level]
         lvl = [(level_px(x, ds), level_px(y, ds)) for x, y in locations]
-        inner = [i for i, (c, r) in enumerate(lvl) if c >= 0 and r >= 0 and c + size_px <= lw and r + size_px <= lh]
-        done: set[int] = set()
-        if isinstance(self._reader, CucimReader) and len(inner) > 1:
-            locs_l0 = [(level0_origin(lvl[i][0], ds), level0_origin(lvl[i][1], ds)) for i in inner]
-            out[inner] = self._reader.read_batch(level, locs_l0, size_px, size_px, device=device,
-                                                 num_workers=num_workers)
-            done = set(inner)
-        for i, loc in enumerate(locations):
-            if i not in done:
-                out[i] = self.read_rgb(loc, level, (size_px, size_px), device=device if on_device else "cpu")
+        if on_device:
+            out = self._read_on_device(lvl, level, size_px, num_workers)
+        else:
+            out = self._read_on_host(lvl, level, size_px)
         if device == "cuda" and not on_device:
             out = device_module("cuda").asarray(out)  # host decoder (OpenSlide/tifffile): one upload per batch
         return TileBatch(
@@ -206,6 +210,53 @@ class Slide:
             y=np.array([y for _, y in locations], np.int64).reshape(-1),
             size_l0_px=int(round(size_px * ds)),
         )
+
+    def _read_on_device(self, lvl: list[tuple[int, int]], level: int, size_px: int, num_workers: int) -> Any:
+        """cuCIM onto the device: squares wholly inside the level through its batched multi-threaded reader
+        (nvJPEG), the others one by one with white fill."""
+        cp = device_module("cuda")
+        out = cp.empty((len(lvl), size_px, size_px, 3), np.uint8)
+        ds = self.level_downsamples[level]
+        lw, lh = self.level_dimensions[level]
+        inner = [i for i, (c, r) in enumerate(lvl) if c >= 0 and r >= 0 and c + size_px <= lw and r + size_px <= lh]
+        if len(inner) > 1:
+            locs_l0 = [(level0_origin(lvl[i][0], ds), level0_origin(lvl[i][1], ds)) for i in inner]
+            out[inner] = self._reader.read_batch(level, locs_l0, size_px, size_px, device="cuda", num_workers=num_workers)
+        done = set(inner) if len(inner) > 1 else set()
+        for i, (c, r) in enumerate(lvl):
+            if i not in done:
+                out[i] = self._rect(level, c, r, size_px, size_px, "cuda")
+        return out
+
+    def _read_on_host(self, lvl: list[tuple[int, int]], level: int, size_px: int) -> np.ndarray:
+        """Squares of level px on the host, white outside the level: assembled from the file-tile cache
+        where it covers the level, else read one by one."""
+        out = np.empty((len(lvl), size_px, size_px, 3), np.uint8)
+        if self._tile_cache is None or not self._tile_cache.covers(level):
+            for i, (c, r) in enumerate(lvl):
+                out[i] = self._rect(level, c, r, size_px, size_px, "cpu")
+            return out
+        lw, lh = self.level_dimensions[level]
+        rects, views = [], []
+        for i, (c, r) in enumerate(lvl):
+            c0, c1, r0, r1 = max(c, 0), min(c + size_px, lw), max(r, 0), min(r + size_px, lh)
+            if (c1 - c0, r1 - r0) != (size_px, size_px):
+                out[i] = 255  # glass outside the level
+            if c1 > c0 and r1 > r0:
+                rects.append((c0, r0, c1 - c0, r1 - r0))
+                views.append(out[i, r0 - r:r1 - r, c0 - c:c1 - c])
+        self._tile_cache.fill(level, rects, views)
+        return out
+
+    def _rect(self, level: int, x_lvl: int, y_lvl: int, w: int, h: int, device: Device) -> Any:
+        """A rectangle of level px read directly by the reader, white outside the level."""
+        pixels, (r0, r1, c0, c1) = self._read_clipped(level, x_lvl, y_lvl, w, h, device)
+        if pixels is not None and pixels.shape[:2] == (h, w):
+            return pixels
+        out = device_module(device).full((h, w, 3), 255, np.uint8)
+        if pixels is not None:
+            out[r0:r1, c0:c1] = pixels
+        return out
 
     def _check_region(self, level: int, size: tuple[int, int]) -> tuple[int, int]:
         if not 0 <= level < self.level_count:
@@ -312,6 +363,8 @@ class Slide:
         return thumb
 
     def close(self) -> None:
+        if self._tile_cache is not None:
+            self._tile_cache.clear()
         self._reader.close()
 
     def __enter__(self) -> Slide:
@@ -400,7 +453,7 @@ def _tiff_cut(path: Path) -> str | None:
 
 def _cucim_installed() -> bool:
     try:
-        import cucim  # noqa: F401
+        import_cucim()
     except ImportError:
         return False
     return True
@@ -477,7 +530,8 @@ def _backend_order(backend: BackendName, path: Path, layout: TiffLayout | None) 
     return order
 
 
-def open_slide(path: str | os.PathLike[str], *, backend: BackendName = "auto", mpp: float | None = None) -> Slide:
+def open_slide(path: str | os.PathLike[str], *, backend: BackendName = "auto", mpp: float | None = None,
+               tile_cache_mib: float | None = None) -> Slide:
     """Open a whole-slide image with the best reader for the file.
 
     Parameters
@@ -487,6 +541,9 @@ def open_slide(path: str | os.PathLike[str], *, backend: BackendName = "auto", m
         with its reason) or one backend by name.
     mpp : level-0 microns per pixel to use instead of the file's metadata (for slides whose
         metadata lacks it or is wrong).
+    tile_cache_mib : memory for decoded file tiles that :meth:`Slide.read_tiles` shares between
+        neighbouring tiles on the host (default: three rows of file tiles across the widest level,
+        16-256 MiB; 0: none, every tile decodes its own file tiles).
 
     Returns
     -------
@@ -504,6 +561,8 @@ def open_slide(path: str | os.PathLike[str], *, backend: BackendName = "auto", m
         raise ValueError(f"backend must be auto, cucim, openslide or tifffile, got {backend!r}")
     if mpp is not None and not (0 < mpp <= MPP_PLAUSIBLE_MAX):
         raise ValueError(f"mpp must be in (0, {MPP_PLAUSIBLE_MAX}] µm/px, got {mpp!r}")
+    if tile_cache_mib is not None and not tile_cache_mib >= 0:
+        raise ValueError(f"tile_cache_mib must be >= 0, got {tile_cache_mib!r}")
     path = Path(path)
     check_slide_file(path)
     reasons: list[str] = []
@@ -518,7 +577,7 @@ def open_slide(path: str | os.PathLike[str], *, backend: BackendName = "auto", m
         if reader is not None:
             if reasons:
                 log.info("%s: using %s (%s)", path, reader.name, "; ".join(reasons))
-            return Slide(path, reader, layout, mpp)
+            return Slide(path, reader, layout, mpp, None if tile_cache_mib is None else int(tile_cache_mib * 2**20))
     if layout is None and (cut := _tiff_cut(path)):  # a cut TIFF: say so first, the readers' reasons after
         raise SlideReadError(f"{path}: {cut} (readers: {'; '.join(reasons)})")
     raise SlideReadError(f"{path}: not a readable slide ({'; '.join(reasons)})")

@@ -38,7 +38,8 @@ def read_slide_tiles(path: Path, *, normalise: bool) -> tuple[np.ndarray, np.nda
     """Tiles (N, 256, 256, 3) of a slide as the pipeline reads them, their level-0 origins (N, 2)
     (exact floats), level-0 px per tile px and the slide's mpp."""
     from gpupath import stain
-    from gpupath.pipeline import RunParams, read_grid_tiles
+    from gpupath.pipeline import RunParams
+    from gpupath.tile_loop import read_grid_tiles
     from gpupath.slide import open_slide
     from gpupath.tiling import TileSpec, tile_grid
     from gpupath.tissue import compute_tissue
@@ -48,7 +49,7 @@ def read_slide_tiles(path: Path, *, normalise: bool) -> tuple[np.ndarray, np.nda
         mpp = slide.require_mpp()
         grid = tile_grid(level_dimensions=slide.level_dimensions, level_downsamples=slide.level_downsamples,
                          mpp=mpp, mask=compute_tissue(slide, mpp=mpp), spec=params.tile)
-        tiles = read_grid_tiles(slide, grid, np.arange(len(grid)), params).pixels
+        tiles = read_grid_tiles(slide, grid, np.arange(len(grid))).pixels
     if normalise:
         tiles = stain.apply_macenko(tiles, stain.fit_macenko(tiles))
     origins = np.c_[grid.x_lvl * grid.downsample, grid.y_lvl * grid.downsample].astype(np.float64)

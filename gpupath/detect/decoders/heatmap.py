@@ -46,7 +46,7 @@ class HeatmapOutput:
     peak_window_px: int = 3
     threshold: float = 0.5
     decoder: Literal["heatmap"] = "heatmap"
-    class_probs: str | None = None                  # (N, C, h, w) class probabilities; heatmap is then (N, 1, h, w)
+    class_probs: str | None = None  # (N, C, h, w) class probabilities or logits (only the argmax is read)
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -7,9 +7,12 @@ Two schedules, one chain:
   for the compiled kernels and the engine (ONNX Runtime's ``intra_op_num_threads``). On a 2-core
   machine that is 2 workers of 1 thread: every core is busy with whichever stage its worker is in,
   so no stage waits for another stage's thread, and nothing spins waiting for work (measured on a
-  generated 20k x 20k slide, 1070 tiles: 3.7 s for the chain where one reader thread beside a
-  2-thread engine took 4.2 s; see bench/results). Neighbouring batches share the slide's
-  file-tile cache, so each file tile is still decoded once.
+  generated 20k x 20k slide, 1070 tiles: 3.6 s for the loop where one reader thread beside a
+  2-thread engine took 4.2 s). Neighbouring batches share the slide's file-tile cache, so each
+  file tile is still decoded once. Tried and measured slower on 2 cores (12k x 12k slide, median
+  of 5): two pools of 2 threads, one reading ahead and one normalising and detecting (four
+  threads time-sliced on two cores), and the stain fit in a thread beside the loop's first reads
+  (1.92 vs 1.77 s: the fit slowed by the workers beside it, which then wait for it).
 * **Prefetch** (the device, or an engine that is not re-entrant: torch, Triton): one reader thread
   decodes up to ``prefetch_batches`` batches ahead while the calling thread normalises and
   detects (on the GPU, cuCIM's decode overlaps the device's work on the batch before).

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,21 +11,8 @@ import pytest
 import tifffile
 
 from conftest import data_file
+from helpers_cli import error_lines, gpupath, leftovers
 from gpupath.synthetic import SyntheticSpec, write_synthetic_slide
-
-
-def gpupath(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gpupath", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, cwd=cwd)
-
-
-def error_lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
-    return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-
-
-def leftovers(out: Path) -> list[Path]:
-    """Temporary files a crash or failure could have left behind."""
-    return [p for p in out.rglob("*") if ".tmp-" in p.name]
 
 
 def blank_slide(path: Path) -> Path:

@@ -68,7 +68,9 @@ def expand_inputs(inputs: Sequence[str | Path], *, store: str | Path | None = No
     empty: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES)
+            # slide files, and links to them (a broken one is then reported per slide, not skipped without a word)
+            found = sorted(p for p in _listing(item)
+                           if p.suffix.lower() in SLIDE_SUFFIXES and (p.is_file() or p.is_symlink()))
             dicom = [p for p in found if p.suffix.lower() == ".dcm"]
             out += [p for p in found if p.suffix.lower() != ".dcm"] + dicom[:1]  # a DICOM series opens by any file
             if not found:
@@ -87,8 +89,30 @@ def expand_inputs(inputs: Sequence[str | Path], *, store: str | Path | None = No
             raise ConfigError(f"--store {root}: not a folder")
         out += [root / p for p in read_manifest(root).column("stored_path").to_pylist()]
     seen: set[Path] = set()
-    out = [Path(os.path.abspath(p)) for p in out]
-    return [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]  # type: ignore[func-returns-value]
+    kept = []
+    for p in (Path(os.path.abspath(p)) for p in out):
+        key = _resolved(p)
+        if key not in seen:
+            seen.add(key)
+            kept.append(p)
+    return kept
+
+
+def _resolved(path: Path) -> Path:
+    """The file a path names, for spotting duplicates; the path itself when it cannot be resolved (a symlink
+    loop, a folder it may not enter): that slide then fails alone, with its reason, when it is opened."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: Python 3.11's "Symlink loop"
+        return path
+
+
+def _listing(folder: Path) -> list[Path]:
+    """A folder's entries; none (and the folder reported empty) when it cannot be listed."""
+    try:
+        return list(folder.iterdir())
+    except OSError:
+        return []
 
 
 def default_workers(n_slides: int) -> int:

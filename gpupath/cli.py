@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from gpupath._version import __version__
+from gpupath.errors import one_line
 
 if TYPE_CHECKING:
     from gpupath.pipeline import SlideResult
@@ -32,9 +33,17 @@ err_console = Console(stderr=True)
 DEFAULT_DEMO_DIR = Path("gpupath-demo")
 
 
+class _OneLineFormatter(logging.Formatter):
+    """Log records as one line each (a file name's control characters escaped); a traceback, when one is
+    attached, follows on its own lines as usual."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return one_line(super().formatMessage(record))
+
+
 def _setup_logging(verbose: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(_OneLineFormatter("%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("gpupath")
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -42,8 +51,13 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("tifffile").setLevel(logging.ERROR)  # its parse warnings reappear in our one-line errors
 
 
+def _say(console: Console, text: str) -> None:
+    """Print one line: control characters in it (a file name's newline) escaped by :func:`one_line`."""
+    console.print(one_line(text), markup=False, highlight=False, soft_wrap=True)
+
+
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    _say(err_console, f"error: {message}")
     return typer.Exit(code)
 
 
@@ -60,14 +74,14 @@ def version() -> None:
 
 @app.command()
 def info(
-    slide: Annotated[Path, typer.Argument(help="Slide file.")],
+    slide: Annotated[Path, typer.Argument(help="Slide file.", readable=False)],
     backend: Annotated[str, typer.Option(help="auto | cucim | openslide | tifffile")] = "auto",
     mpp: Annotated[Optional[float], typer.Option(help="Level-0 µm/px to use instead of the metadata.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Show a slide's levels, resolution, vendor and the backend that reads it."""
     from gpupath.errors import GpupathError
-    from gpupath.slide import MPP_PLAUSIBLE_MAX, open_slide
+    from gpupath.slide import mpp_plausible, open_slide
 
     try:
         with open_slide(slide, backend=backend, mpp=mpp) as s:  # type: ignore[arg-type]
@@ -84,16 +98,16 @@ def info(
     if as_json:
         out_console.print_json(json.dumps(data))
         return
-    table = Table(title=f"{slide.name}  ({data['vendor']}, read by {data['backend']})")
+    table = Table(title=one_line(f"{slide.name}  ({data['vendor']}, read by {data['backend']})"))
     for col in ("level", "width", "height", "downsample", "µm/px"):
         table.add_column(col, justify="right")
     for lv in data["levels"]:
         table.add_row(str(lv["level"]), str(lv["width"]), str(lv["height"]), f"{lv['downsample']:.3f}",
                       "?" if lv["mpp"] is None else f"{lv['mpp']:.4f}")
     out_console.print(table)
-    if data["mpp"] is not None and not 0 < data["mpp"] <= MPP_PLAUSIBLE_MAX:
+    if data["mpp"] is not None and not mpp_plausible(data["mpp"]):
         data["mpp"] = f"{data['mpp']:.4g} (implausible for a scan: run needs --mpp)"
-    out_console.print(f"mpp: {data['mpp'] if data['mpp'] is not None else 'unknown (pass --mpp)'}; "
+    _say(out_console, f"mpp: {data['mpp'] if data['mpp'] is not None else 'unknown (pass --mpp)'}; "
                       f"objective: {data['objective_power'] or '?'}; associated: {', '.join(data['associated_images']) or '-'}")
 
 
@@ -108,7 +122,7 @@ class _RunProgress:
         self.overall = progress.add_task("slides", total=n_slides, unit="slides", rate="") if n_slides > 1 else None
 
     def _line(self, text: str) -> None:
-        self.progress.console.print(text, markup=False, highlight=False, soft_wrap=True)
+        _say(self.progress.console, text)
 
     def on_progress(self, p: dict) -> None:
         if self.overall is None:
@@ -120,7 +134,7 @@ class _RunProgress:
 
     def on_tiles(self, path: str, done: int, total: int) -> None:
         if path not in self.tasks:
-            self.tasks[path] = self.progress.add_task(Path(path).name[:40], total=total, unit="tiles", rate="")
+            self.tasks[path] = self.progress.add_task(one_line(Path(path).name)[:40], total=total, unit="tiles", rate="")
             self.started[path] = time.perf_counter()
         rate = done / max(time.perf_counter() - self.started[path], 1e-9)
         self.progress.update(self.tasks[path], completed=done, rate=f"{rate:.1f} tiles/s")
@@ -136,18 +150,18 @@ class _RunProgress:
 
 
 def _print_run_summary(results: list[SlideResult], out: Path, elapsed: float) -> None:
-    table = Table(title=f"gpupath run -> {out}")
+    table = Table(title=one_line(f"gpupath run -> {out}"))
     for col in ("slide", "status", "tiles", "detections", "tissue mm²", "seconds"):
         table.add_column(col, justify="right" if col not in ("slide", "status") else "left")
     for r in results:
-        table.add_row(Path(r.path).name, r.status + (" (resumed)" if r.resumed else ""), str(r.n_tiles),
+        table.add_row(one_line(Path(r.path).name), r.status + (" (resumed)" if r.resumed else ""), str(r.n_tiles),
                       str(r.n_detections),
                       "-" if r.tissue_mm2 is None else f"{r.tissue_mm2:.2f}", f"{r.seconds:.1f}")
     out_console.print(table)
     n_tiles = sum(r.n_tiles for r in results if not r.resumed)
     failed = sum(r.status != "ok" for r in results)
     resumed = sum(r.resumed for r in results)
-    out_console.print(f"{len(results) - failed} ok ({resumed} resumed from an earlier run), {failed} failed; "
+    _say(out_console, f"{len(results) - failed} ok ({resumed} resumed from an earlier run), {failed} failed; "
                       f"{n_tiles} tiles in {elapsed:.1f} s ({n_tiles / max(elapsed, 1e-9):.1f} tiles/s); "
                       f"outputs in {out}")
 
@@ -159,7 +173,7 @@ def _run(options: RunOptions) -> int:
     from gpupath.run_plan import plan_run
 
     def warn(line: str) -> None:
-        err_console.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
+        _say(err_console, f"warning: {line}")
 
     try:
         plan = plan_run(options, warn=warn)
@@ -188,7 +202,7 @@ _TILE_HELP = "Tile edge, px at the target resolution (256 or 512 usual)."
 @app.command()
 def run(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
-    slides: Annotated[Optional[list[Path]], typer.Argument(help="Slide files or folders of slides.")] = None,
+    slides: Annotated[Optional[list[Path]], typer.Argument(help="Slide files or folders of slides.", readable=False)] = None,
     mpp: Annotated[Optional[float], typer.Option(help="Level-0 µm/px to use instead of the slides' metadata.")] = None,
     target_mpp: Annotated[Optional[float], typer.Option(help="µm/px of the tiles (default 0.5).")] = None,
     magnification: Annotated[Optional[float], typer.Option(help="Target magnification instead of --target-mpp (20 -> 0.5 µm/px).")] = None,
@@ -234,7 +248,7 @@ def run(
 
 @app.command()
 def ingest(
-    sources: Annotated[list[Path], typer.Argument(help="Slide files; an .mrxs brings its folder; a folder of .dcm "
+    sources: Annotated[list[Path], typer.Argument(readable=False, help="Slide files; an .mrxs brings its folder; a folder of .dcm "
                                                        "files is one DICOM series.")],
     store: Annotated[Path, typer.Option(help="Store folder: slides/<sha256>/, manifest.parquet (made if missing).")],
     checksums: Annotated[Optional[Path], typer.Option(help="sha256sum-format file listing every slide (a "
@@ -247,16 +261,13 @@ def ingest(
 
     def on_result(res: IngestResult) -> None:
         if res.status == "stored":
-            out_console.print(f"stored {res.sha256[:12] if res.sha256 else '?'} {Path(res.source).name}",
-                              markup=False, highlight=False, soft_wrap=True)
+            _say(out_console, f"stored {res.sha256[:12] if res.sha256 else '?'} {Path(res.source).name}")
             if res.warning:
-                err_console.print(f"warning: {res.source}: {res.warning}", markup=False, highlight=False,
-                                  soft_wrap=True)
+                _say(err_console, f"warning: {res.source}: {res.warning}")
         elif res.status == "already":
-            out_console.print(f"kept {res.sha256[:12] if res.sha256 else '?'} {Path(res.source).name}: {res.reason}",
-                              markup=False, highlight=False, soft_wrap=True)
+            _say(out_console, f"kept {res.sha256[:12] if res.sha256 else '?'} {Path(res.source).name}: {res.reason}")
         else:
-            err_console.print(f"error: {res.source}: {res.reason}", markup=False, highlight=False, soft_wrap=True)
+            _say(err_console, f"error: {res.source}: {res.reason}")
 
     try:
         results = ingest_slides(sources, store, checksums=checksums, on_result=on_result)
@@ -265,12 +276,10 @@ def ingest(
     count = {k: sum(r.status == k for r in results) for k in ("stored", "already", "rejected")}
     unverified = sum(r.status == "stored" and r.verified_by is None for r in results)
     if unverified:
-        err_console.print(f"note: {unverified} slide(s) stored without a checksum to verify against (no --checksums "
-                          "entry, no <slide>.sha256 sidecar): only the copy was checked against the source file",
-                          markup=False, highlight=False, soft_wrap=True)
-    out_console.print(f"{count['stored']} stored, {count['already']} already in the store, {count['rejected']} "
-                      f"rejected; store {store} (manifest {store / 'manifest.parquet'})",
-                      markup=False, highlight=False, soft_wrap=True)
+        _say(err_console, f"note: {unverified} slide(s) stored without a checksum to verify against (no --checksums "
+                          "entry, no <slide>.sha256 sidecar): only the copy was checked against the source file")
+    _say(out_console, f"{count['stored']} stored, {count['already']} already in the store, {count['rejected']} "
+                      f"rejected; store {store} (manifest {store / 'manifest.parquet'})")
     raise typer.Exit(1 if count["rejected"] else 0)
 
 
@@ -291,15 +300,14 @@ def report(
 
     def on_error(path: str, reason: str) -> None:
         failed.append(path)
-        err_console.print(f"error: {path}: report not made: {reason}", markup=False, highlight=False, soft_wrap=True)
+        _say(err_console, f"error: {path}: report not made: {reason}")
 
     try:
         written = build_reports(out, slides=slide, max_px=max_px, on_error=on_error)
     except ConfigError as exc:
         raise _fail(str(exc)) from None
     n_reports = sum(p.parent.name == "reports" for p in written)
-    out_console.print(f"{n_reports} slide reports, {len(failed)} failed; index {written[-1]}", markup=False,
-                      highlight=False, soft_wrap=True)
+    _say(out_console, f"{n_reports} slide reports, {len(failed)} failed; index {written[-1]}")
     raise typer.Exit(1 if failed else 0)
 
 
@@ -320,7 +328,7 @@ def synth(
         truth = write_synthetic_slide(path, SyntheticSpec(width_px=width, height_px=height, mpp=mpp, seed=seed))
     except ValueError as exc:
         raise _fail(str(exc)) from None
-    out_console.print(f"wrote {truth.slide_path} ({width}x{height} px, {mpp} µm/px) and "
+    _say(out_console, f"wrote {truth.slide_path} ({width}x{height} px, {mpp} µm/px) and "
                       f"{truth.nuclei_path} ({truth.n_nuclei} nuclei)")
 
 
@@ -353,18 +361,17 @@ def convert_cmd(
 
     def shown(o: ConvertOutcome) -> None:
         if o.result is None:
-            err_console.print(f"error: {o.error}", markup=False, highlight=False, soft_wrap=True)
+            _say(err_console, f"error: {o.error}")
             return
         r = o.result
         if o.resumed:
-            out_console.print(f"kept {r.path}: already converted from the same bytes with the same settings "
-                              "(--redo converts again)", markup=False, highlight=False, soft_wrap=True)
+            _say(out_console, f"kept {r.path}: already converted from the same bytes with the same settings "
+                              "(--redo converts again)")
             return
         for warning in r.warnings:
-            err_console.print(f"warning: {o.source}: {warning}", markup=False, highlight=False, soft_wrap=True)
-        out_console.print(f"wrote {r.path}: {len(r.level_dimensions)} levels, {r.level_dimensions[0][0]}x"
-                          f"{r.level_dimensions[0][1]} px, {r.mpp:.4g} µm/px, {r.megapixels_per_s:.1f} MP/s",
-                          markup=False, highlight=False, soft_wrap=True)
+            _say(err_console, f"warning: {o.source}: {warning}")
+        _say(out_console, f"wrote {r.path}: {len(r.level_dimensions)} levels, {r.level_dimensions[0][0]}x"
+                          f"{r.level_dimensions[0][1]} px, {r.mpp:.4g} µm/px, {r.megapixels_per_s:.1f} MP/s")
 
     if out_dir is None:
         from gpupath.convert import convert_slide
@@ -383,8 +390,7 @@ def convert_cmd(
             raise _fail(str(exc)) from None
         kept = sum(o.resumed for o in outcomes)
         failed = sum(o.result is None for o in outcomes)
-        out_console.print(f"{len(outcomes) - kept - failed} written, {kept} kept, {failed} failed; in {out_dir}",
-                          markup=False, highlight=False, soft_wrap=True)
+        _say(out_console, f"{len(outcomes) - kept - failed} written, {kept} kept, {failed} failed; in {out_dir}")
     raise typer.Exit(1 if any(o.result is None for o in outcomes) else 0)
 
 
@@ -400,15 +406,15 @@ def demo(
     slide = out / f"demo-{size}.svs"
     out.mkdir(parents=True, exist_ok=True)
     if not slide.exists():
-        out_console.print(f"writing demo slide {slide} ({size}x{size} px at 0.25 µm/px) ...")
+        _say(out_console, f"writing demo slide {slide} ({size}x{size} px at 0.25 µm/px) ...")
         write_synthetic_slide(slide, SyntheticSpec(width_px=size, height_px=size, mpp=0.25, seed=0))
     else:
-        out_console.print(f"reusing demo slide {slide}")
+        _say(out_console, f"reusing demo slide {slide}")
     from gpupath.run_plan import RunOptions
 
     code = _run(RunOptions(slides=(slide,), out=out / "run", device=device))
-    out_console.print(f"detections: {out / 'run' / 'detections'}  (read with pyarrow.parquet.read_table)")
-    out_console.print(f"slides:     {out / 'run' / 'slides.parquet'}   run record: {out / 'run' / 'run.json'}")
+    _say(out_console, f"detections: {out / 'run' / 'detections'}  (read with pyarrow.parquet.read_table)")
+    _say(out_console, f"slides:     {out / 'run' / 'slides.parquet'}   run record: {out / 'run' / 'run.json'}")
     raise typer.Exit(code)
 
 
@@ -465,8 +471,7 @@ def query_cmd(
     stats = (f"{n} detections; searched {len(plan.slide_ids)} slide(s), read {plan.row_groups_read} of "
              f"{plan.row_groups_total} row groups ({plan.rows_read} rows) in {time.perf_counter() - t0:.3f} s")
     if fmt != "table":
-        err_console.print(stats + (f"; wrote {output}" if output is not None else ""), markup=False, highlight=False,
-                          soft_wrap=True)
+        _say(err_console, stats + (f"; wrote {output}" if output is not None else ""))
         return
     table = Table(title=f"detections in {out}" + (f" ({n} rows, first {len(shown)})" if n > len(shown) else ""))
     for col in ("slide", "x0_px", "y0_px", "x1_px", "y1_px", "score", "label"):
@@ -475,7 +480,7 @@ def query_cmd(
         table.add_row(row["slide_id"][:12], *(f"{row[c]:.1f}" for c in ("x0_px", "y0_px", "x1_px", "y1_px")),
                       f"{row['score']:.3f}", str(row["label"]))
     out_console.print(table)
-    out_console.print(stats, markup=False, highlight=False, soft_wrap=True)
+    _say(out_console, stats)
 
 
 @app.command("bench")
@@ -508,10 +513,10 @@ def bench_cmd(
                            batch_size=batch_size, min_tissue=min_tissue, mpp=mpp)
     except (GpupathError, ValueError, RuntimeError, OSError) as exc:
         raise _fail(f"{slide}: {exc}", 1) from None
-    out_console.print(text_report(result), markup=False, highlight=False, soft_wrap=True)
+    out_console.print(text_report(result), markup=False, highlight=False, soft_wrap=True)  # many lines, ours
     for path in ([out] if out else []) + ([results_dir / f"{results_stem(result)}.json"] if results_dir else []):
         written = write_results(result, path)
-        out_console.print(f"wrote {written[0]} and {written[1]}", markup=False, highlight=False, soft_wrap=True)
+        _say(out_console, f"wrote {written[0]} and {written[1]}")
 
 
 @app.command("serve")
@@ -538,8 +543,7 @@ def serve_cmd(
     except (GpupathError, ValueError) as exc:
         raise _fail(str(exc)) from None
     shown = "localhost" if host in ("127.0.0.1", "::1") else host
-    err_console.print(f"serving {len(src.slides)} slides of {source} on http://{shown}:{port}/ (device: {dev})",
-                      markup=False, highlight=False, soft_wrap=True)
+    _say(err_console, f"serving {len(src.slides)} slides of {source} on http://{shown}:{port}/ (device: {dev})")
     serve(src, host=host, port=port, token=token, cache_bytes=cache_mb * 2**20, device=dev)
 
 

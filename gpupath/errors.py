@@ -25,9 +25,22 @@ __all__ = [
     "ResultsError",
     "STRICT_ENV",
     "unexpected",
+    "one_line",
 ]
 
 STRICT_ENV = "GPUPATH_STRICT"
+
+# every character that ends or moves a terminal line, or drives the terminal: C0 and C1 controls, DEL, and
+# Unicode's line and paragraph separators; mapped to a visible escape
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+_CONTROL.update({0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t", 0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def one_line(text: object) -> str:
+    """``text`` as one printable line: newlines, carriage returns, tabs, escape sequences and every other
+    control character shown as backslash escapes (``a\nb`` -> ``a\\nb``), so a file name cannot end a
+    message or forge the next one. The one printer of names in messages (CLI lines, table cells, logs)."""
+    return str(text).translate(_CONTROL)
 
 
 class GpupathError(Exception):

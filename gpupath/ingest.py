@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 from gpupath._version import __version__
 from gpupath.errors import ConfigError, GpupathError, SlideReadError, unexpected
 from gpupath.files import atomic_path, fsync_path, sha256_file
-from gpupath.slide import tiff_truncation
+from gpupath.slide import check_slide_file, tiff_truncation
 
 __all__ = ["MANIFEST_NAME", "MANIFEST_SCHEMA", "IngestResult", "ingest", "read_checksums", "read_manifest",
            "sha256_file"]
@@ -225,8 +225,10 @@ def _unit_of(src: Path) -> tuple[_Files, str | None]:
     """The files a source stands for and a warning, or :class:`SlideReadError` naming why it is no slide."""
     if src.name in ("", ".", ".."):
         raise SlideReadError(f"{src}: base name {src.name!r} is not a plain file name; name the file or folder itself")
-    if not src.exists():
-        raise SlideReadError(f"{src}: no such file or folder" + (" (broken link)" if src.is_symlink() else ""))
+    if not src.exists() and not src.is_symlink():
+        raise SlideReadError(f"{src}: no such file or folder")
+    if not src.is_dir():
+        check_slide_file(src)  # a broken link or a loop, not a regular file, empty, or unreadable
     if src.is_dir():
         if src.with_name(src.name + ".mrxs").is_file():
             raise SlideReadError(f"{src}: companion folder of {src.name}.mrxs; ingest the .mrxs (it brings its folder)")
@@ -242,18 +244,19 @@ def _unit_of(src: Path) -> tuple[_Files, str | None]:
             shown = ", ".join(other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
             raise SlideReadError(f"{src}: not one DICOM series: it also holds {shown}; give slide files one by one, "
                                  "or a folder of one series' .dcm files")
+        for path, _ in files:
+            check_slide_file(path)  # every file of the series is read
         return [dicom[0], *(f for f in files if f != dicom[0])], None
-    if not stat.S_ISREG(src.stat().st_mode):
-        raise SlideReadError(f"{src}: not a regular file (device, pipe or socket)")
-    if src.stat().st_size == 0:
-        raise SlideReadError(f"{src}: file is empty (0 bytes)")
     if src.name.endswith(".sha256"):
         raise SlideReadError(f"{src}: a checksum sidecar, not a slide (it is read beside its slide)")
     if src.suffix.lower() == ".mrxs":
         companion = src.with_name(src.stem)
         if not companion.is_dir():
             raise SlideReadError(f"{src}: MIRAX companion folder {companion.name}/ missing beside it")
-        return [(src, src.name), *_folder_files(companion)], None
+        files = [(src, src.name), *_folder_files(companion)]
+        for path, _ in files[1:]:
+            check_slide_file(path)
+        return files, None
     warning = None
     if src.suffix.lower() == ".dcm" and (n := sum(p.suffix.lower() == ".dcm" for p in src.parent.iterdir()) - 1) > 0:
         warning = (f"{n} other .dcm file(s) beside it were not copied; if they are one DICOM series, ingest the "
@@ -449,7 +452,7 @@ def _seal(stage: Path, final: Path) -> None:
 
 def _ingest_one(src: Path, store: Path, manifest: pa.Table,
                 checksums: _Checksums | None) -> tuple[IngestResult, pa.Table]:
-    from gpupath.slide import MPP_PLAUSIBLE_MAX
+    from gpupath.slide import mpp_plausible
 
     unit, warning = _unit_of(src)
     expected, verified_by = _expectations(unit, src, checksums)
@@ -486,7 +489,7 @@ def _ingest_one(src: Path, store: Path, manifest: pa.Table,
     warnings = [warning] if warning else []
     if mpp is None:
         warnings.append("no mpp in the metadata (stored with mpp null; `gpupath run` will need --mpp)")
-    elif not 0 < mpp <= MPP_PLAUSIBLE_MAX:
+    elif not mpp_plausible(mpp):
         warnings.append(f"metadata says {mpp:.4g} µm/px, not a microscope scan (`gpupath run` will need --mpp)")
     return IngestResult(source=str(src), status="stored", sha256=sha, stored_path=str((final / unit[0][1]).absolute()),
                         warning="; ".join(warnings) or None, verified_by=verified_by), updated

@@ -40,7 +40,15 @@ from gpupath.results import (
     write_slide_parts,
     write_marker,
 )
-from gpupath.slide import MPP_PLAUSIBLE_MAX, BackendName, Slide, check_slide_file, open_slide
+from gpupath.slide import (
+    MPP_PLAUSIBLE_MAX,
+    MPP_PLAUSIBLE_MIN,
+    BackendName,
+    Slide,
+    check_slide_file,
+    mpp_plausible,
+    open_slide,
+)
 from gpupath.tile_loop import LoopSettings, cpu_share, read_grid_tiles, run_tiles
 from gpupath.tiling import TileGrid, TileSpec, tile_grid
 from gpupath_kernels.cpu import warm_up_in_background
@@ -93,8 +101,8 @@ class RunParams:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.backend not in ("auto", "cucim", "openslide", "tifffile"):
             raise ConfigError(f"backend must be auto, cucim, openslide or tifffile, got {self.backend!r}")
-        if self.mpp_override is not None and not (0 < self.mpp_override <= MPP_PLAUSIBLE_MAX):
-            raise ConfigError(f"mpp must be in (0, {MPP_PLAUSIBLE_MAX}] µm/px, got {self.mpp_override}")
+        if self.mpp_override is not None and not mpp_plausible(self.mpp_override):
+            raise ConfigError(f"mpp must be in [{MPP_PLAUSIBLE_MIN}, {MPP_PLAUSIBLE_MAX}] µm/px, got {self.mpp_override}")
         if self.prefetch_batches < 0:
             raise ConfigError(f"prefetch_batches must be >= 0, got {self.prefetch_batches}")
         if self.cpu_workers < 0:

@@ -26,6 +26,9 @@ __all__ = ["TileSpec", "TileGrid", "tile_grid", "tile_level", "DEFAULT_TARGET_MP
 DEFAULT_TARGET_MPP = 0.5  # µm/px of the tiles when a run asks for no other (20x)
 
 
+MIN_TILE_PX, MAX_TILE_PX = 16, 4096  # 4096: a batch of 32 such tiles is 1.6 GB of RGB before any stage
+
+
 @dataclass(frozen=True, slots=True)
 class TileSpec:
     """What tiles to make: size and overlap in px at ``target_mpp``, and the tissue needed to keep one."""
@@ -36,8 +39,9 @@ class TileSpec:
     min_tissue: float = 0.05     # fraction of a tile's area that must be tissue
 
     def __post_init__(self) -> None:
-        if self.tile_px < 16:
-            raise ConfigError(f"tile_px must be >= 16, got {self.tile_px}")
+        if not MIN_TILE_PX <= self.tile_px <= MAX_TILE_PX:
+            raise ConfigError(f"tile_px must be in [{MIN_TILE_PX}, {MAX_TILE_PX}], got {self.tile_px} "
+                              "(a tile batch is tiles x tile_px² x 3 bytes, several times over)")
         if not 0 <= self.overlap_px < self.tile_px // 2:
             raise ConfigError(f"overlap_px must be in [0, tile_px/2), got {self.overlap_px} for tile_px {self.tile_px}")
         if not (self.target_mpp > 0 and math.isfinite(self.target_mpp)):

@@ -8,10 +8,23 @@ from pathlib import Path
 
 
 def gpupath(*args: str | Path, cwd: Path | None = None, timeout: float = 300,
-            **kwargs: object) -> subprocess.CompletedProcess[str]:
-    """``python -m gpupath ARGS`` with output captured; ``kwargs`` go to subprocess.run (e.g. ``user``)."""
-    return subprocess.run([sys.executable, "-m", "gpupath", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd, **kwargs)  # type: ignore[call-overload]
+            prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """``python -m gpupath ARGS`` with output captured (``prefix``: a command that runs it, e.g. setpriv)."""
+    return subprocess.run([*prefix, sys.executable, "-m", "gpupath", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
+
+
+def without_privileges() -> tuple[str, ...] | None:
+    """A command prefix under which file permissions apply to this user: none needed for a normal user;
+    for root, ``setpriv`` dropping every capability (root then reads only what its mode bits allow);
+    None when root and no setpriv (a test of permissions cannot run)."""
+    import os
+    import shutil
+
+    if os.geteuid() != 0:
+        return ()
+    setpriv = shutil.which("setpriv")
+    return (setpriv, "--bounding-set=-all", "--inh-caps=-all", "--") if setpriv else None
 
 
 def error_lines(proc: subprocess.CompletedProcess[str]) -> list[str]:

@@ -37,7 +37,7 @@ def make_bad(kind: str, tmp_path: Path) -> tuple[Path, str]:
         (tmp_path / "empty.svs").touch()
         return tmp_path / "empty.svs", "file is empty (0 bytes)"
     if kind == "truncated":
-        return truncated_copy(tmp_path), "truncated or corrupt file"
+        return truncated_copy(tmp_path), "truncated: TIFF directory at byte"
     if kind == "not-a-slide":
         (tmp_path / "notes.svs").write_text("sample 42: re-scan tomorrow\n")
         return tmp_path / "notes.svs", "not a readable slide"
@@ -98,7 +98,7 @@ def test_mpp_override_for_slide_without_usable_mpp(tmp_path: Path) -> None:
     (["--target-mpp", "0.5", "--magnification", "20"], "not both"),
     (["--backend", "bioformats"], "backend must be"),
     (["--target-mpp", "0"], "target_mpp must be a positive number"),
-    (["--mpp", "inf"], "mpp must be in (0, 20.0]"),
+    (["--mpp", "inf"], "mpp must be in [0.01, 20.0]"),
     (["--magnification", "-20"], "--magnification must be a positive number"),
     (["--engine", "openvino"], "engine must be one of auto, tensorrt, torch, onnxruntime, classic"),
     (["--engine", "tensorrt"], "tensorrt engine needs --device cuda"),

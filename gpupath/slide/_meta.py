@@ -18,7 +18,10 @@ import tifffile
 
 from gpupath.errors import SlideReadError
 
-__all__ = ["TiffLayout", "read_tiff_layout", "cucim_refusal", "tiff_truncation", "ome_mpp", "ome_annotations"]
+__all__ = ["TiffLayout", "read_tiff_layout", "cucim_refusal", "tiff_truncation", "tiff_structure_problem",
+           "tiff_pages", "ome_mpp", "ome_annotations", "MAX_TIFF_DIRECTORIES"]
+
+MAX_TIFF_DIRECTORIES = 10_000  # image directories a slide may chain (real ones hold < 20; NDPI / OME a few hundred)
 
 # cuCIM's cuslide plugin decodes tiled JPEG pyramids (Aperio SVS, generic tiled TIFF).
 # Anything else is left to OpenSlide or tifffile.
@@ -139,10 +142,13 @@ def _open_tiff(path: Path) -> tuple[tifffile.TiffFile, list[tifffile.TiffPage]]:
     SlideReadError
         The directories cannot be parsed, or there is none.
     """
+    problem = tiff_structure_problem(path)
+    if problem is not None:
+        raise SlideReadError(f"{path}: {problem}")
     tf = None
     try:
         tf = tifffile.TiffFile(path)
-        pages = list(tf.pages)
+        pages = tiff_pages(tf)
     except (tifffile.TiffFileError, OSError, ValueError, IndexError) as exc:
         if tf is not None:
             tf.close()
@@ -227,6 +233,10 @@ def read_tiff_layout(path: Path) -> TiffLayout | None:
         vendor, level_pages, associated, mpp = _vendor_layout(tf, pages, props)
         pyramid = sorted((pages[i] for i in level_pages), key=lambda p: -p.imagewidth)
         level_dims = tuple((int(p.imagewidth), int(p.imagelength)) for p in pyramid)
+        for (w, h), p in zip(level_dims, pyramid, strict=True):
+            if w <= 0 or h <= 0:
+                raise SlideReadError(f"{path}: corrupt: image directory {p.index} is {w} x {h} px (ImageWidth or "
+                                     "ImageLength 0): no image to read")
         tile_dims = tuple(
             (int(p.tilewidth or p.imagewidth), int(p.tilelength or p.rowsperstrip or p.imagelength))
             for p in pyramid
@@ -270,9 +280,16 @@ def cucim_refusal(layout: TiffLayout | None) -> str | None:
     return None
 
 
-def tiff_truncation(path: Path) -> str | None:
-    """Why a TIFF-family file (svs, ndpi, tif, ...) is cut short, or None: every image directory in
-    the chain and every page's pixel data must end inside the file (readers open many cut files)."""
+def tiff_structure_problem(path: Path) -> str | None:
+    """What is wrong with a TIFF-family file's chain of image directories, or None (also for a file that
+    is not a TIFF): the one bounded walk every reader and ingest rely on before tifffile lists pages.
+
+    The chain is followed from the header, each directory's entry count and next-directory offset
+    read directly: a directory that runs past the end of the file ("truncated: ..."), a next offset
+    that points back to a directory already seen ("corrupt: ... loops back ..."; tifffile's lazy page
+    iteration would follow such a loop for ever), or more than MAX_TIFF_DIRECTORIES directories. A
+    classic TIFF over 4 GiB (NDPI wraps its 32-bit offsets) is left to tifffile.
+    """
     size = path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(16)
@@ -280,12 +297,22 @@ def tiff_truncation(path: Path) -> str | None:
             return None
         bo, off_fmt, cnt_fmt, entry_bytes = _TIFF_HEADS[head[:4]]
         if off_fmt == "I" and size >= 1 << 32:
-            return None  # >4 GiB classic TIFF (NDPI): 32-bit offsets wrap; only tifffile's check below
+            return None  # >4 GiB classic TIFF (NDPI): 32-bit offsets wrap
         off_size, cnt_size = struct.calcsize(off_fmt), struct.calcsize(cnt_fmt)
+        if len(head) < (8 if off_fmt == "I" else 16):
+            return f"truncated: the TIFF header is {len(head)} bytes"
         (offset,) = struct.unpack_from(bo + off_fmt, head, 4 if off_fmt == "I" else 8)
-        seen: set[int] = set()
-        while offset and offset not in seen:  # a loop is left to the readers to refuse
-            seen.add(offset)
+        if offset == 0:
+            return "corrupt: the TIFF header points to no image directory"
+        seen: dict[int, int] = {}
+        previous = 0
+        while offset:
+            if offset in seen:
+                return (f"corrupt: the TIFF directory chain loops back (directory at byte {previous} points to "
+                        f"directory {seen[offset]}, at byte {offset})")
+            if len(seen) >= MAX_TIFF_DIRECTORIES:
+                return f"corrupt: more than {MAX_TIFF_DIRECTORIES} TIFF image directories"
+            seen[offset] = len(seen)
             fh.seek(offset)
             raw = fh.read(cnt_size)
             count = struct.unpack(bo + cnt_fmt, raw)[0] if len(raw) == cnt_size else 0
@@ -293,10 +320,31 @@ def tiff_truncation(path: Path) -> str | None:
             if end > size:
                 return f"truncated: TIFF directory at byte {offset} runs past the end of the file ({size} bytes)"
             fh.seek(end - off_size)
-            (offset,) = struct.unpack(bo + off_fmt, fh.read(off_size))
+            previous, (offset,) = offset, struct.unpack(bo + off_fmt, fh.read(off_size))
+    return None
+
+
+def tiff_pages(tf: tifffile.TiffFile) -> list[tifffile.TiffPage]:
+    """Every page of an open file. ``len`` first: tifffile's counting walk stops at a circular reference,
+    where iterating the lazy page list without it re-reads the looped directory for ever."""
+    n = min(len(tf.pages), MAX_TIFF_DIRECTORIES)
+    return [tf.pages[i] for i in range(n)]
+
+
+def tiff_truncation(path: Path) -> str | None:
+    """Why a TIFF-family file (svs, ndpi, tif, ...) is cut short or its structure corrupt, or None: the
+    chain of image directories must be sound (:func:`tiff_structure_problem`) and every page's pixel
+    data must end inside the file."""
+    with open(path, "rb") as fh:
+        if fh.read(4) not in _TIFF_HEADS:
+            return None  # not a TIFF: nothing of this kind to check
+    problem = tiff_structure_problem(path)
+    if problem is not None:
+        return problem
+    size = path.stat().st_size
     try:
         with tifffile.TiffFile(path) as tf:
-            data_end = max((int(o) + int(n) for p in tf.pages for o, n in zip(p.dataoffsets, p.databytecounts)),
+            data_end = max((int(o) + int(n) for p in tiff_pages(tf) for o, n in zip(p.dataoffsets, p.databytecounts)),
                            default=0)
     except Exception as exc:  # noqa: BLE001  (any parse failure is a reason to refuse the copy)
         return f"unreadable TIFF structure: {exc}"

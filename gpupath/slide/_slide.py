@@ -17,8 +17,10 @@ OME-TIFF and other TIFFs OpenSlide refuses). Each fallback is logged with its re
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +43,7 @@ from gpupath.slide._backends import (
 from gpupath.slide._cache import FileTileCache
 from gpupath.slide._meta import TiffLayout, cucim_refusal, read_tiff_layout, tiff_truncation
 
-__all__ = ["open_slide", "Slide", "TileBatch", "BackendName", "MPP_PLAUSIBLE_MAX"]
+__all__ = ["open_slide", "Slide", "TileBatch", "BackendName", "MPP_PLAUSIBLE_MIN", "MPP_PLAUSIBLE_MAX", "mpp_plausible"]
 
 log = logging.getLogger("gpupath.slide")
 
@@ -49,6 +51,13 @@ BackendName = Literal["auto", "cucim", "openslide", "tifffile"]
 Device = Literal["cpu", "cuda"]
 _PROBE_PX = 64          # edge of the region decoded by both tifffile and cuCIM before trusting cuCIM
 MPP_PLAUSIBLE_MAX = 20.0  # µm/px; above this, level 0 is no microscope scan (e.g. a 72-dpi default tag)
+MPP_PLAUSIBLE_MIN = 0.01  # µm/px; below this, no light microscope (the diffraction limit is ~0.2 µm)
+
+
+def mpp_plausible(mpp: float) -> bool:
+    """Whether ``mpp`` (µm/px) can be a light-microscope scan's: MPP_PLAUSIBLE_MIN <= mpp <= MPP_PLAUSIBLE_MAX
+    (False for NaN). Smaller values make tile grids of billions of cells; larger ones are default tags."""
+    return MPP_PLAUSIBLE_MIN <= mpp <= MPP_PLAUSIBLE_MAX
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,10 +135,10 @@ class Slide:
             raise MetadataError(f"{self.path}: no mpp in metadata or TIFF tags; pass --mpp")
         if self._mpp_override is not None:
             return mpp  # validated by open_slide; the user's word wins
-        if not (0.0 < mpp <= MPP_PLAUSIBLE_MAX):
+        if not mpp_plausible(mpp):
             raise MetadataError(
                 f"{self.path}: metadata says {mpp:.4g} µm/px, not a microscope scan "
-                f"(expected 0 < mpp <= {MPP_PLAUSIBLE_MAX}); pass --mpp"
+                f"(expected {MPP_PLAUSIBLE_MIN} to {MPP_PLAUSIBLE_MAX} µm/px); pass --mpp"
             )
         mpp_y = self.properties.get("openslide.mpp-y")
         if mpp_y not in (None, "") and abs(float(mpp_y) - mpp) > 0.01 * mpp:
@@ -399,15 +408,33 @@ class _LazyAssociated(Mapping[str, Any]):
 
 
 def check_slide_file(path: Path) -> None:
-    """Raise :class:`SlideReadError` when ``path`` is missing, a folder, empty or unreadable."""
-    if not path.exists():
-        raise SlideReadError(f"{path}: no such file")
-    if path.is_dir():
+    """Raise :class:`SlideReadError` when ``path`` is missing, a broken link or a symlink loop, a folder, not
+    a regular file (FIFO, device), empty, or unreadable (permission) - one sentence naming the file."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise SlideReadError(f"{path}: broken symbolic link (to {os.readlink(path)})") from None
+        raise SlideReadError(f"{path}: no such file") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SlideReadError(f"{path}: symlink loop (the link resolves to itself)") from None
+        raise SlideReadError(f"{path}: cannot read its status: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
         raise SlideReadError(f"{path}: is a folder, not a slide file")
-    if path.stat().st_size == 0:
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode) or \
+            stat.S_ISBLK(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file"
+        raise SlideReadError(f"{path}: {kind}, not a slide file")
+    if st.st_size == 0:
         raise SlideReadError(f"{path}: file is empty (0 bytes)")
-    if not os.access(path, os.R_OK):
-        raise SlideReadError(f"{path}: not readable (permission denied)")
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise SlideReadError(f"{path}: not readable (permission denied)") from None
+    except OSError as exc:
+        raise SlideReadError(f"{path}: cannot open it: {exc.strerror or exc}") from None
 
 
 def _probe_tiff(path: Path, layout: TiffLayout) -> tuple[str | None, np.ndarray | None]:
@@ -559,14 +586,19 @@ def open_slide(path: str | os.PathLike[str], *, backend: BackendName = "auto", m
     """
     if backend not in ("auto", "cucim", "openslide", "tifffile"):
         raise ValueError(f"backend must be auto, cucim, openslide or tifffile, got {backend!r}")
-    if mpp is not None and not (0 < mpp <= MPP_PLAUSIBLE_MAX):
-        raise ValueError(f"mpp must be in (0, {MPP_PLAUSIBLE_MAX}] µm/px, got {mpp!r}")
+    if mpp is not None and not mpp_plausible(mpp):
+        raise ValueError(f"mpp must be in [{MPP_PLAUSIBLE_MIN}, {MPP_PLAUSIBLE_MAX}] µm/px, got {mpp!r}")
     if tile_cache_mib is not None and not tile_cache_mib >= 0:
         raise ValueError(f"tile_cache_mib must be >= 0, got {tile_cache_mib!r}")
     path = Path(path)
     check_slide_file(path)
     reasons: list[str] = []
     layout, tiff_problem = _read_layout(path)
+    if layout is None and tiff_problem.startswith(("corrupt:", "truncated")):
+        raise SlideReadError(f"{path}: {tiff_problem}")  # no reader may paper over a damaged structure
+    if layout is not None and layout.truncated:
+        raise SlideReadError(f"{path}: truncated: pixel data runs to byte {layout.data_end_bytes}, the file has "
+                             f"{layout.file_bytes} bytes")
     attempts: dict[str, Callable[[], Reader | None]] = {
         "cucim": lambda: _try_cucim(path, layout, tiff_problem, reasons),
         "openslide": lambda: _try_openslide(path, reasons),

@@ -1,0 +1,194 @@
+"""Hostile and damaged inputs (issue 18): no hang, no traceback, one line naming the file, the batch goes on.
+
+Each test builds its damaged file from a real scan in ../shared/data, runs the CLI as a user would (a
+subprocess, with a timeout so a hang fails the test), and checks the exit code, the one ``error:``
+line and that nothing half-written is left.
+"""
+
+from __future__ import annotations
+
+import shutil
+import struct
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import data_file
+from helpers_cli import error_lines, gpupath, leftovers, without_privileges
+
+HANG_S = 60  # a command that has not answered by then hangs
+
+
+def _first_ifd(data: bytes) -> tuple[str, int, int, int]:
+    """(byte order, offset of IFD 0, entry count, offset of its next-IFD field) of a classic TIFF."""
+    order = "<" if data[:2] == b"II" else ">"
+    assert struct.unpack(order + "H", data[2:4])[0] == 42, "a classic (not Big) TIFF"
+    ifd0 = struct.unpack(order + "I", data[4:8])[0]
+    count = struct.unpack(order + "H", data[ifd0:ifd0 + 2])[0]
+    return order, ifd0, count, ifd0 + 2 + 12 * count
+
+
+def looped_copy(tmp_path: Path) -> Path:
+    """The real CMU-1 crop with its first directory's next-IFD offset pointing at itself."""
+    data = bytearray(data_file("cmu-1-small-region.svs").read_bytes())
+    order, ifd0, _, next_at = _first_ifd(data)
+    data[next_at:next_at + 4] = struct.pack(order + "I", ifd0)
+    path = tmp_path / "looped.svs"
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_ifd_loop_is_refused_by_ingest_run_and_info_without_hanging(tmp_path: Path) -> None:
+    looped = looped_copy(tmp_path)
+    store = tmp_path / "store"
+    proc = gpupath("ingest", looped, "--store", store, timeout=HANG_S)
+    assert proc.returncode == 1, proc.stderr
+    (line,) = error_lines(proc)
+    assert str(looped) in line and "loops back" in line, proc.stderr
+    # the store's lock was released: the next ingest into it works
+    assert gpupath("ingest", data_file("small.svs"), "--store", store, timeout=HANG_S).returncode == 0
+    out = tmp_path / "out"
+    proc = gpupath("run", looped, data_file("cmu-1-small-region.svs"), "--out", out, "--device", "cpu",
+                   "--no-reports", timeout=HANG_S)
+    assert proc.returncode == 1, proc.stderr
+    (line,) = error_lines(proc)
+    assert str(looped) in line and "loops back" in line
+    rows = {Path(r["path"]).name: r for r in pq.read_table(out / "slides.parquet").to_pylist()}
+    assert rows["looped.svs"]["status"] == "failed" and rows["cmu-1-small-region.svs"]["status"] == "ok"
+    proc = gpupath("info", looped, timeout=HANG_S)
+    assert proc.returncode == 1 and len(error_lines(proc)) == 1 and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("cut", ["90-percent", "next-ifd-past-end"])
+def test_truncated_slide_fails_run_as_ingest_refuses_it(tmp_path: Path, cut: str) -> None:
+    whole = data_file("cmu-1-small-region.svs").read_bytes()
+    if cut == "90-percent":
+        data = whole[:int(len(whole) * 0.9)]
+    else:
+        data = bytearray(whole)
+        order, _, _, next_at = _first_ifd(data)
+        data[next_at:next_at + 4] = struct.pack(order + "I", len(whole) + 4096)
+    path = tmp_path / f"{cut}.svs"
+    path.write_bytes(bytes(data))
+    ingest = gpupath("ingest", path, "--store", tmp_path / "store", timeout=HANG_S)
+    assert ingest.returncode == 1 and "truncated" in error_lines(ingest)[0]
+    out = tmp_path / "out"
+    proc = gpupath("run", path, "--out", out, "--device", "cpu", "--no-reports", timeout=HANG_S)
+    assert proc.returncode == 1, proc.stderr
+    (line,) = error_lines(proc)
+    assert str(path) in line and "truncated" in line, proc.stderr
+    assert not (out / "detections").exists() and leftovers(out) == []
+
+
+def test_symlink_loop_and_unreadable_file_fail_alone(tmp_path: Path) -> None:
+    """A symlink loop and a file the user may not read: one error line each, the good slide runs, exit 1."""
+    loop_a, loop_b = tmp_path / "loop-a.svs", tmp_path / "loop-b.svs"
+    loop_a.symlink_to(loop_b)
+    loop_b.symlink_to(loop_a)
+    locked = tmp_path / "locked.svs"
+    shutil.copy(data_file("small.svs"), locked)
+    locked.chmod(0)
+    good = tmp_path / "good.svs"
+    shutil.copy(data_file("cmu-1-small-region.svs"), good)
+    out = tmp_path / "out"
+    prefix = without_privileges()
+    if prefix is None:
+        pytest.skip("running as root without setpriv: no file is unreadable to this process")
+    proc = gpupath("run", loop_a, locked, good, "--out", out, "--device", "cpu", "--no-reports", "--workers", "0",
+                   timeout=HANG_S, prefix=prefix)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "Usage:" not in proc.stderr, proc.stderr
+    lines = error_lines(proc)
+    assert len(lines) == 2, proc.stderr
+    assert any(str(loop_a) in ln and "symlink loop" in ln for ln in lines), lines
+    assert any(str(locked) in ln and "permission denied" in ln.lower() for ln in lines), lines
+    rows = {Path(r["path"]).name: r["status"] for r in pq.read_table(out / "slides.parquet").to_pylist()}
+    assert rows == {"loop-a.svs": "failed", "locked.svs": "failed", "good.svs": "ok"}
+
+
+def test_unreadable_source_is_one_ingest_failure(tmp_path: Path) -> None:
+    """ingest and info: a file the user may not read is one error line (exit 1), not a usage error; the
+    other source is stored."""
+    prefix = without_privileges()
+    if prefix is None:
+        pytest.skip("running as root without setpriv: no file is unreadable to this process")
+    locked = tmp_path / "locked.svs"
+    shutil.copy(data_file("small.svs"), locked)
+    locked.chmod(0)
+    proc = gpupath("ingest", locked, data_file("cmu-1-small-region.svs"), "--store", tmp_path / "store",
+                   timeout=HANG_S, prefix=prefix)
+    assert proc.returncode == 1 and "Usage:" not in proc.stderr, proc.stderr
+    (line,) = error_lines(proc)
+    assert str(locked) in line and "permission denied" in line.lower(), line
+    assert "1 stored" in proc.stdout, proc.stdout
+    proc = gpupath("info", locked, timeout=HANG_S, prefix=prefix)
+    assert proc.returncode == 1 and len(error_lines(proc)) == 1 and "permission denied" in proc.stderr.lower()
+
+
+def test_a_newline_in_a_file_name_prints_on_one_line(tmp_path: Path) -> None:
+    """A name with a newline must not forge a second output line: every name is printed escaped."""
+    name = "a\nerror: fake.svs: injected line.svs"
+    evil = tmp_path / name
+    shutil.copy(data_file("cmu-1-small-region.svs"), evil)
+    proc = gpupath("run", evil, "--out", tmp_path / "out", "--device", "cpu", "--no-reports", timeout=HANG_S)
+    assert proc.returncode == 0, proc.stderr
+    assert not any(line.startswith("error: fake.svs") for line in proc.stderr.splitlines()), proc.stderr
+    assert error_lines(proc) == [] and "injected line.svs" in proc.stdout + proc.stderr
+    assert "a\\nerror: fake.svs" in proc.stdout + proc.stderr  # shown, escaped onto its line
+
+
+def _patched_tag(tmp_path: Path, tag: int, value: int, name: str) -> Path:
+    """The CMU-1 crop with one SHORT/LONG tag of IFD 0 set to ``value``."""
+    data = bytearray(data_file("cmu-1-small-region.svs").read_bytes())
+    order, ifd0, count, _ = _first_ifd(data)
+    for i in range(count):
+        at = ifd0 + 2 + 12 * i
+        code, kind = struct.unpack(order + "HH", data[at:at + 4])
+        if code == tag:
+            value_bytes = struct.pack(order + "HH", value, 0) if kind == 3 else struct.pack(order + "I", value)
+            data[at + 8:at + 12] = value_bytes
+            break
+    else:
+        raise AssertionError(f"tag {tag} not in IFD 0")
+    path = tmp_path / name
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("command", ["info", "run", "ingest"])
+def test_zero_width_image_is_one_line(tmp_path: Path, command: str) -> None:
+    path = _patched_tag(tmp_path, 256, 0, "zero-width.svs")  # ImageWidth 0
+    extra = {"run": ["--out", tmp_path / "out", "--device", "cpu"], "ingest": ["--store", tmp_path / "store"],
+             "info": []}[command]
+    proc = gpupath(command, path, *extra, timeout=HANG_S)
+    assert proc.returncode == 1, proc.stderr
+    (line,) = error_lines(proc)
+    assert str(path) in line and "width" in line.lower() and "division" not in line, line
+    assert "Traceback" not in proc.stderr
+
+
+def test_empty_bigtiff_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "empty-big.tif"
+    path.write_bytes(b"II+\x00\x08\x00\x00\x00" + struct.pack("<Q", 0))  # BigTIFF header, no directory
+    proc = gpupath("info", path, timeout=HANG_S)
+    assert proc.returncode == 1 and len(error_lines(proc)) == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_implausible_mpp_in_the_file_is_refused(tmp_path: Path) -> None:
+    src = data_file("cmu-1-small-region.svs").read_bytes()
+    path = tmp_path / "tiny-mpp.svs"
+    path.write_bytes(src.replace(b"MPP = 0.4990", b"MPP = 1e-9  "))
+    assert b"MPP = 1e-9" in path.read_bytes()
+    proc = gpupath("run", path, "--out", tmp_path / "out", "--device", "cpu", timeout=HANG_S)
+    assert proc.returncode == 1, proc.stderr
+    (line,) = error_lines(proc)
+    assert "µm/px" in line and "too big" not in line and "--mpp" in line, line
+
+
+@pytest.mark.parametrize("args, expected", [(["--mpp", "1e-12"], "mpp must be in"),
+                                            (["--tile", "100000"], "tile_px must be")])
+def test_implausible_arguments_are_bad_arguments(tmp_path: Path, args: list[str], expected: str) -> None:
+    proc = gpupath("run", data_file("cmu-1-small-region.svs"), "--out", tmp_path / "out", "--device", "cpu", *args,
+                   timeout=HANG_S)
+    assert proc.returncode == 2 and expected in proc.stderr and "MemoryError" not in proc.stderr, proc.stderr

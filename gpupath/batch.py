@@ -35,7 +35,7 @@ import platform
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +43,12 @@ from gpupath._version import __version__
 from gpupath.errors import ConfigError, unexpected
 from gpupath.pipeline import RunParams, SlideResult, detector_record, process_slide
 from gpupath.files import write_json_atomic
-from gpupath.results import write_slides_table
+from gpupath.results import write_error, write_slides_table
 
 log = logging.getLogger("gpupath.batch")
 
-__all__ = ["run_batch", "expand_inputs", "check_scheduler", "dask_client", "SLIDE_SUFFIXES", "default_workers", "run_slides",
+__all__ = ["run_batch", "expand_inputs", "store_slides", "StoreSlides", "check_scheduler", "dask_client",
+           "SLIDE_SUFFIXES", "default_workers", "run_slides",
            "environment"]
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
@@ -82,12 +83,7 @@ def expand_inputs(inputs: Sequence[str | Path], *, store: str | Path | None = No
         raise ConfigError(f"{', '.join(map(str, empty))}: no slide files in {where} "
                           f"(looked for {', '.join(sorted(SLIDE_SUFFIXES))})")
     if store is not None:
-        from gpupath.ingest import read_manifest
-
-        root = Path(store)
-        if not root.is_dir():
-            raise ConfigError(f"--store {root}: not a folder")
-        out += [root / p for p in read_manifest(root).column("stored_path").to_pylist()]
+        out += store_slides(store).paths
     seen: set[Path] = set()
     kept = []
     for p in (Path(os.path.abspath(p)) for p in out):
@@ -96,6 +92,48 @@ def expand_inputs(inputs: Sequence[str | Path], *, store: str | Path | None = No
             seen.add(key)
             kept.append(p)
     return kept
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSlides:
+    """A store's slides as a run reads them: their paths, the sha256 each must still have (absolute path
+    -> hex, from the manifest), and one sentence per manifest row refused (a path outside the store)."""
+
+    paths: list[Path]
+    expected: dict[str, str]
+    refused: list[str]
+
+
+def store_slides(store: str | Path) -> StoreSlides:
+    """The slides of a store's manifest, each inside the store's ``slides/`` folder.
+
+    A row whose ``stored_path`` is absolute, climbs out with ``..`` or resolves (through links) outside
+    the store is refused, not opened: a rewritten manifest must not make a run read ``/etc/passwd``.
+
+    Raises
+    ------
+    ConfigError
+        ``store`` is not a folder, or its manifest cannot be read.
+    """
+    from gpupath.ingest import read_manifest
+
+    root = Path(store)
+    if not root.is_dir():
+        raise ConfigError(f"--store {root}: not a folder")
+    slides_dir = _resolved(root / "slides")
+    paths, expected, refused = [], {}, []
+    for row in read_manifest(root).select(["stored_path", "sha256"]).to_pylist():
+        rel, sha = str(row["stored_path"]), str(row["sha256"])
+        path = Path(os.path.abspath(root / rel))
+        inside = not Path(rel).is_absolute() and ".." not in Path(rel).parts and \
+            _resolved(path).is_relative_to(slides_dir)
+        if not inside:
+            refused.append(f"--store {root}: manifest row {sha[:12]} points outside the store's slides/ "
+                           f"({rel!r}); not read")
+            continue
+        paths.append(path)
+        expected[str(path)] = sha
+    return StoreSlides(paths=paths, expected=expected, refused=refused)
 
 
 def _resolved(path: Path) -> Path:
@@ -167,11 +205,14 @@ class _Record:
         rows = [{k: v for k, v in asdict(r).items() if k != "timings"} for r in ordered]
         write_slides_table(rows, self.out / "slides.parquet", provenance={"params": self.params.to_dict()})
         progress = self.progress()
-        write_json_atomic({
-            "gpupath_version": __version__, "started": self.started, "finished": time.time() if final else None,
-            "params": self.params.to_dict(), "environment": self.env, **progress,
-            "slides": [asdict(r) for r in ordered],
-        }, self.out / "run.json")
+        try:
+            write_json_atomic({
+                "gpupath_version": __version__, "started": self.started, "finished": time.time() if final else None,
+                "params": self.params.to_dict(), "environment": self.env, **progress,
+                "slides": [asdict(r) for r in ordered],
+            }, self.out / "run.json")
+        except OSError as exc:  # the disk full: one line (ResultsError); the earlier run.json stays whole
+            raise write_error(self.out / "run.json", exc) from exc
         return progress
 
 
@@ -181,10 +222,11 @@ def _worker_detector(params: RunParams) -> Any:
     return params.make_detector()[0]
 
 
-def _slide_task(path: str, out: str, params: RunParams, resume: bool, checksums: dict[str, str] | None) -> SlideResult:
+def _slide_task(path: str, out: str, params: RunParams, resume: bool, checksums: dict[str, str] | None,
+                stored_sha256: str | None = None) -> SlideResult:
     """One Dask task: one slide, start to end, on a worker."""
     return process_slide(path, Path(out), params, detector=_worker_detector(params), resume=resume,
-                         checksums=checksums)
+                         checksums=checksums, stored_sha256=stored_sha256)
 
 
 def check_scheduler(address: str, *, timeout_s: float = 5.0) -> None:
@@ -244,7 +286,7 @@ def _make_cluster(device: str, workers: int, on_note: Callable[[str], None]) -> 
 
 def run_batch(paths: Sequence[str | Path], out_dir: str | Path, params: RunParams, *,
               workers: int | None = None, scheduler: str | None = None, resume: bool = True,
-              checksums: dict[str, str] | None = None,
+              checksums: dict[str, str] | None = None, stored: dict[str, str] | None = None,
               on_slide: Callable[[SlideResult], None] | None = None,
               on_tiles: Callable[[str, int, int], None] | None = None,
               on_note: Callable[[str], None] | None = None,
@@ -263,6 +305,8 @@ def run_batch(paths: Sequence[str | Path], out_dir: str | Path, params: RunParam
     resume : skip slides whose outputs are complete for the same results key.
     checksums : file name -> expected sha256 (a ``.sha256`` sidecar beside a slide counts too); a
         slide that differs fails before it is read.
+    stored : absolute path -> the sha256 a store's manifest recorded at ingest (:func:`store_slides`);
+        a stored slide whose bytes changed since fails before it is read.
     on_slide, on_tiles, on_note, on_progress : callbacks (per finished slide; per tile batch, in
         this process only; detector notes; progress figures after each slide).
 
@@ -303,12 +347,13 @@ def run_batch(paths: Sequence[str | Path], out_dir: str | Path, params: RunParam
             env["executor"] = {"kind": "in-process"}
             for i, p in enumerate(paths):
                 finish(i, process_slide(p, out, params, detector=detector, resume=resume, checksums=checksums,
+                                        stored_sha256=(stored or {}).get(str(p)),
                                         on_tiles=None if on_tiles is None else
                                         (lambda done, total, _p=str(p): on_tiles(_p, done, total))))
         else:
             del detector, impl  # workers build their own; free this one's memory (a GPU engine) first
             _run_on_dask(paths, out, params, workers=workers, scheduler=scheduler, resume=resume,
-                         checksums=checksums, env=env, finish=finish, note=note)
+                         checksums=checksums, stored=stored or {}, env=env, finish=finish, note=note)
         record.write(final=True)
         if params.reports:
             _write_index(out, note)
@@ -327,7 +372,7 @@ def _write_index(out: Path, note: Callable[[str], None]) -> None:
 
 
 def _run_on_dask(paths: list[Path], out: Path, params: RunParams, *, workers: int | None, scheduler: str | None,
-                 resume: bool, checksums: dict[str, str] | None, env: dict[str, Any],
+                 resume: bool, checksums: dict[str, str] | None, stored: dict[str, str], env: dict[str, Any],
                  finish: Callable[[int, SlideResult], None],
                  note: Callable[[str], None]) -> None:
     from distributed import as_completed
@@ -340,7 +385,7 @@ def _run_on_dask(paths: list[Path], out: Path, params: RunParams, *, workers: in
         index = {}
         futures = []
         for i, p in enumerate(paths):
-            fut = client.submit(_slide_task, str(p), str(out), params, resume, checksums,
+            fut = client.submit(_slide_task, str(p), str(out), params, resume, checksums, stored.get(str(p)),
                                 key=f"gpupath-{run_token}-{i}", pure=False)
             index[fut.key] = i
             futures.append(fut)

@@ -169,7 +169,7 @@ def _print_run_summary(results: list[SlideResult], out: Path, elapsed: float) ->
 def _run(options: RunOptions) -> int:
     """Run one validated plan with progress bars; 1 when any slide failed."""
     from gpupath.batch import run_batch
-    from gpupath.errors import ConfigError
+    from gpupath.errors import ConfigError, ResultsError
     from gpupath.run_plan import plan_run
 
     def warn(line: str) -> None:
@@ -181,6 +181,8 @@ def _run(options: RunOptions) -> int:
         raise _fail(str(exc)) from None
     if plan.device_note:
         err_console.print(plan.device_note, highlight=False)
+    for line in plan.refused:  # manifest rows of a store that are not read (the run then exits 1)
+        _say(err_console, f"error: {line}")
     t0 = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[unit]}"),
                   TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=err_console,
@@ -188,12 +190,14 @@ def _run(options: RunOptions) -> int:
         ui = _RunProgress(progress, len(plan.slides))
         try:
             results = run_batch(plan.slides, plan.out, plan.params, workers=plan.workers, scheduler=plan.scheduler,
-                                resume=plan.resume, checksums=plan.checksums, on_slide=ui.on_slide,
+                                resume=plan.resume, checksums=plan.checksums, stored=plan.stored, on_slide=ui.on_slide,
                                 on_tiles=ui.on_tiles, on_note=ui.on_note, on_progress=ui.on_progress)
         except ConfigError as exc:  # the detector, cluster or output folder is unusable: no slide was touched
             raise _fail(str(exc)) from None
+        except ResultsError as exc:  # the run record cannot be written (disk full): the slides' own outputs stand
+            raise _fail(str(exc), 1) from None
     _print_run_summary(results, plan.out, time.perf_counter() - t0)
-    return 1 if any(r.status != "ok" for r in results) else 0
+    return 1 if plan.refused or any(r.status != "ok" for r in results) else 0
 
 
 _TILE_HELP = "Tile edge, px at the target resolution (256 or 512 usual)."
@@ -602,13 +606,13 @@ def evaluate_cmd(
             except (GpupathError, ValueError, OSError) as exc:
                 raise _fail(str(exc) if str(folder) in str(exc) else f"{folder}: {exc}", 1) from None
         _print_evaluation(record)
-        out_console.print(f"wrote {where / 'evaluation.json'}", markup=False, highlight=False)
+        _say(out_console, f"wrote {where / 'evaluation.json'}")
         if card_metrics:
             from gpupath.detect.card import shipped_card
 
             card_path = model_card if model_card is not None else shipped_card().card_path
             write_card_metrics(Path(card_path), record)
-            out_console.print(f"figures written into {card_path}", markup=False, highlight=False)
+            _say(out_console, f"figures written into {card_path}")
 
 
 def _print_evaluation(record: dict) -> None:
@@ -627,9 +631,8 @@ def _print_evaluation(record: dict) -> None:
     out_console.print(table)
     for r in record["rows"]:
         if "skipped" in r:
-            out_console.print(f"note: {r['row']} skipped: {r['skipped']}", markup=False, highlight=False)
+            _say(out_console, f"note: {r['row']} skipped: {r['skipped']}")
             continue
         per = r["at_3um"]["per_class"]
         if per:
-            out_console.print(f"{r['row']}: class F1 " + ", ".join(f"{k} {v['f1']:.3f}" for k, v in per.items()),
-                              markup=False, highlight=False)
+            _say(out_console, f"{r['row']}: class F1 " + ", ".join(f"{k} {v['f1']:.3f}" for k, v in per.items()))

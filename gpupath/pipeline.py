@@ -270,7 +270,7 @@ def expected_sha256(path: Path, checksums: dict[str, str] | None = None) -> str 
 
 
 def process_slide(path: str | Path, out_dir: Path, params: RunParams, *, detector: Detector | None = None,
-                  resume: bool = True, checksums: dict[str, str] | None = None,
+                  resume: bool = True, checksums: dict[str, str] | None = None, stored_sha256: str | None = None,
                   on_tiles: Callable[[int, int], None] | None = None) -> SlideResult:
     """Run one slide and write its partitions. Never raises for a bad slide: see ``status``/``error``.
 
@@ -279,7 +279,8 @@ def process_slide(path: str | Path, out_dir: Path, params: RunParams, *, detecto
     outputs in ``out_dir`` are complete for the same :func:`results_key` is not redone: its
     recorded result comes back with ``resumed=True``. A slide whose sha256 differs from the one
     ``checksums`` or its ``.sha256`` sidecar gives (:func:`expected_sha256`) fails before anything
-    reads it as a slide. ``on_tiles(done, total)`` is called after each batch (progress display).
+    reads it as a slide; so does a slide of a store (``stored_sha256``: its manifest's hash) whose
+    bytes changed since ingest. ``on_tiles(done, total)`` is called after each batch (progress display).
     """
     if detector is None:
         detector, _ = params.make_detector()
@@ -287,13 +288,17 @@ def process_slide(path: str | Path, out_dir: Path, params: RunParams, *, detecto
     # spinning beside the prefetch thread made a slide 6x slower on a busy 2-core machine.
     with threadpool_limits(limits=1, user_api="blas"):
         return _process_slide(path, Path(out_dir), params, detector, resume=resume, checksums=checksums,
-                              on_tiles=on_tiles)
+                              stored_sha256=stored_sha256, on_tiles=on_tiles)
 
 
-def _verified_sha256(path: Path, checksums: dict[str, str] | None) -> str:
-    """The slide file's sha256, after the checksum policy: listed and matching, or SlideReadError."""
+def _verified_sha256(path: Path, checksums: dict[str, str] | None, stored_sha256: str | None) -> str:
+    """The slide file's sha256, after the checksum policy (listed and matching) and, for a stored slide,
+    the store's (unchanged since ingest); else SlideReadError. Hashed streaming, once."""
     check_slide_file(path)
     sha = sha256_file(path)
+    if stored_sha256 is not None and sha != stored_sha256.lower():
+        raise SlideReadError(f"{path}: changed since ingest: the store's manifest has sha256 {stored_sha256}, the "
+                             f"file now has {sha} (damaged or replaced; not processed; ingest the original again)")
     want = expected_sha256(path, checksums)
     if want is None and checksums is not None:
         raise SlideReadError(f"{path}: not listed in the checksums file (every slide of a verified run must be)")
@@ -408,7 +413,8 @@ def _resumed_result(out_dir: Path, path: str | Path, slide_id: str, key: str, st
 
 
 def _process_slide(path: str | Path, out_dir: Path, params: RunParams, detector: Detector, *, resume: bool,
-                   checksums: dict[str, str] | None, on_tiles: Callable[[int, int], None] | None) -> SlideResult:
+                   checksums: dict[str, str] | None, stored_sha256: str | None,
+                   on_tiles: Callable[[int, int], None] | None) -> SlideResult:
     start = time.perf_counter()
     if params.device == "cpu":  # Numba and the CPU kernels load (~0.4 s, once a process) while the slide is hashed
         warm_up_in_background()
@@ -417,7 +423,7 @@ def _process_slide(path: str | Path, out_dir: Path, params: RunParams, detector:
     key = results_key(params, detector)
     try:
         t = timer.mark()
-        result.sha256 = result.slide_id = _verified_sha256(Path(path), checksums)
+        result.sha256 = result.slide_id = _verified_sha256(Path(path), checksums, stored_sha256)
         if resume and (kept := _resumed_result(out_dir, path, result.slide_id, key, start)) is not None:
             return kept
         remove_slide_parts(out_dir, result.slide_id)  # a failed re-run must not leave the old results

@@ -23,8 +23,9 @@ reader reads every minor of its major; another major is refused with a message s
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ __all__ = [
     "remove_slide_parts",
     "slide_part_paths",
     "write_slides_table",
+    "write_error",
     "morton_code",
     "schema_major",
 ]
@@ -192,12 +194,29 @@ def remove_slide_parts(out_dir: Path, slide_id: str) -> None:
             path.unlink()
 
 
+def write_error(path: Path, exc: OSError) -> ResultsError:
+    """One line for an output that could not be written (the disk full, a read-only folder, ...): the
+    temporary file is already gone (``atomic_path``), so nothing half-written is left."""
+    text = exc.strerror or str(exc).replace("\n", " ")
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc)
+    return ResultsError(f"{path}: cannot write it: {text}" + ("; the disk is full" if full else ""))
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        raise write_error(path, exc) from exc
+
+
 def write_marker(out_dir: Path, slide_id: str, *, results_key: str, result: Mapping[str, Any]) -> None:
     """Vouch that a slide's partitions are complete for ``results_key``: records their sizes, atomically."""
     parts = slide_part_paths(out_dir, slide_id)
-    write_json_atomic({"slide_id": slide_id, "results_key": results_key,
-                       "sizes": {name: path.stat().st_size for name, path in parts.items()},
-                       "result": dict(result)}, marker_path(out_dir, slide_id))
+    with _writing(marker_path(out_dir, slide_id)):
+        write_json_atomic({"slide_id": slide_id, "results_key": results_key,
+                           "sizes": {name: path.stat().st_size for name, path in parts.items()},
+                           "result": dict(result)}, marker_path(out_dir, slide_id))
 
 
 def completed_result(out_dir: Path, slide_id: str, results_key: str) -> dict[str, Any] | None:
@@ -229,7 +248,7 @@ def write_slide_parts(out_dir: Path, slide_id: str, detections: pa.Table, tiles:
     paths = slide_part_paths(out_dir, slide_id)
     names = DETECTIONS_SCHEMA.names
     sorting = [pq.SortingColumn(names.index(c)) for c in ("tile_key", "y0_px", "x0_px")]
-    with contextlib.ExitStack() as stack:
+    with _writing(paths["detections"].parent.parent), contextlib.ExitStack() as stack:
         tmps = {name: stack.enter_context(atomic_path(paths[name])) for name in paths}
         pq.write_table(detections, tmps["detections"], row_group_size=row_group_rows, write_statistics=True,
                        compression="zstd", sorting_columns=sorting)
@@ -277,5 +296,5 @@ def write_slides_table(rows: list[Mapping[str, Any]], final: Path, *, provenance
     """slides.parquet: one row per slide (ok or failed), written atomically."""
     columns = {f.name: [row.get(f.name) for row in rows] for f in SLIDES_SCHEMA}
     table = pa.table(columns, schema=SLIDES_SCHEMA).replace_schema_metadata(_metadata(provenance))
-    with atomic_path(final) as tmp:
+    with _writing(final), atomic_path(final) as tmp:
         pq.write_table(table, tmp)

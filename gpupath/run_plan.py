@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from gpupath.batch import expand_inputs
+from gpupath.batch import expand_inputs, store_slides
 from gpupath.errors import ConfigError
 from gpupath.pipeline import RunParams, resolve_device
 from gpupath.tiling import DEFAULT_TARGET_MPP, TileSpec
@@ -66,6 +66,8 @@ class RunPlan:
     scheduler: str | None
     resume: bool
     checksums: dict[str, str] | None           # file name -> sha256 every slide must match (None: not asked)
+    stored: dict[str, str] = field(default_factory=dict)  # a store's slides: path -> sha256 at ingest
+    refused: list[str] = field(default_factory=list)      # manifest rows not read, one sentence each
     device_note: str | None = None             # "device: cpu (no usable CUDA GPU found)" when --device auto
 
 
@@ -105,9 +107,10 @@ def plan_run(options: RunOptions, *, warn: Callable[[str], None] = lambda line: 
         raise ConfigError(f"--out {options.out}: exists and is not a folder")
     if options.workers is not None and options.workers < 0:
         raise ConfigError(f"--workers must be >= 0 (0: in this process), got {options.workers}")
-    slides = expand_inputs(list(options.slides), store=options.store)
+    slides = expand_inputs(list(options.slides), store=options.store)  # the store's slides last
+    store = store_slides(options.store) if options.store is not None else None  # their hashes at ingest
     checksums = None if options.checksums is None else expected_checksums(options.checksums, warn)
-    if not slides:
+    if not slides and not (store and store.refused):
         raise ConfigError("no slides given (paths, folders of slides, or --store DIR)")
     device = resolve_device(options.device)
     params = RunParams(
@@ -124,4 +127,5 @@ def plan_run(options: RunOptions, *, warn: Callable[[str], None] = lambda line: 
     if options.device == "auto":
         note = f"device: {device}" + (" (no usable CUDA GPU found)" if device == "cpu" else "")
     return RunPlan(slides=slides, out=options.out, params=params, workers=options.workers,
-                   scheduler=options.scheduler, resume=not options.redo, checksums=checksums, device_note=note)
+                   scheduler=options.scheduler, resume=not options.redo, checksums=checksums, device_note=note,
+                   stored=store.expected if store else {}, refused=store.refused if store else [])

@@ -192,3 +192,79 @@ def test_implausible_arguments_are_bad_arguments(tmp_path: Path, args: list[str]
     proc = gpupath("run", data_file("cmu-1-small-region.svs"), "--out", tmp_path / "out", "--device", "cpu", *args,
                    timeout=HANG_S)
     assert proc.returncode == 2 and expected in proc.stderr and "MemoryError" not in proc.stderr, proc.stderr
+
+
+@pytest.fixture()
+def two_stored(tmp_path: Path) -> Path:
+    store = tmp_path / "store"
+    proc = gpupath("ingest", data_file("cmu-1-small-region.svs"), data_file("OS-2-ndpi.ome.tif"), "--store", store,
+                   timeout=HANG_S)
+    assert proc.returncode == 0, proc.stderr
+    return store
+
+
+def test_run_store_refuses_a_slide_changed_since_ingest(two_stored: Path, tmp_path: Path) -> None:
+    (stored,) = (two_stored / "slides").glob("*/cmu-1-small-region.svs")
+    stored.chmod(0o644)
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one bit pattern inside the pixel data: decodes without complaint
+    stored.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    proc = gpupath("run", "--store", two_stored, "--out", out, "--device", "cpu", "--no-reports", timeout=HANG_S)
+    assert proc.returncode == 1, proc.stderr
+    (line,) = error_lines(proc)
+    assert str(stored) in line and "changed since ingest" in line, line
+    rows = {Path(r["path"]).name: r["status"] for r in pq.read_table(out / "slides.parquet").to_pylist()}
+    assert rows == {"cmu-1-small-region.svs": "failed", "OS-2-ndpi.ome.tif": "ok"}
+
+
+@pytest.mark.parametrize("rewritten", ["/etc/passwd", "../../outside.svs", "slides/../../outside.svs"])
+def test_run_store_does_not_read_a_manifest_row_outside_the_store(two_stored: Path, tmp_path: Path,
+                                                                 rewritten: str) -> None:
+    import pyarrow as pa
+
+    manifest = two_stored / "manifest.parquet"
+    table = pq.read_table(manifest)
+    paths = table.column("stored_path").to_pylist()
+    i = next(k for k, p in enumerate(paths) if p.endswith("cmu-1-small-region.svs"))
+    paths[i] = rewritten
+    table = table.set_column(table.schema.get_field_index("stored_path"), table.schema.field("stored_path"),
+                             pa.array(paths, table.schema.field("stored_path").type))
+    pq.write_table(table, manifest)
+    (tmp_path / "outside.svs").write_bytes(data_file("small.svs").read_bytes())
+    out = tmp_path / "out"
+    proc = gpupath("run", "--store", two_stored, "--out", out, "--device", "cpu", "--no-reports", timeout=HANG_S)
+    assert proc.returncode == 1, proc.stderr
+    (line,) = error_lines(proc)
+    assert "points outside the store" in line and repr(rewritten) in line, line
+    rows = [Path(r["path"]).name for r in pq.read_table(out / "slides.parquet").to_pylist()]
+    assert rows == ["OS-2-ndpi.ome.tif"]  # the rewritten row was not read at all
+
+
+@pytest.mark.parametrize("size", ["16k", "64k"], ids=["record-too", "partitions-only"])
+def test_a_full_disk_is_one_line_and_nothing_half_written(tmp_path: Path, size: str) -> None:
+    """A run into a tiny real filesystem (tmpfs): the slide's partitions (and, smaller still, the run record)
+    do not fit. Each failure is one line naming the file and saying the disk is full; no traceback; no
+    temporary file left; whatever was written reads whole."""
+    import subprocess
+
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                             capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a {size} tmpfs (needs root): {mounted.stderr.strip()}")
+    try:
+        out = folder / "out"
+        proc = gpupath("run", data_file("cmu-1-small-region.svs"), "--out", out, "--device", "cpu", "--no-reports",
+                       timeout=HANG_S)
+        assert proc.returncode == 1, proc.stderr
+        assert "Traceback" not in proc.stderr and "WARNING" not in proc.stderr, proc.stderr
+        lines = error_lines(proc)
+        assert lines and all(str(out) in ln and "the disk is full" in ln for ln in lines), lines
+        assert leftovers(out) == []
+        if (out / "slides.parquet").exists():
+            assert pq.read_table(out / "slides.parquet").num_rows in (0, 1)
+        assert not list((out / "detections").rglob("*.parquet")) if (out / "detections").exists() else True
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)

@@ -547,8 +547,12 @@ def serve_cmd(
     except (GpupathError, ValueError) as exc:
         raise _fail(str(exc)) from None
     shown = "localhost" if host in ("127.0.0.1", "::1") else host
-    _say(err_console, f"serving {len(src.slides)} slides of {source} on http://{shown}:{port}/ (device: {dev})")
-    serve(src, host=host, port=port, token=token, cache_bytes=cache_mb * 2**20, device=dev)
+    try:
+        serve(src, host=host, port=port, token=token, cache_bytes=cache_mb * 2**20, device=dev,
+              on_listening=lambda: _say(err_console, f"serving {len(src.slides)} slides of {source} on "
+                                                     f"http://{shown}:{port}/ (device: {dev})"))
+    except GpupathError as exc:  # the port is taken: said before any "serving" line
+        raise _fail(str(exc), 1) from None
 
 
 @app.command("evaluate")

@@ -408,6 +408,9 @@ def _resumed_result(out_dir: Path, path: str | Path, slide_id: str, key: str, st
     if done is None:
         return None
     kept = SlideResult(**{k: v for k, v in done.items() if k in SlideResult.__dataclass_fields__})
+    if str(done.get("path", "")) != str(path):  # another file with the same bytes made them (this run or one before)
+        same = f"same bytes as {done.get('path')} (sha256 {slide_id[:12]}): its outputs are this slide's"
+        kept.warning = "; ".join(w for w in (same, kept.warning) if w)
     kept.path, kept.resumed, kept.seconds = str(path), True, time.perf_counter() - start
     return kept
 

@@ -268,3 +268,20 @@ def test_a_full_disk_is_one_line_and_nothing_half_written(tmp_path: Path, size: 
         assert not list((out / "detections").rglob("*.parquet")) if (out / "detections").exists() else True
     finally:
         subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_identical_bytes_under_two_names_are_said_so(tmp_path: Path) -> None:
+    """Two names, one file's bytes, in a fresh folder: processed once; the second is not "resumed from an
+    earlier run" without a word but says whose outputs it shares."""
+    first, second = tmp_path / "first.svs", tmp_path / "second.svs"
+    shutil.copy(data_file("cmu-1-small-region.svs"), first)
+    shutil.copy(first, second)
+    out = tmp_path / "out"
+    proc = gpupath("run", first, second, "--out", out, "--device", "cpu", "--no-reports", "--workers", "0",
+                   timeout=HANG_S)
+    assert proc.returncode == 0, proc.stderr
+    warnings = [ln for ln in proc.stderr.splitlines() if ln.startswith("warning:")]
+    assert any(str(second) in ln and f"same bytes as {first}" in ln for ln in warnings), proc.stderr
+    rows = {Path(r["path"]).name: r for r in pq.read_table(out / "slides.parquet").to_pylist()}
+    assert rows["first.svs"]["slide_id"] == rows["second.svs"]["slide_id"]
+    assert rows["second.svs"]["n_detections"] == rows["first.svs"]["n_detections"] > 0

@@ -9,6 +9,7 @@ import logging
 import math
 import re
 import threading
+import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from gpupath.errors import GpupathError
+from gpupath.errors import GpupathError, ResultsError, one_line
 from gpupath.serve._source import SLIDE_ID_RE, ServedSlide, ServeSource
 from gpupath.serve._tiles import TILE_FORMATS, DziGeometry, TileCache, TileTooCostly, render_tile
 
@@ -101,7 +102,7 @@ class TokenMiddleware:
             auth = req.headers.get("authorization", "")
             from_query = req.query_params.get("token", "")
             given = (auth[7:] if auth.lower().startswith("bearer ") else
-                     from_query or req.cookies.get(TOKEN_COOKIE, ""))
+                     from_query or urllib.parse.unquote(req.cookies.get(TOKEN_COOKIE, "")))  # the cookie is quoted
             if not hmac.compare_digest(given.encode(), self.secret):
                 resp = PlainTextResponse("401 unauthorized: token required", status_code=401,
                                          headers={"WWW-Authenticate": "Bearer"})
@@ -111,7 +112,8 @@ class TokenMiddleware:
                 # the page's own script, tile and link requests carry no token: a cookie does it for them
                 async def send_with_cookie(message: Any) -> None:
                     if message["type"] == "http.response.start":
-                        cookie = f"{TOKEN_COOKIE}={from_query}; Path=/; HttpOnly; SameSite=Strict"
+                        value = urllib.parse.quote(from_query, safe="")  # a header is Latin-1: any token fits quoted
+                        cookie = f"{TOKEN_COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict"
                         message.setdefault("headers", []).append((b"set-cookie", cookie.encode("latin-1")))
                     await send(message)
 
@@ -306,7 +308,15 @@ class Handlers:
         except (KeyError, ValueError):
             return PlainTextResponse("400 expected x0<x1, y0<y1 (level-0 px), min_score, "
                                      f"0 <= max_boxes <= {MAX_BOXES_LIMIT}", status_code=400)
-        payload = await run_in_threadpool(detections_payload, self.source.root, sid, bbox, min_score, max_boxes)
+        try:
+            payload = await run_in_threadpool(detections_payload, self.source.root, sid, bbox, min_score, max_boxes)
+        except (OSError, ValueError, ResultsError) as exc:  # a damaged partition (pyarrow: OSError/ArrowInvalid)
+            if sid not in self.warned:
+                self.warned.add(sid)
+                log.warning("slide %s: detections unreadable: %s", sid, one_line(str(exc).splitlines()[0] if str(exc)
+                                                                                 else type(exc).__name__))
+            return PlainTextResponse("503 this slide's detections cannot be read on the server (damaged file)",
+                                     status_code=503)
         return JSONResponse(payload, headers=security_headers())
 
     async def report(self, req: Request) -> Response:

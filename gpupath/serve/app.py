@@ -25,8 +25,10 @@ non-loopback host without a token. Tiles are cached in an LRU bounded in bytes.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
+import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,18 +89,46 @@ def create_app(source: ServeSource | str | Path, *, token: str | None = None, ca
     st = AppState(source, cache_bytes, device, tile_format, quality)
     app = Starlette(routes=Handlers(st).routes(),
                     middleware=[Middleware(TokenMiddleware, secret=token.encode() if token else None)])
+    # no "/viewer/" -> "/viewer" redirects: Starlette builds them from the Host header, so a forged Host
+    # would send the browser to another site; an unknown path is a 404
+    app.router.redirect_slashes = False
     app.state.gp = st
     return app
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` and listening (ConfigError, one line, when the port is taken or the
+    address is not this machine's): bound before anything says "serving"."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, UnicodeError) as exc:
+        raise ConfigError(f"--host {host}: not an address to bind ({exc})") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        reason = "in use by another program" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+        raise ConfigError(f"--port {port}: cannot listen on {host}:{port}: {reason}") from None
+    return sock
+
+
 def serve(source: str | Path, *, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
-          cache_bytes: int = DEFAULT_CACHE_BYTES, device: Literal["cpu", "cuda"] = "cpu") -> None:
-    """Run :func:`create_app` under uvicorn until interrupted (ConfigError: unsafe bind, bad source)."""
+          cache_bytes: int = DEFAULT_CACHE_BYTES, device: Literal["cpu", "cuda"] = "cpu",
+          on_listening: Any = None) -> None:
+    """Run :func:`create_app` under uvicorn until interrupted (ConfigError: unsafe bind, bad source, a port
+    in use). ``on_listening()`` is called once the socket listens, before the first request."""
     import uvicorn
 
     check_bind(host, token)
     app = create_app(source, token=token, cache_bytes=cache_bytes, device=device)
-    uvicorn.run(app, host=host, port=port, log_level="warning", server_header=False)
+    sock = listening_socket(host, port)
+    if on_listening is not None:
+        on_listening()
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", server_header=False))
+    server.run(sockets=[sock])
 
 
 @dataclass

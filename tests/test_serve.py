@@ -431,3 +431,92 @@ def test_bench_serve_runs_tiny(tmp_path: Path) -> None:
     assert all(math.isfinite(v) and v > 0 for v in r["server_rss_mb"].values()), r["server_rss_mb"]
     md = bench.markdown(r)
     assert "tiles/s" in md and f"| {r['tiles_per_s']} | {lat['p50']} |" in md
+
+
+# --- issue 18, item 10: small holes ------------------------------------------------------------
+
+def test_a_token_outside_latin1_logs_in_and_its_cookie_works(run_out: Path) -> None:
+    """A token of any Unicode text: ``?token=`` (percent-encoded UTF-8) logs in and sets a cookie that works
+    (it was a 500: a header is Latin-1)."""
+    import urllib.parse
+
+    token = "clé-日本-ü"
+    bg = serve_in_thread(create_app(run_out, token=token), token=token)
+    try:
+        status, _, headers = _get(bg, "/viewer?token=" + urllib.parse.quote(token))
+        assert status == 200, status
+        jar = {"Cookie": headers["set-cookie"].split(";")[0]}
+        assert _get(bg, "/api/slides", jar)[0] == 200
+        assert _get(bg, "/api/slides", {"Cookie": "gpupath_token=" + urllib.parse.quote("clé-日本-x")})[0] == 401
+    finally:
+        bg.stop()
+
+
+def test_no_redirect_built_from_the_host_header(server) -> None:
+    """``/viewer/`` with a forged Host: a 404 here, not a redirect to that host."""
+    _, bg = server
+    status, _, headers = _get(bg, "/viewer/", {"Host": "evil.example"})
+    assert status == 404 and "evil.example" not in headers.get("location", ""), (status, headers)
+
+
+def test_a_damaged_detections_partition_is_a_503_not_a_500(run_out: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(run_out, copy)
+    sid = _slide_id(copy)
+    part = copy / "detections" / f"slide_id={sid}" / "part-0.parquet"
+    data = bytearray(part.read_bytes())
+    data[8:len(data) - 1024] = bytes(len(data) - 1032)  # data pages zeroed, footer kept: opens, cannot be read
+    part.write_bytes(bytes(data))
+    bg = serve_in_thread(create_app(copy))
+    try:
+        status, body, _ = _get(bg, f"/api/detections/{sid}?x0=0&y0=0&x1=4096&y1=4096")
+        assert status == 503 and b"damaged" in body, (status, body[:200])
+        assert _get(bg, "/api/slides")[0] == 200  # the server goes on
+    finally:
+        bg.stop()
+
+
+def test_a_busy_port_is_one_line_before_any_serving_line(run_out: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "gpupath", "serve", str(run_out), "--port", str(port),
+                               "--device", "cpu"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert "serving" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert f"--port {port}" in line and "in use" in line, line
+
+
+# --- issue 18, item 6: half-sent requests ------------------------------------------------------
+
+def test_half_sent_requests_are_closed_and_others_still_served(server, run_out: Path) -> None:
+    """Slowloris: 20 connections that send part of their headers and stop. A normal request is still
+    answered meanwhile, and each half-sent one is closed within 20 s (the header deadline is 10 s)."""
+    import socket
+    import time
+
+    from gpupath.serve import HEADER_TIMEOUT_S
+
+    _, bg = server
+    held = []
+    for _ in range(20):
+        s = socket.create_connection((bg.host, bg.port), timeout=30)
+        s.sendall(b"GET /api/slides HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+        held.append(s)
+    t0 = time.monotonic()
+    sid = _slide_id(run_out)
+    status, body, _ = _get(bg, f"/dzi/{sid}_files/12/0_0.jpeg")
+    assert status == 200 and body[:2] == b"\xff\xd8"  # a tile, while 20 half-sent requests wait
+    closed_after = []
+    for s in held:
+        s.settimeout(max(0.1, 20 - (time.monotonic() - t0)))
+        try:
+            assert s.recv(1024) == b""  # closed by the server, no response to a request never finished
+        finally:
+            s.close()
+        closed_after.append(time.monotonic() - t0)
+    assert max(closed_after) < 20 and min(closed_after) >= HEADER_TIMEOUT_S - 1, closed_after

@@ -127,8 +127,18 @@ def serve(source: str | Path, *, host: str = "127.0.0.1", port: int = 8000, toke
     sock = listening_socket(host, port)
     if on_listening is not None:
         on_listening()
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", server_header=False))
+    server = uvicorn.Server(uvicorn_config(app))
     server.run(sockets=[sock])
+
+
+def uvicorn_config(app: Any, **kwargs: Any) -> Any:
+    """uvicorn's settings for our server: its h11 protocol with deadlines on half-sent requests
+    (:class:`gpupath.serve._protocol.DeadlineH11Protocol`), no server header, warnings only."""
+    import uvicorn
+
+    from gpupath.serve._protocol import DeadlineH11Protocol
+
+    return uvicorn.Config(app, http=DeadlineH11Protocol, log_level="warning", server_header=False, **kwargs)
 
 
 @dataclass
@@ -160,8 +170,7 @@ def serve_in_thread(app: Any, *, host: str = "127.0.0.1", port: int = 0, token: 
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    config = uvicorn.Config(app, log_level="warning", server_header=False, lifespan="off")
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn_config(app, lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="gpupath-serve")
     thread.start()
     deadline = time.monotonic() + 20

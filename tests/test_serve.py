@@ -259,10 +259,10 @@ def test_huge_viewport_is_clamped_not_a_server_error(server, run_out: Path) -> N
     assert _get(bg, f"/api/detections/{sid}?x0=0&y0=0&x1=1e-300&y1=1e-300")[0] == 400
 
 
-def test_a_slide_without_a_pyramid_gets_404_not_a_whole_slide_read(tmp_path: Path) -> None:
+def test_a_slide_without_a_pyramid_is_never_read_whole_per_tile(tmp_path: Path) -> None:
     import tifffile
 
-    from gpupath.serve._tiles import MAX_READ_PX, TileTooCostly, _read_level_rgb
+    from gpupath.serve._tiles import MAX_READ_PX, TileTooCostly, _read_level_rgb, build_overview
 
     path = tmp_path / "flat.tif"  # one level, 5000 x 5000: a low DZI level would read all of it per tile
     tifffile.imwrite(path, np.full((5000, 5000, 3), 200, np.uint8), tile=(256, 256), photometric="rgb",
@@ -271,10 +271,53 @@ def test_a_slide_without_a_pyramid_gets_404_not_a_whole_slide_read(tmp_path: Pat
 
     with open_slide(path, mpp=0.5) as slide:
         g = DziGeometry(5000, 5000)
-        assert 5000 * 5000 > MAX_READ_PX / 4
+        assert 5000 * 5000 > MAX_READ_PX
         with pytest.raises(TileTooCostly, match="gpupath convert"):
-            _read_level_rgb(slide, g, 2, 0, 0, "cpu", None)  # 1 px per 4096 level-0 px: whole slide
+            _read_level_rgb(slide, g, 2, 0, 0, "cpu", None)  # 1 px per 2048 level-0 px: the whole slide
         assert _read_level_rgb(slide, g, g.max_level, 0, 0, "cpu", None).shape[-1] == 3
+        ov = build_overview(slide, g)  # read strip by strip, at most MAX_READ_PX pixels each
+        assert ov.downsample == 4 and ov.rgb.shape == (1250, 1250, 3) and (ov.rgb == 200).all()
+        tile = _read_level_rgb(slide, g, 2, 0, 0, "cpu", None, overview=lambda: ov)
+        w, h = g.level_dimensions(2)
+        assert tile.shape == (h, w, 3) and (tile == 200).all()
+
+
+def test_low_zoom_tiles_of_an_unpyramided_slide_come_from_one_bounded_overview(tmp_path: Path) -> None:
+    """20 concurrent low-zoom tiles of a one-level 6000 x 6000 slide: all served (they were 404s or whole-slide
+    reads of 48 MiB each), from one overview built once; the memory the server allocated for them stays under
+    100 MiB (tracemalloc: NumPy and Pillow buffers included)."""
+    import concurrent.futures as cf
+    import tracemalloc
+
+    import tifffile
+
+    from gpupath.ingest import ingest
+
+    ramp = np.broadcast_to((np.arange(6000, dtype=np.uint16) % 251).astype(np.uint8)[None, :, None], (6000, 6000, 3))
+    flat = tmp_path / "flat.tif"
+    tifffile.imwrite(flat, np.ascontiguousarray(ramp), tile=(512, 512), photometric="rgb", compression="jpeg",
+                     resolution=(20000, 20000), resolutionunit="CENTIMETER")  # 0.5 µm/px
+    store = tmp_path / "store"
+    (stored,) = ingest([flat], store)
+    assert stored.status == "stored", stored.reason
+    app = create_app(store, cache_bytes=0)  # no tile cache: every request renders
+    bg = serve_in_thread(app)
+    try:
+        g = DziGeometry(6000, 6000)
+        wanted = [(level, col, row) for level in range(g.max_level - 5, g.max_level - 2)
+                  for col in range(g.tile_count(level)[0]) for row in range(g.tile_count(level)[1])]
+        wanted = (wanted * 20)[:20]
+        tracemalloc.start()
+        with cf.ThreadPoolExecutor(20) as pool:
+            codes = list(pool.map(lambda t: _get(bg, f"/dzi/{stored.sha256}_files/{t[0]}/{t[1]}_{t[2]}.jpeg")[0],
+                                  wanted))
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    finally:
+        bg.stop()
+    assert codes == [200] * 20, codes
+    assert app.state.gp.overviews_built == 1
+    assert peak < 100 * 2**20, f"{peak / 2**20:.0f} MiB allocated serving 20 low-zoom tiles"
 
 
 def test_a_slide_file_gone_since_the_run_is_404_and_one_log_line(tmp_path: Path,

@@ -10,6 +10,7 @@ import math
 import re
 import threading
 import urllib.parse
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,9 +21,10 @@ from starlette.routing import Route
 
 from gpupath.errors import GpupathError, ResultsError, one_line
 from gpupath.serve._source import SLIDE_ID_RE, ServedSlide, ServeSource
-from gpupath.serve._tiles import TILE_FORMATS, DziGeometry, TileCache, TileTooCostly, render_tile
+from gpupath.serve._tiles import TILE_FORMATS, DziGeometry, Overview, TileCache, TileTooCostly, build_overview, render_tile
 
 log = logging.getLogger("gpupath.serve")
+MAX_OVERVIEWS = 4  # slides whose overview (<= 12 MiB each) is kept
 
 __all__ = ["AppState", "Handlers", "TokenMiddleware", "security_headers", "density", "TOKEN_COOKIE",
            "MAX_BOXES_LIMIT", "DENSITY_CELLS"]
@@ -47,6 +49,28 @@ class AppState:
         self.opens = 0
         self._open: dict[str, tuple[Any, DziGeometry, threading.Lock]] = {}
         self._lock = threading.Lock()
+        self._overviews: OrderedDict[str, Overview] = OrderedDict()  # the last MAX_OVERVIEWS slides' overviews
+        self._building: dict[str, threading.Lock] = {}
+        self.overviews_built = 0
+
+    def overview(self, slide_id: str) -> Overview:
+        """The slide's :class:`Overview`, built once (concurrent asks wait for the one build), the last
+        MAX_OVERVIEWS kept."""
+        with self._lock:
+            building = self._building.setdefault(slide_id, threading.Lock())
+        with building:
+            with self._lock:
+                if slide_id in self._overviews:
+                    self._overviews.move_to_end(slide_id)
+                    return self._overviews[slide_id]
+            slide, geom, lock = self.slide(slide_id)
+            ov = build_overview(slide, geom, lock)
+            with self._lock:
+                self._overviews[slide_id] = ov
+                self.overviews_built += 1
+                while len(self._overviews) > MAX_OVERVIEWS:
+                    self._overviews.popitem(last=False)
+            return ov
 
     def slide(self, slide_id: str) -> tuple[Any, DziGeometry, threading.Lock]:
         with self._lock:
@@ -285,7 +309,7 @@ class Handlers:
                 slide, geom, lock = st.slide(sid)
                 st.reads += 1
                 return render_tile(slide, geom, level, col, row, fmt=fmt, quality=st.quality, device=st.device,
-                                   lock=lock)
+                                   lock=lock, overview=lambda: st.overview(sid))
             try:
                 data = await run_in_threadpool(work)
             except TileTooCostly as exc:

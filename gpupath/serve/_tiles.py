@@ -12,16 +12,19 @@ on the GPU (cuCIM read + :func:`gpupath._resize` as matrix products on the devic
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["DziGeometry", "TileCache", "render_tile", "TILE_FORMATS"]
+__all__ = ["DziGeometry", "TileCache", "render_tile", "TILE_FORMATS", "Overview", "build_overview", "OVERVIEW_MAX_PX",
+           "MAX_READ_PX"]
 
 TILE_FORMATS = {"jpeg": "image/jpeg", "png": "image/png"}
 
@@ -84,16 +87,65 @@ class DziGeometry:
                 f'<Size Width="{self.width_px}" Height="{self.height_px}"/></Image>\n')
 
 
-MAX_READ_PX = 16 * 1024 * 1024   # pixels one tile may read (16 x a 1024-px tile; 48 MiB of RGB)
+MAX_READ_PX = 4 * 1024 * 1024    # pixels one tile may read from the slide (12 MiB of RGB); more: the overview
+OVERVIEW_MAX_PX = 2048           # long side of a slide's overview, px (at most 12 MiB of RGB)
 
 
 class TileTooCostly(ValueError):
     """The slide has no level close enough to this zoom: one tile would read too many pixels."""
 
 
+@dataclass(frozen=True, slots=True)
+class Overview:
+    """The whole slide at ``downsample`` level-0 px per px (a power of two; long side <= OVERVIEW_MAX_PX)."""
+
+    rgb: np.ndarray   # (h, w, 3) uint8
+    downsample: int
+
+
+def build_overview(slide: Any, geom: DziGeometry, lock: threading.Lock | None = None) -> Overview:
+    """The slide's overview, read in strips of at most MAX_READ_PX pixels from the level closest to it.
+
+    For a slide without a pyramid this reads level 0 once, strip by strip (memory: one strip and the
+    overview), where serving its low-zoom tiles one by one would decode the whole slide for each.
+    """
+    from PIL import Image
+
+    ds = 1 << max(0, math.ceil(math.log2(max(geom.width_px, geom.height_px) / OVERVIEW_MAX_PX)))
+    ow, oh = -(-geom.width_px // ds), -(-geom.height_px // ds)
+    level = slide.get_best_level_for_downsample(ds)
+    d = float(slide.level_downsamples[level])
+    lw, lh = slide.level_dimensions[level]
+    out = np.empty((oh, ow, 3), np.uint8)
+    rows = max(1, int(MAX_READ_PX // max(lw, 1) * d // ds))  # overview rows per strip
+    for r0 in range(0, oh, rows):
+        r1 = min(oh, r0 + rows)
+        y0, y1 = int(r0 * ds / d), min(lh, max(int(r0 * ds / d) + 1, math.ceil(r1 * ds / d)))
+        with lock if lock is not None else contextlib.nullcontext():
+            strip = slide.read_rgb((0, int(round(y0 * d))), level, (lw, y1 - y0))
+        strip = np.asarray(strip)  # host (the overview is host memory whatever the device)
+        out[r0:r1] = np.asarray(Image.fromarray(np.ascontiguousarray(strip)).resize((ow, r1 - r0), Image.Resampling.BOX))
+    return Overview(out, ds)
+
+
+def _from_overview(ov: Overview, geom: DziGeometry, level: int, col: int, row: int) -> np.ndarray:
+    """A tile cut from the overview and resized to the DZI level (upsampled where the overview is coarser)."""
+    from PIL import Image
+
+    x0, y0, x1, y1 = geom.tile_bounds(level, col, row)
+    f = geom.downsample(level) / ov.downsample  # overview px per DZI px
+    h, w = ov.rgb.shape[:2]
+    box = (min(x0 * f, w), min(y0 * f, h), min(x1 * f, w), min(y1 * f, h))
+    img = Image.fromarray(ov.rgb).resize((x1 - x0, y1 - y0), Image.Resampling.BOX if f >= 1 else
+                                         Image.Resampling.BILINEAR, box=box)
+    return np.asarray(img)
+
+
 def _read_level_rgb(slide: Any, geom: DziGeometry, level: int, col: int, row: int,
-                    device: Literal["cpu", "cuda"], lock: threading.Lock | None) -> Any:
-    """(h, w, 3) uint8 pixels of a tile (NumPy, or CuPy when ``device="cuda"``), resized to the DZI level."""
+                    device: Literal["cpu", "cuda"], lock: threading.Lock | None,
+                    overview: Callable[[], Overview] | None = None) -> Any:
+    """(h, w, 3) uint8 pixels of a tile (NumPy, or CuPy when ``device="cuda"``), resized to the DZI level;
+    from ``overview()`` where the slide read would exceed MAX_READ_PX (a slide without the level)."""
     x0, y0, x1, y1 = geom.tile_bounds(level, col, row)
     ds = geom.downsample(level)
     slide_level = slide.get_best_level_for_downsample(ds)
@@ -101,6 +153,8 @@ def _read_level_rgb(slide: Any, geom: DziGeometry, level: int, col: int, row: in
     # level-0 px of the tile, then px at the slide level read (cover the whole tile: ceil)
     w_lvl = max(1, math.ceil((x1 - x0) * ds / ds_slide))
     h_lvl = max(1, math.ceil((y1 - y0) * ds / ds_slide))
+    if w_lvl * h_lvl > MAX_READ_PX and overview is not None:
+        return _from_overview(overview(), geom, level, col, row)  # host pixels: encoded on the host anyway
     if w_lvl * h_lvl > MAX_READ_PX:
         # a slide without the levels this view needs: one tile would read a whole slide into memory
         raise TileTooCostly(f"tile needs {w_lvl} x {h_lvl} px from level {slide_level} (downsample {ds_slide:g}); "
@@ -131,7 +185,7 @@ def _read_level_rgb(slide: Any, geom: DziGeometry, level: int, col: int, row: in
 
 def render_tile(slide: Any, geom: DziGeometry, level: int, col: int, row: int, *, fmt: str = "jpeg",
                 quality: int = 80, device: Literal["cpu", "cuda"] = "cpu",
-                lock: threading.Lock | None = None) -> bytes:
+                lock: threading.Lock | None = None, overview: Callable[[], Overview] | None = None) -> bytes:
     """Encoded tile ``(col, row)`` of DZI ``level``.
 
     Parameters
@@ -143,6 +197,8 @@ def render_tile(slide: Any, geom: DziGeometry, level: int, col: int, row: int, *
     quality : JPEG quality (1-95).
     device : ``cuda`` decodes (cuCIM) and resizes on the GPU; the host encodes.
     lock : held around the slide read.
+    overview : gives the slide's :class:`Overview` (built once by the caller); tiles whose read would exceed
+        MAX_READ_PX are cut from it. Without it such a tile raises TileTooCostly.
 
     Returns
     -------
@@ -152,8 +208,8 @@ def render_tile(slide: Any, geom: DziGeometry, level: int, col: int, row: int, *
         raise ValueError(f"tile format {fmt!r}: expected one of {sorted(TILE_FORMATS)}")
     from PIL import Image
 
-    rgb = _read_level_rgb(slide, geom, level, col, row, device, lock)
-    if device == "cuda":
+    rgb = _read_level_rgb(slide, geom, level, col, row, device, lock, overview)
+    if device == "cuda" and not isinstance(rgb, np.ndarray):
         import cupy
 
         rgb = cupy.asnumpy(rgb)  # to host for the encoder

@@ -69,9 +69,9 @@ def expand_inputs(inputs: Sequence[str | Path], *, store: str | Path | None = No
     empty: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            # slide files, and links to them (a broken one is then reported per slide, not skipped without a word)
-            found = sorted(p for p in _listing(item)
-                           if p.suffix.lower() in SLIDE_SUFFIXES and (p.is_file() or p.is_symlink()))
+            # every entry named like a slide but a folder: a broken link, a FIFO, ... is reported per slide, not
+            # skipped without a word
+            found = sorted(p for p in _listing(item) if p.suffix.lower() in SLIDE_SUFFIXES and not p.is_dir())
             dicom = [p for p in found if p.suffix.lower() == ".dcm"]
             out += [p for p in found if p.suffix.lower() != ".dcm"] + dicom[:1]  # a DICOM series opens by any file
             if not found:

@@ -7,10 +7,12 @@ line and that nothing half-written is left.
 
 from __future__ import annotations
 
+import os
 import shutil
 import struct
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -168,11 +170,22 @@ def test_zero_width_image_is_one_line(tmp_path: Path, command: str) -> None:
     assert "Traceback" not in proc.stderr
 
 
-def test_empty_bigtiff_is_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["zero-size-page", "no-directory"])
+def test_empty_bigtiff_is_one_line(tmp_path: Path, kind: str) -> None:
+    """An empty BigTIFF: one 0 x 0 page (as tifffile writes an empty array; it was a ZeroDivisionError
+    traceback in info) or a header pointing at no directory."""
+    import tifffile
+
     path = tmp_path / "empty-big.tif"
-    path.write_bytes(b"II+\x00\x08\x00\x00\x00" + struct.pack("<Q", 0))  # BigTIFF header, no directory
-    proc = gpupath("info", path, timeout=HANG_S)
-    assert proc.returncode == 1 and len(error_lines(proc)) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    if kind == "zero-size-page":
+        with pytest.warns(UserWarning):  # tifffile says the array is empty, and writes it
+            tifffile.imwrite(path, np.zeros((0, 0, 3), np.uint8), bigtiff=True)
+    else:
+        path.write_bytes(b"II+\x00\x08\x00\x00\x00" + struct.pack("<Q", 0))  # BigTIFF header, no directory
+    for command, extra in (("info", []), ("run", ["--out", tmp_path / "out", "--device", "cpu"])):
+        proc = gpupath(command, path, *extra, timeout=HANG_S)
+        assert proc.returncode == 1 and len(error_lines(proc)) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert "division" not in proc.stderr
 
 
 def test_implausible_mpp_in_the_file_is_refused(tmp_path: Path) -> None:
@@ -285,3 +298,24 @@ def test_identical_bytes_under_two_names_are_said_so(tmp_path: Path) -> None:
     rows = {Path(r["path"]).name: r for r in pq.read_table(out / "slides.parquet").to_pylist()}
     assert rows["first.svs"]["slide_id"] == rows["second.svs"]["slide_id"]
     assert rows["second.svs"]["n_detections"] == rows["first.svs"]["n_detections"] > 0
+
+
+def test_fifo_device_and_broken_link_are_named_not_empty_or_skipped(tmp_path: Path) -> None:
+    """A FIFO and /dev/zero were "file is empty (0 bytes)"; a broken link in a folder was skipped without a
+    word. Each is now one error line saying what it is; the good slide of the folder runs."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    shutil.copy(data_file("cmu-1-small-region.svs"), folder / "good.svs")
+    os.mkfifo(folder / "pipe.svs")
+    (folder / "gone.svs").symlink_to(tmp_path / "deleted.svs")
+    out = tmp_path / "out"
+    proc = gpupath("run", folder, "/dev/zero", "--out", out, "--device", "cpu", "--no-reports", "--workers", "0",
+                   timeout=HANG_S)
+    assert proc.returncode == 1, proc.stderr
+    lines = error_lines(proc)
+    assert len(lines) == 3, proc.stderr
+    assert any("pipe.svs" in ln and "a FIFO, not a slide file" in ln for ln in lines), lines
+    assert any("/dev/zero" in ln and "a device, not a slide file" in ln for ln in lines), lines
+    assert any("gone.svs" in ln and "broken symbolic link" in ln for ln in lines), lines
+    rows = {Path(r["path"]).name: r["status"] for r in pq.read_table(out / "slides.parquet").to_pylist()}
+    assert rows["good.svs"] == "ok"

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import data_file
+
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
@@ -563,3 +565,32 @@ def test_half_sent_requests_are_closed_and_others_still_served(server, run_out: 
             s.close()
         closed_after.append(time.monotonic() - t0)
     assert max(closed_after) < 20 and min(closed_after) >= HEADER_TIMEOUT_S - 1, closed_after
+
+
+def test_a_slide_changed_since_it_was_recorded_is_not_served(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A store's slide whose bytes changed since ingest: its first tile is a 404 and one log line (the file is
+    hashed once, when first opened), never tiles of another image; the unchanged slide is served."""
+    from gpupath.ingest import ingest
+
+    store = tmp_path / "store"
+    results = ingest([shutil.copy(data_file("cmu-1-small-region.svs"), tmp_path / "a.svs"),
+                      shutil.copy(data_file("OS-2-ndpi.ome.tif"), tmp_path / "b.ome.tif")], store)
+    assert [r.status for r in results] == ["stored", "stored"], [r.reason for r in results]
+    changed, kept = results
+    stored = Path(changed.stored_path)
+    stored.chmod(0o644)
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    stored.write_bytes(bytes(data))
+    app = create_app(store)
+    bg = serve_in_thread(app)
+    try:
+        with caplog.at_level("WARNING", logger="gpupath.serve"):
+            status, body, _ = _get(bg, f"/dzi/{changed.sha256}_files/8/0_0.jpeg")
+            again = _get(bg, f"/dzi/{changed.sha256}_files/7/0_0.jpeg")[0]
+        good = _get(bg, f"/dzi/{kept.sha256}_files/8/0_0.jpeg")[0]
+    finally:
+        bg.stop()
+    assert (status, again, good) == (404, 404, 200) and body == b"404 slide file not readable on the server"
+    lines = [r.getMessage() for r in caplog.records if r.name == "gpupath.serve"]
+    assert len(lines) == 1 and "changed since it was recorded" in lines[0], lines

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from gpupath.errors import GpupathError, ResultsError, one_line
+from gpupath.errors import GpupathError, ResultsError, SlideReadError, one_line
 from gpupath.serve._source import SLIDE_ID_RE, ServedSlide, ServeSource
 from gpupath.serve._tiles import TILE_FORMATS, DziGeometry, Overview, TileCache, TileTooCostly, build_overview, render_tile
 
@@ -48,6 +48,7 @@ class AppState:
         self.reads = 0
         self.opens = 0
         self._open: dict[str, tuple[Any, DziGeometry, threading.Lock]] = {}
+        self._opening: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
         self._overviews: OrderedDict[str, Overview] = OrderedDict()  # the last MAX_OVERVIEWS slides' overviews
         self._building: dict[str, threading.Lock] = {}
@@ -73,15 +74,33 @@ class AppState:
             return ov
 
     def slide(self, slide_id: str) -> tuple[Any, DziGeometry, threading.Lock]:
+        """The open slide, its geometry and its read lock; opened once, after its file's sha256 is checked
+        against the id the run or store recorded (SlideReadError when the file changed since: its tiles
+        would not be the image its detections were found on). Other slides open meanwhile."""
         with self._lock:
-            if slide_id not in self._open:
-                from gpupath.slide import open_slide
+            if slide_id in self._open:
+                return self._open[slide_id]
+            opening = self._opening.setdefault(slide_id, threading.Lock())
+        with opening:
+            with self._lock:
+                if slide_id in self._open:
+                    return self._open[slide_id]
+            from gpupath.files import sha256_file
+            from gpupath.slide import open_slide
 
-                slide = open_slide(self.source.slides[slide_id].path)
-                w, h = slide.dimensions
+            path = self.source.slides[slide_id].path
+            try:
+                sha = sha256_file(path)
+            except OSError as exc:
+                raise SlideReadError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+            if sha != slide_id:
+                raise SlideReadError(f"{path}: changed since it was recorded: sha256 {sha}, the record says {slide_id}")
+            slide = open_slide(path)
+            w, h = slide.dimensions
+            with self._lock:
                 self._open[slide_id] = (slide, DziGeometry(int(w), int(h)), threading.Lock())
                 self.opens += 1
-            return self._open[slide_id]
+                return self._open[slide_id]
 
     def geometry(self, slide_id: str) -> DziGeometry:
         s = self.source.slides[slide_id]

@@ -74,41 +74,49 @@ def version() -> None:
 
 @app.command()
 def info(
-    slide: Annotated[Path, typer.Argument(help="Slide file.", readable=False)],
+    slides: Annotated[list[Path], typer.Argument(help="Slide files.", readable=False)],
     backend: Annotated[str, typer.Option(help="auto | cucim | openslide | tifffile")] = "auto",
     mpp: Annotated[Optional[float], typer.Option(help="Level-0 µm/px to use instead of the metadata.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table (a list for several).")] = False,
 ) -> None:
-    """Show a slide's levels, resolution, vendor and the backend that reads it."""
+    """Show slides' levels, resolution, vendor and the backend that reads them (the first tile of each level
+    is decoded: a slide that cannot be is one error line, exit 1; the others are still shown)."""
     from gpupath.errors import GpupathError
-    from gpupath.slide import mpp_plausible, open_slide
+    from gpupath.slide import describe_slide
 
-    try:
-        with open_slide(slide, backend=backend, mpp=mpp) as s:  # type: ignore[arg-type]
-            data = {
-                "path": str(slide), "backend": s.backend, "vendor": s.vendor, "dimensions": s.dimensions,
-                "mpp": s.mpp, "objective_power": s.properties.get("openslide.objective-power"),
-                "levels": [{"level": i, "width": w, "height": h, "downsample": ds,
-                            "mpp": None if s.mpp is None else s.mpp * ds}
-                           for i, ((w, h), ds) in enumerate(zip(s.level_dimensions, s.level_downsamples))],
-                "associated_images": sorted(s.associated_images),
-            }
-    except (GpupathError, ValueError) as exc:
-        raise _fail(str(exc), 1) from None
+    described, failed = [], 0
+    for slide in slides:
+        try:
+            described.append(describe_slide(slide, backend=backend, mpp=mpp))  # type: ignore[arg-type]
+        except (GpupathError, ValueError) as exc:
+            failed += 1
+            _say(err_console, f"error: {exc}")
     if as_json:
-        out_console.print_json(json.dumps(data))
-        return
-    table = Table(title=one_line(f"{slide.name}  ({data['vendor']}, read by {data['backend']})"))
+        if described:
+            out_console.print_json(json.dumps(described[0] if len(slides) == 1 else described))
+    else:
+        for data in described:
+            _print_info(data)
+    if failed:
+        raise typer.Exit(1)
+
+
+def _print_info(data: dict) -> None:
+    from gpupath.slide import mpp_plausible
+
+    table = Table(title=one_line(f"{Path(data['path']).name}  ({data['vendor']}, read by {data['backend']})"))
     for col in ("level", "width", "height", "downsample", "µm/px"):
         table.add_column(col, justify="right")
     for lv in data["levels"]:
         table.add_row(str(lv["level"]), str(lv["width"]), str(lv["height"]), f"{lv['downsample']:.3f}",
                       "?" if lv["mpp"] is None else f"{lv['mpp']:.4f}")
     out_console.print(table)
-    if data["mpp"] is not None and not mpp_plausible(data["mpp"]):
-        data["mpp"] = f"{data['mpp']:.4g} (implausible for a scan: run needs --mpp)"
-    _say(out_console, f"mpp: {data['mpp'] if data['mpp'] is not None else 'unknown (pass --mpp)'}; "
-                      f"objective: {data['objective_power'] or '?'}; associated: {', '.join(data['associated_images']) or '-'}")
+    mpp = data["mpp"]
+    if mpp is not None and not mpp_plausible(mpp):
+        mpp = f"{mpp:.4g} (implausible for a scan: run needs --mpp)"
+    _say(out_console, f"mpp: {mpp if mpp is not None else 'unknown (pass --mpp)'}; "
+                      f"objective: {data['objective_power'] or '?'}; associated: "
+                      f"{', '.join(data['associated_images']) or '-'}")
 
 
 class _RunProgress:

@@ -139,6 +139,23 @@ def test_info_reports_backend_and_fallback(tmp_path: Path) -> None:
     assert proc.returncode == 1 and "no such file" in proc.stderr
 
 
+def test_info_of_several_slides_and_of_one_whose_tiles_do_not_decode() -> None:
+    """Several slides: each shown; one whose first tile does not decode (unreadable.svs: "Bogus marker length")
+    is one error line and exit 1 (it said ok, exit 0, before), the others still shown."""
+    good, bad = data_file("cmu-1-small-region.svs"), data_file("unreadable.svs")
+    proc = gpupath("info", good, bad, data_file("small.svs"))
+    assert proc.returncode == 1, proc.stderr
+    (line,) = error_lines(proc)
+    assert str(bad) in line and "Bogus marker length" in line, line
+    assert "cmu-1-small-region.svs" in proc.stdout and "small.svs" in proc.stdout
+    proc = gpupath("info", good, data_file("small.svs"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    listed = json.loads(proc.stdout)
+    assert [Path(d["path"]).name for d in listed] == ["cmu-1-small-region.svs", "small.svs"]
+
+
 def test_demo_writes_slide_and_outputs(tmp_path: Path) -> None:
     proc = gpupath("demo", "--out", tmp_path / "demo", "--size", "2048", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr

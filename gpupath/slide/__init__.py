@@ -8,9 +8,11 @@ from gpupath.slide._slide import (
     Slide,
     TileBatch,
     check_slide_file,
+    describe_slide,
     mpp_plausible,
     open_slide,
 )
 
 __all__ = ["open_slide", "check_slide_file", "Slide", "TileBatch", "BackendName", "MPP_PLAUSIBLE_MAX",
-           "ome_mpp", "ome_annotations", "tiff_truncation", "tiff_pages", "MPP_PLAUSIBLE_MIN", "mpp_plausible"]
+           "ome_mpp", "ome_annotations", "tiff_truncation", "tiff_pages", "MPP_PLAUSIBLE_MIN", "mpp_plausible",
+           "describe_slide"]

@@ -43,7 +43,8 @@ from gpupath.slide._backends import (
 from gpupath.slide._cache import FileTileCache
 from gpupath.slide._meta import TiffLayout, cucim_refusal, read_tiff_layout, tiff_truncation
 
-__all__ = ["open_slide", "Slide", "TileBatch", "BackendName", "MPP_PLAUSIBLE_MIN", "MPP_PLAUSIBLE_MAX", "mpp_plausible"]
+__all__ = ["open_slide", "Slide", "TileBatch", "BackendName", "MPP_PLAUSIBLE_MIN", "MPP_PLAUSIBLE_MAX", "mpp_plausible",
+           "describe_slide"]
 
 log = logging.getLogger("gpupath.slide")
 
@@ -613,3 +614,34 @@ def open_slide(path: str | os.PathLike[str], *, backend: BackendName = "auto", m
     if layout is None and (cut := _tiff_cut(path)):  # a cut TIFF: say so first, the readers' reasons after
         raise SlideReadError(f"{path}: {cut} (readers: {'; '.join(reasons)})")
     raise SlideReadError(f"{path}: not a readable slide ({'; '.join(reasons)})")
+
+
+CHECK_TILE_PX = 256  # edge of the region decoded at each level by describe_slide
+
+
+def describe_slide(path: str | os.PathLike[str], *, backend: BackendName = "auto", mpp: float | None = None) -> dict:
+    """What ``gpupath info`` shows of a slide: backend, vendor, dimensions, mpp, objective, levels,
+    associated images; after decoding the first ``CHECK_TILE_PX`` square of every level, so a slide whose
+    tiles cannot be decoded fails here (SlideReadError naming the level) instead of looking fine.
+
+    Raises
+    ------
+    SlideReadError, MetadataError, ValueError
+        As :func:`open_slide`, or a level whose first tile does not decode.
+    """
+    with open_slide(path, backend=backend, mpp=mpp) as s:
+        for level, (w, h) in enumerate(s.level_dimensions):
+            try:
+                s.read_rgb((0, 0), level, (min(w, CHECK_TILE_PX), min(h, CHECK_TILE_PX)))
+            except SlideReadError:
+                raise
+            except Exception as exc:
+                raise SlideReadError(f"{path}: level {level}: its first tile does not decode: "
+                                     f"{type(exc).__name__}: {exc}") from exc
+        return {
+            "path": str(path), "backend": s.backend, "vendor": s.vendor, "dimensions": s.dimensions,
+            "mpp": s.mpp, "objective_power": s.properties.get("openslide.objective-power"),
+            "levels": [{"level": i, "width": w, "height": h, "downsample": ds, "mpp": None if s.mpp is None else s.mpp * ds}
+                       for i, ((w, h), ds) in enumerate(zip(s.level_dimensions, s.level_downsamples))],
+            "associated_images": sorted(s.associated_images),
+        }

@@ -131,7 +131,7 @@ def _compiled_half() -> Any:
             i, oy = k // oh, k % oh
             dst = out[i, oy]
             edge_row = oy == 0 or oy == oh - 1
-            rowf = np.zeros(wc, np.float32)  # float32 row sums, as the general kernel makes them
+            rowf = np.zeros(wc if edge_row else 0, np.float32)  # edge rows: float32 sums, the general kernel's
             rowi = np.empty(wc, np.uint16)   # inner rows: 8x those sums, exact integers
             if edge_row:  # renormalised edge rows: the general kernel's float32 loop, in its order
                 for t in range(ty):
@@ -144,14 +144,13 @@ def _compiled_half() -> Any:
                 a, b, d, e = flat[i, 2 * oy - 1], flat[i, 2 * oy], flat[i, 2 * oy + 1], flat[i, 2 * oy + 2]
                 for j in range(wc):
                     rowi[j] = np.uint16(a[j]) + np.uint16(e[j]) + np.uint16(3) * (np.uint16(b[j]) + np.uint16(d[j]))
-                for j in range(wc):
-                    rowf[j] = np.float32(rowi[j]) * np.float32(0.125)  # exact
             for ox in range(ow):
                 if edge_row or ox == 0 or ox == ow - 1:  # the general kernel's float32 column sum
                     for ch in range(c):
                         s = np.float32(0.0)
                         for t in range(tx):
-                            s += wx[ox, t] * rowf[ix[ox, t] * c + ch]
+                            k = ix[ox, t] * c + ch  # an inner row's float32 sum is rowi / 8 exactly
+                            s += wx[ox, t] * (rowf[k] if edge_row else np.float32(rowi[k]) * np.float32(0.125))
                         v = np.rint(s)
                         dst[ox * c + ch] = 0 if v < 0 else (255 if v > 255 else np.uint8(v))
                     continue

@@ -198,28 +198,29 @@ def _decode_rates(job: dict[str, Any]) -> dict[str, Any]:
             slide.read_tiles(list(zip(g["x"][i:i + bs], g["y"][i:i + bs])), g["level"], g["read_px"])
         stats = slide.tile_cache_stats()
         backend = slide.backend
+        level_wh = slide.level_dimensions[g["level"]]
     if stats is None or stats["decode_cpu_s"] <= 0:
         return {"not_run": f"the {backend} reader has no file-tile cache to time"}
     ours = {"backend": backend, "file_tiles": stats["decoded"], "mp": stats["decoded_px"] / 1e6,
             "cpu_s": stats["decode_cpu_s"], "mp_per_s_per_core": stats["decoded_px"] / 1e6 / stats["decode_cpu_s"]}
-    raw = _raw_jpeg_rate(job)
+    raw = _raw_jpeg_rate(job, level_wh)
     if "not_run" in raw:
         return {"ours": ours, **raw}
     return {"ours": ours, "raw": raw, "ratio": ours["mp_per_s_per_core"] / raw["mp_per_s_per_core"]}
 
 
-def _raw_jpeg_rate(job: dict[str, Any]) -> dict[str, Any]:
-    """imagecodecs' libjpeg-turbo decoding, on one thread, every JPEG file tile under the run's tiles."""
+def _raw_jpeg_rate(job: dict[str, Any], level_wh: tuple[int, int]) -> dict[str, Any]:
+    """imagecodecs' libjpeg-turbo decoding, on one thread, every JPEG file tile under the run's tiles (of the
+    tiled TIFF page of ``level_wh`` = the grid level's (width, height) px)."""
     import imagecodecs
     import tifffile
 
-    from gpupath.slide import open_slide
+    from gpupath.slide import tiff_pages
 
     g = job["grid"]
-    with open_slide(job["slide"], mpp=job["mpp_override"]) as slide:
-        level_wh = slide.level_dimensions[g["level"]]
     with tifffile.TiffFile(job["slide"]) as tf:
-        page = next((pg for pg in tf.pages if (pg.imagewidth, pg.imagelength) == level_wh and pg.is_tiled), None)
+        page = next((pg for pg in tiff_pages(tf) if (pg.imagewidth, pg.imagelength) == level_wh and pg.is_tiled),
+                    None)
         if page is None:
             return {"not_run": f"no tiled TIFF page of {level_wh[0]}x{level_wh[1]} px (level {g['level']})"}
         if int(page.compression) != 7:

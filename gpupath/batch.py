@@ -55,7 +55,7 @@ SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mr
 LOCK_NAME = ".gpupath.lock"
 
 
-def expand_inputs(inputs: Sequence[str | Path], *, store: str | Path | None = None) -> list[Path]:
+def expand_inputs(inputs: Sequence[str | Path], *, store: str | Path | StoreSlides | None = None) -> list[Path]:
     """Slide files from files, folders (their slide files, sorted; one file per DICOM folder) and a
     store (every slide of its manifest), as absolute paths (outputs name them, and ``serve`` or
     ``report`` may run from another folder). Duplicated paths are kept once.
@@ -82,8 +82,8 @@ def expand_inputs(inputs: Sequence[str | Path], *, store: str | Path | None = No
         where = "this folder" if len(empty) == 1 else "these folders"
         raise ConfigError(f"{', '.join(map(str, empty))}: no slide files in {where} "
                           f"(looked for {', '.join(sorted(SLIDE_SUFFIXES))})")
-    if store is not None:
-        out += store_slides(store).paths
+    if store is not None:  # a store folder, or its slides as store_slides read them already
+        out += (store if isinstance(store, StoreSlides) else store_slides(store)).paths
     seen: set[Path] = set()
     kept = []
     for p in (Path(os.path.abspath(p)) for p in out):

@@ -107,8 +107,8 @@ def plan_run(options: RunOptions, *, warn: Callable[[str], None] = lambda line: 
         raise ConfigError(f"--out {options.out}: exists and is not a folder")
     if options.workers is not None and options.workers < 0:
         raise ConfigError(f"--workers must be >= 0 (0: in this process), got {options.workers}")
-    slides = expand_inputs(list(options.slides), store=options.store)  # the store's slides last
-    store = store_slides(options.store) if options.store is not None else None  # their hashes at ingest
+    store = store_slides(options.store) if options.store is not None else None  # with their hashes at ingest
+    slides = expand_inputs(list(options.slides), store=store)  # the store's slides last
     checksums = None if options.checksums is None else expected_checksums(options.checksums, warn)
     if not slides and not (store and store.refused):
         raise ConfigError("no slides given (paths, folders of slides, or --store DIR)")
